@@ -1,0 +1,157 @@
+"""LoRA conditioning of convolution layers: the core shared by every upstream of this project.
+
+Paper: "Simple Drop-in LoRA Conditioning on Attention Layers Will Improve Your Diffusion Model".
+An adapted layer computes, for a sample with composition weights w (one per basis),
+
+    y = conv(x; W, b)  +  sum_i w_i * B_i A_i x  +  sum_i w_i * E_i
+
+with m bases (A_i, B_i) of rank r: A_i a k x k convolution to r channels, B_i a 1 x 1 convolution
+back to C_out channels, E_i an optional bias term of shape (r, C_out) summed over its r rows (as in
+the paper authors' EDM release, whose parameter counts include it). Where w comes from decides the
+method: UC-LoRA (Section 4.1) computes w with a small MLP on the shared condition embedding.
+
+Initialisation follows the paper authors' release: A ~ N(0, (1/r)^2), B = 0, E = 0, scale 1, so an
+adapted layer starts out computing exactly what its base layer computes.
+
+This file imports only torch (and EDM's torch_utils where present): EDM pickles embed its source
+and re-run it when loading, so it must run beside a pristine upstream tree.
+"""
+
+import torch
+
+try:
+    # EDM: snapshots embed this module's source, so they load without this project installed.
+    from torch_utils import persistence
+    persistent_class = persistence.persistent_class
+except ImportError:
+    # IDDPM and nano diffusion save state dicts: no source to embed.
+    def persistent_class(cls):
+        return cls
+
+#----------------------------------------------------------------------------
+# A convolution (1D or 2D) plus m rank-r LoRA bases, mixed per sample by given weights.
+
+@persistent_class
+class ComposedLoRAConv(torch.nn.Module):
+    """Base convolution plus a per-sample composition of LoRA bases.
+
+    Parameters, state-dict names in brackets:
+        [weight] [C_out, C_in, *kernel], [bias] [C_out] or None: the base convolution's own
+            parameters, kept under the upstream's names; see adopt_base().
+        [lora_A] [m*r, C_in, *kernel]: the down-projections A_1..A_m, stacked.
+        [lora_B] [C_out, m*r]: the up-projections B_1..B_m, side by side.
+        [lora_bias] [m*r, C_out] or None: the bias terms E_1..E_m, stacked.
+    forward(x, weights): x [N, C_in, *spatial], weights [N, m] -> [N, C_out, *spatial].
+    """
+
+    def __init__(self,
+        in_channels,            # Input channels of the base convolution.
+        out_channels,           # Output channels of the base convolution.
+        kernel,                 # Kernel size of the base convolution (and of A).
+        num_dims,               # 1 for Conv1d (IDDPM attention), 2 for Conv2d.
+        bases,                  # Number of LoRA bases m.
+        rank,                   # Rank r of each basis.
+        base_bias   = True,     # Does the base convolution have a bias?
+        lora_bias   = True,     # Add the per-basis bias term E?
+    ):
+        if bases < 1 or rank < 1:
+            raise ValueError(f'LoRA needs bases >= 1 and rank >= 1, got bases={bases}, rank={rank}')
+        super().__init__()
+        self.bases = bases
+        self.rank = rank
+        self.padding = kernel // 2
+        kernel_shape = [kernel] * num_dims
+        # Zero placeholders until adopt_base() hands over the base layer's parameters; they draw no
+        # random numbers, so the base network's initialisation is the same as without LoRA.
+        self.weight = torch.nn.Parameter(torch.zeros(out_channels, in_channels, *kernel_shape))
+        self.bias = torch.nn.Parameter(torch.zeros(out_channels)) if base_bias else None
+        self.lora_A = torch.nn.Parameter(torch.randn(bases * rank, in_channels, *kernel_shape) / rank)
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_channels, bases * rank))
+        self.lora_bias = torch.nn.Parameter(torch.zeros(bases * rank, out_channels)) if lora_bias else None
+
+    def adopt_base(self, base):
+        """Take over the base layer's parameter objects (not copies): same values, same names."""
+        if base.weight.shape != self.weight.shape or (base.bias is None) != (self.bias is None):
+            raise ValueError(f'base layer {list(base.weight.shape)} does not match LoRA layer {list(self.weight.shape)}')
+        self.weight = base.weight
+        self.bias = base.bias
+        return self
+
+    def forward(self, x, weights):
+        conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
+        spatial = [1] * (x.ndim - 2)
+        y = conv(x, self.weight.to(x.dtype), padding=self.padding)
+        if self.bias is not None:
+            y = y.add_(self.bias.to(x.dtype).reshape(1, -1, *spatial))
+
+        # Basis i owns rows i*r..(i+1)*r of A and E, so each weight is repeated r times.
+        w = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)
+        h = conv(x, self.lora_A.to(x.dtype), padding=self.padding) * w.reshape(*w.shape, *spatial)
+        delta = conv(h, self.lora_B.to(x.dtype).reshape(*self.lora_B.shape, *spatial))
+        if self.lora_bias is not None:
+            delta = delta + (w @ self.lora_bias.to(x.dtype)).reshape(*delta.shape[:2], *spatial)
+        return y + delta
+
+#----------------------------------------------------------------------------
+# The MLP that maps a condition embedding to composition weights (paper Appendix A.5):
+# Linear, GroupNorm, SiLU for each hidden width, then Linear to m outputs.
+
+@persistent_class
+class CompositionMLP(torch.nn.Module):
+    def __init__(self,
+        in_features,            # Width of the condition embedding.
+        hidden_widths,          # Hidden widths, e.g. [128, 64].
+        out_features,           # Number of LoRA bases m.
+    ):
+        if not hidden_widths or min(hidden_widths) < 1:
+            raise ValueError(f'composition MLP widths must be positive integers, got {hidden_widths}')
+        super().__init__()
+        layers = []
+        for width in hidden_widths:
+            # GroupNorm grouped as EDM's own: at most 32 groups, at least 4 channels per group.
+            layers += [self.linear(in_features, width), torch.nn.GroupNorm(max(min(32, width // 4), 1), width), torch.nn.SiLU()]
+            in_features = width
+        layers += [self.linear(in_features, out_features)]
+        self.layers = torch.nn.Sequential(*layers)
+
+    @staticmethod
+    def linear(in_features, out_features):
+        # EDM's Linear default: kaiming_normal weight, zero bias.
+        layer = torch.nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(out_features, in_features) / in_features ** 0.5)
+            layer.bias.zero_()
+        return layer
+
+    def forward(self, emb):
+        # The MLP's parameters stay in fp32 (EDM's --fp16 lowers activations only).
+        return self.layers(emb.to(torch.float32))
+
+#----------------------------------------------------------------------------
+# Unified compositional LoRA (UC-LoRA, paper Section 4.1): composition weights from an MLP on the
+# condition embedding emb, one MLP per adapted layer.
+
+@persistent_class
+class UCLoRAConv(ComposedLoRAConv):
+    """forward(x, emb): x [N, C_in, *spatial], emb [N, emb_channels] -> [N, C_out, *spatial]."""
+
+    def __init__(self,
+        in_channels,            # Input channels of the base convolution.
+        out_channels,           # Output channels of the base convolution.
+        kernel,                 # Kernel size of the base convolution.
+        num_dims,               # 1 for Conv1d, 2 for Conv2d.
+        bases,                  # Number of LoRA bases m.
+        rank,                   # Rank r of each basis.
+        emb_channels,           # Width of the condition embedding.
+        mlp_widths  = [128,64], # Hidden widths of the composition MLP.
+        base_bias   = True,     # Does the base convolution have a bias?
+        lora_bias   = True,     # Add the per-basis bias term E?
+    ):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel=kernel, num_dims=num_dims,
+            bases=bases, rank=rank, base_bias=base_bias, lora_bias=lora_bias)
+        self.lora_mlp = CompositionMLP(in_features=emb_channels, hidden_widths=mlp_widths, out_features=bases)
+
+    def forward(self, x, emb):
+        return super().forward(x, self.lora_mlp(emb))
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,38 @@
+"""Shared paths and helpers. `make test` builds vendor/ first; a missing tree is an error, not a skip."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EDM = os.path.join(ROOT, 'vendor', 'edm')
+PRISTINE_EDM = os.path.join(ROOT, 'vendor', 'pristine', 'edm')
+HELPERS = os.path.join(ROOT, 'tests', 'helpers')
+
+
+def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
+    """Run a Python script with `tree` as working directory and only `tree` on PYTHONPATH."""
+    full_env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS='1', **(env or {}))
+    command = (launcher or [sys.executable]) + [str(a) for a in args]
+    result = subprocess.run(command, cwd=tree, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    if expect_ok and result.returncode != 0:
+        pytest.fail(f'{" ".join(command)} failed ({result.returncode}) in {tree}:\n{result.stdout[-6000:]}')
+    return result
+
+
+@pytest.fixture(scope='session', autouse=True)
+def vendor_trees():
+    for tree in [EDM, PRISTINE_EDM]:
+        if not os.path.isdir(tree):
+            pytest.exit(f'{os.path.relpath(tree, ROOT)} is missing: run `make test`, which builds vendor/ first', returncode=1)
+
+
+@pytest.fixture(scope='session')
+def edm_dataset(tmp_path_factory):
+    """A 16x16, 10-class synthetic dataset written by EDM's own dataset_tool.py (its real zip format)."""
+    top = tmp_path_factory.mktemp('edm-data')
+    run_in(ROOT, [os.path.join(ROOT, 'tools', 'synthetic_data.py'), '--out', top / 'images', '--count', 40, '--resolution', 16])
+    run_in(EDM, ['dataset_tool.py', f'--source={top / "images"}', f'--dest={top / "data.zip"}'])
+    return top / 'data.zip'

@@ -1,0 +1,24 @@
+"""Run inside an EDM tree (pristine or patched): build a network, evaluate it once, save both.
+
+    python edm_net_dump.py '<network kwargs as JSON>' SEED OUT.pt
+"""
+
+import json
+import sys
+
+import torch
+
+import dnnlib
+
+kwargs, seed, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(seed)
+net = dnnlib.util.construct_class_by_name(**kwargs).eval()
+
+inputs = torch.Generator().manual_seed(1234)
+x = torch.randn([3, net.img_channels, net.img_resolution, net.img_resolution], generator=inputs)
+sigma = torch.tensor([0.05, 1.0, 40.0])
+labels = torch.eye(net.label_dim)[[0, 1, 2]] if net.label_dim else None
+augment = torch.randn([3, 9], generator=inputs) if kwargs.get('augment_dim') else None
+with torch.no_grad():
+    output = net(x, sigma, labels, augment_labels=augment) if augment is not None else net(x, sigma, labels)
+torch.save(dict(names=[name for name, _ in net.named_parameters()], state=net.state_dict(), output=output), out)

@@ -1,0 +1,59 @@
+"""Run EDM's train.py with the given arguments up to its first loss evaluation, then save the state.
+
+    python edm_train_first_step.py OUT.pt -- <train.py arguments>
+
+By then training_loop() has built the network, applied --transfer or --resume and built the EMA and
+the optimizer: OUT.pt holds all three exactly as the first training step would see them.
+"""
+
+import sys
+
+import torch
+
+import dnnlib
+import train
+from torch_utils import misc
+
+
+def main():
+    out = sys.argv[1]
+    train_args = sys.argv[sys.argv.index('--') + 1:]
+    captured = {}
+
+    class FirstStep(Exception):
+        pass
+
+    construct = dnnlib.util.construct_class_by_name
+    def capturing_construct(*args, class_name, **kwargs):
+        obj = construct(*args, class_name=class_name, **kwargs)
+        if class_name.startswith('training.networks.'):
+            captured['net'] = obj
+        elif class_name.startswith('torch.optim.'):
+            captured['optimizer'] = obj
+        elif class_name.startswith('training.loss.'):
+            def stop(**_kwargs):
+                raise FirstStep()
+            return stop
+        return obj
+    dnnlib.util.construct_class_by_name = capturing_construct
+
+    copy_params = misc.copy_params_and_buffers
+    def capturing_copy(src_module, dst_module, require_all=False):
+        if dst_module is not captured['net']:
+            captured['ema'] = dst_module
+        copy_params(src_module=src_module, dst_module=dst_module, require_all=require_all)
+    misc.copy_params_and_buffers = capturing_copy
+
+    try:
+        train.main(train_args, standalone_mode=False)
+    except FirstStep:
+        state = dict(net=captured['net'].state_dict(), optimizer=captured['optimizer'].state_dict())
+        if 'ema' in captured:
+            state['ema'] = captured['ema'].state_dict()
+        torch.save(state, out)
+        sys.exit(0)
+    sys.exit('training ended without a loss evaluation')
+
+# DataLoader workers are spawned: they import this file again and must not train.
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,114 @@
+"""End to end on CPU: EDM's own train.py, generate.py and pickles with UC-LoRA, at tiny size."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import EDM, HELPERS, PRISTINE_EDM, run_in
+
+# A tiny DDPM++ (8 base channels, two levels, attention at 16x16) for 1 kimg: 50 steps of 20 images.
+TINY = ['--cond=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--batch=20', '--duration=0.001',
+        '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
+LORA = ['--lora=uc', '--lora-bases=3', '--lora-rank=2', '--lora-mlp=16,8']
+
+
+def train(data, outdir, *extra):
+    return run_in(EDM, ['train.py', f'--outdir={outdir}', '--nosubdir', f'--data={data}', *TINY, *extra])
+
+
+def load(tree, path, tmp_path, tag, *flags):
+    out = tmp_path / f'{tag}.pt'
+    run_in(tree, [os.path.join(HELPERS, 'edm_load.py'), path, out, *flags])
+    return torch.load(out)
+
+
+@pytest.fixture(scope='module')
+def lora_run(edm_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp('lora-run')
+    train(edm_dataset, run_dir, *LORA)
+    return run_dir
+
+
+def test_flags_are_recorded_and_lora_trains(lora_run, tmp_path):
+    with open(lora_run / 'training_options.json') as f:
+        network_kwargs = json.load(f)['network_kwargs']
+    assert network_kwargs['lora'] == 'uc' and network_kwargs['lora_bases'] == 3 and network_kwargs['lora_rank'] == 2
+    assert network_kwargs['lora_mlp'] == [16, 8] and network_kwargs['conv_cond'] is True
+    ema = load(EDM, lora_run / 'network-snapshot-000001.pkl', tmp_path, 'ema')['ema']
+    lora_B = [value for name, value in ema.items() if name.endswith('lora_B')]
+    assert len(lora_B) == 2 * 6, 'qkv and proj of 4 encoder blocks at 16x16, the 8x8 bottleneck and the last decoder block'
+    assert all(torch.count_nonzero(value) > 0 for value in lora_B), 'gradients reach the LoRA up-projections'
+
+
+def test_pristine_edm_loads_and_samples_the_snapshot(lora_run, tmp_path):
+    snapshot = lora_run / 'network-snapshot-000001.pkl'
+    pristine = load(PRISTINE_EDM, snapshot, tmp_path, 'pristine', '--sample')
+    patched = load(EDM, snapshot, tmp_path, 'patched', '--sample')
+    assert any(name.endswith('qkv.lora_A') for name in pristine['ema'])
+    assert pristine['samples'].shape == (4, 3, 16, 16) and torch.isfinite(pristine['samples']).all()
+    assert torch.equal(pristine['samples'], patched['samples'])
+
+
+def test_generate_writes_images(lora_run, tmp_path):
+    run_in(EDM, ['generate.py', f'--network={lora_run / "network-snapshot-000001.pkl"}', f'--outdir={tmp_path}',
+                 '--seeds=0-5', '--batch=3', '--steps=4'])
+    assert sorted(os.listdir(tmp_path)) == [f'{seed:06d}.png' for seed in range(6)]
+
+
+def test_resume_restores_network_ema_optimizer_and_progress(lora_run, edm_dataset, tmp_path):
+    state_dump = lora_run / 'training-state-000001.pt'
+    first_step = tmp_path / 'first-step.pt'
+    run_in(EDM, [os.path.join(HELPERS, 'edm_train_first_step.py'), first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
+                 f'--data={edm_dataset}', *TINY, *LORA, f'--resume={state_dump}'])
+    resumed = torch.load(first_step)
+    saved = load(EDM, state_dump, tmp_path, 'state')
+    saved_ema = load(EDM, lora_run / 'network-snapshot-000001.pkl', tmp_path, 'ema')['ema']
+    for name, value in saved['net'].items():
+        assert torch.equal(resumed['net'][name], value), name
+        assert torch.equal(resumed['ema'][name], saved_ema[name]), name
+    assert resumed['optimizer']['state'].keys() == saved['optimizer']['state'].keys()
+    for index, state in saved['optimizer']['state'].items():
+        for key, value in state.items():
+            assert torch.equal(resumed['optimizer']['state'][index][key], value), (index, key)
+
+    # And the real continuation: progress goes on from 1 kimg to 2 kimg.
+    train(edm_dataset, tmp_path / 'resumed', *LORA, '--duration=0.002', f'--resume={state_dump}')
+    with open(tmp_path / 'resumed' / 'stats.jsonl') as f:
+        kimg = [json.loads(line)['Progress/kimg']['mean'] for line in f]
+    assert kimg[0] == pytest.approx(1.0, abs=0.03) and kimg[-1] == pytest.approx(2.0, abs=0.03)
+    assert (tmp_path / 'resumed' / 'network-snapshot-000002.pkl').exists()
+
+
+def test_transfer_copies_the_base_and_keeps_the_lora_init(edm_dataset, tmp_path):
+    train(edm_dataset, tmp_path / 'baseline')
+    baseline = tmp_path / 'baseline' / 'network-snapshot-000001.pkl'
+    first_step = tmp_path / 'first-step.pt'
+    run_in(EDM, [os.path.join(HELPERS, 'edm_train_first_step.py'), first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
+                 f'--data={edm_dataset}', *TINY, *LORA, f'--transfer={baseline}'])
+    started = torch.load(first_step)
+    source = load(EDM, baseline, tmp_path, 'baseline')['ema']
+    for name, value in source.items(): # attention weights included: names are unchanged
+        assert torch.equal(started['net'][name], value), name
+        assert torch.equal(started['ema'][name], value), name
+    assert any(name.endswith('.qkv.weight') for name in source)
+    added = [name for name in started['net'] if name not in source]
+    assert added and all('lora_' in name for name in added)
+    assert all(torch.count_nonzero(started['net'][name]) == 0 for name in added if name.endswith(('lora_B', 'lora_bias')))
+    assert all(torch.count_nonzero(started['net'][name]) > 0 for name in added if name.endswith('lora_A'))
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--lora=lorax'], "Invalid value for '--lora'"),
+    (['--lora=uc', '--lora-rank=0'], "Invalid value for '--lora-rank'"),
+    (['--lora=uc', '--lora-bases=-3'], "Invalid value for '--lora-bases'"),
+    (['--lora=uc', '--lora-mlp=128,x'], "Invalid value for '--lora-mlp'"),
+    (['--lora=uc', '--lora-mlp=128,0'], "Invalid value for '--lora-mlp'"),
+    (['--conv-cond=False'], '--conv-cond=False needs --lora'),
+    (['--conv-cond=maybe'], "Invalid value for '--conv-cond'"),
+])
+def test_bad_flags_are_usage_errors(flags, message, edm_dataset, tmp_path):
+    result = run_in(EDM, ['train.py', f'--outdir={tmp_path}', f'--data={edm_dataset}', '--dry-run', *flags], expect_ok=False)
+    assert result.returncode == 2, result.stdout
+    assert message.replace("'", '') in result.stdout.replace("'", '') and 'Traceback' not in result.stdout

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Write a small synthetic image folder in the layout EDM's dataset_tool.py reads.
+
+    python tools/synthetic_data.py --out DIR [--count 64] [--resolution 16] [--classes 10] [--seed 0]
+
+Images are PNGs with a smooth per-class colour gradient plus noise, so that a few training steps
+see structure; dataset.json holds the class labels as EDM expects ({"labels": [[name, class], ...]}).
+Used by the SMOKE=1 targets and the tests: real data cannot be downloaded there.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import PIL.Image
+
+
+def write_folder(out, count, resolution, classes, seed):
+    rng = np.random.default_rng(seed)
+    os.makedirs(out, exist_ok=True)
+    ramp = np.linspace(0, 1, resolution)
+    labels = []
+    for index in range(count):
+        label = index % classes
+        colour = np.array([(label * 0.37) % 1, (label * 0.61) % 1, (label * 0.83) % 1])
+        image = ramp[:, None, None] * colour + (1 - ramp[None, :, None]) * (1 - colour)
+        image = np.clip(image + rng.normal(0, 0.05, size=image.shape), 0, 1)
+        name = f'img{index:05d}.png'
+        PIL.Image.fromarray((image * 255).astype(np.uint8), 'RGB').save(os.path.join(out, name))
+        labels.append([name, label])
+    with open(os.path.join(out, 'dataset.json'), 'w') as f:
+        json.dump({'labels': labels}, f)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', required=True, help='folder to write (created)')
+    parser.add_argument('--count', type=int, default=64, help='number of images')
+    parser.add_argument('--resolution', type=int, default=16, help='width and height in pixels')
+    parser.add_argument('--classes', type=int, default=10, help='number of class labels')
+    parser.add_argument('--seed', type=int, default=0, help='random seed')
+    args = parser.parse_args()
+    if args.count < 1 or args.resolution < 4 or args.classes < 1:
+        parser.error('need --count >= 1, --resolution >= 4 and --classes >= 1')
+    write_folder(args.out, args.count, args.resolution, args.classes, args.seed)
+    print(f'wrote {args.count} images of {args.resolution}x{args.resolution} to {args.out}')
+
+
+if __name__ == '__main__':
+    main()
