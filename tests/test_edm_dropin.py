@@ -41,6 +41,7 @@ def test_lora_off_is_bit_identical_to_pristine(config, tmp_path):
         for name, value in pristine['state'].items():
             assert torch.equal(patched['state'][name], value), name
         assert torch.equal(patched['output'], pristine['output'])
+        assert torch.equal(patched['output_one_sigma'], pristine['output_one_sigma'])
 
 
 @pytest.mark.parametrize('config', CONFIGS)
@@ -57,8 +58,9 @@ def test_uc_lora_at_init_computes_the_baseline(config, tmp_path):
         if name.endswith(('lora_B', 'lora_bias')):
             assert torch.count_nonzero(lora['state'][name]) == 0, name
 
-    scale = pristine['output'].abs().max()
-    assert (lora['output'] - pristine['output']).abs().max() <= 1e-5 * scale
+    for output in ['output', 'output_one_sigma']:
+        scale = pristine[output].abs().max()
+        assert (lora[output] - pristine[output]).abs().max() <= 1e-5 * scale
 
 
 def test_only_lora_removes_every_affine_and_nothing_else(tmp_path):

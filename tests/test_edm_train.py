@@ -60,7 +60,7 @@ def test_generate_writes_images(lora_run, tmp_path):
 def test_resume_restores_network_ema_optimizer_and_progress(lora_run, edm_dataset, tmp_path):
     state_dump = lora_run / 'training-state-000001.pt'
     first_step = tmp_path / 'first-step.pt'
-    run_in(EDM, [os.path.join(HELPERS, 'edm_train_first_step.py'), first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
+    run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'first-step', first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
                  f'--data={edm_dataset}', *TINY, *LORA, f'--resume={state_dump}'])
     resumed = torch.load(first_step)
     saved = load(EDM, state_dump, tmp_path, 'state')
@@ -85,7 +85,7 @@ def test_transfer_copies_the_base_and_keeps_the_lora_init(edm_dataset, tmp_path)
     train(edm_dataset, tmp_path / 'baseline')
     baseline = tmp_path / 'baseline' / 'network-snapshot-000001.pkl'
     first_step = tmp_path / 'first-step.pt'
-    run_in(EDM, [os.path.join(HELPERS, 'edm_train_first_step.py'), first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
+    run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'first-step', first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
                  f'--data={edm_dataset}', *TINY, *LORA, f'--transfer={baseline}'])
     started = torch.load(first_step)
     source = load(EDM, baseline, tmp_path, 'baseline')['ema']

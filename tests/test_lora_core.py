@@ -53,6 +53,14 @@ def test_composed_layer_matches_the_formula(num_dims, kernel, lora_bias):
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_one_row_of_weights_serves_the_whole_batch():
+    torch.manual_seed(4)
+    layer, _ = make_layer(2, 1)
+    x = torch.randn(5, 6, 4, 4)
+    weights = torch.randn(1, 4)
+    assert torch.allclose(layer(x, weights), layer(x, weights.expand(5, 4)), rtol=0, atol=1e-6)
+
+
 def test_output_is_linear_in_the_composition_weights():
     torch.manual_seed(1)
     layer, base = make_layer(2, 3)

@@ -41,7 +41,8 @@ class ComposedLoRAConv(torch.nn.Module):
         [lora_A] [m*r, C_in, *kernel]: the down-projections A_1..A_m, stacked.
         [lora_B] [C_out, m*r]: the up-projections B_1..B_m, side by side.
         [lora_bias] [m*r, C_out] or None: the bias terms E_1..E_m, stacked.
-    forward(x, weights): x [N, C_in, *spatial], weights [N, m] -> [N, C_out, *spatial].
+    forward(x, weights): x [N, C_in, *spatial], weights [N, m] or [1, m] (one condition for the whole
+        batch, as EDM's samplers pass a single noise level) -> [N, C_out, *spatial].
     """
 
     def __init__(self,
@@ -89,7 +90,7 @@ class ComposedLoRAConv(torch.nn.Module):
         h = conv(x, self.lora_A.to(x.dtype), padding=self.padding) * w.reshape(*w.shape, *spatial)
         delta = conv(h, self.lora_B.to(x.dtype).reshape(*self.lora_B.shape, *spatial))
         if self.lora_bias is not None:
-            delta = delta + (w @ self.lora_bias.to(x.dtype)).reshape(*delta.shape[:2], *spatial)
+            delta = delta + (w @ self.lora_bias.to(x.dtype)).reshape(w.shape[0], -1, *spatial)
         return y + delta
 
 #----------------------------------------------------------------------------

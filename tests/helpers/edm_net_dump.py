@@ -19,6 +19,9 @@ x = torch.randn([3, net.img_channels, net.img_resolution, net.img_resolution], g
 sigma = torch.tensor([0.05, 1.0, 40.0])
 labels = torch.eye(net.label_dim)[[0, 1, 2]] if net.label_dim else None
 augment = torch.randn([3, 9], generator=inputs) if kwargs.get('augment_dim') else None
+extra = dict(augment_labels=augment) if augment is not None else {}
 with torch.no_grad():
-    output = net(x, sigma, labels, augment_labels=augment) if augment is not None else net(x, sigma, labels)
-torch.save(dict(names=[name for name, _ in net.named_parameters()], state=net.state_dict(), output=output), out)
+    output = net(x, sigma, labels, **extra)
+    # EDM's samplers pass one noise level for the whole batch: the condition embedding then has batch size 1.
+    output_one_sigma = net(x, sigma[1], labels, **extra)
+torch.save(dict(names=[name for name, _ in net.named_parameters()], state=net.state_dict(), output=output, output_one_sigma=output_one_sigma), out)

@@ -1,11 +1,15 @@
-"""Run EDM's train.py with the given arguments up to its first loss evaluation, then save the state.
+"""Run EDM's train.py with the given arguments and save the training state it reached.
 
-    python edm_train_first_step.py OUT.pt -- <train.py arguments>
+    python edm_train_capture.py first-step OUT.pt -- <train.py arguments>
+    torchrun --nproc_per_node=2 edm_train_capture.py end OUT-{rank}.pt -- <train.py arguments>
 
-By then training_loop() has built the network, applied --transfer or --resume and built the EMA and
-the optimizer: OUT.pt holds all three exactly as the first training step would see them.
+first-step: stop at the first loss evaluation. By then training_loop() has built the network,
+applied --transfer or --resume and built the EMA and the optimizer, so OUT.pt holds all three
+exactly as the first training step sees them.
+end: let training finish, then save this rank's network and optimizer state.
 """
 
+import os
 import sys
 
 import torch
@@ -15,13 +19,14 @@ import train
 from torch_utils import misc
 
 
+class FirstStep(Exception):
+    pass
+
+
 def main():
-    out = sys.argv[1]
+    until, out = sys.argv[1], sys.argv[2]
     train_args = sys.argv[sys.argv.index('--') + 1:]
     captured = {}
-
-    class FirstStep(Exception):
-        pass
 
     construct = dnnlib.util.construct_class_by_name
     def capturing_construct(*args, class_name, **kwargs):
@@ -30,7 +35,7 @@ def main():
             captured['net'] = obj
         elif class_name.startswith('torch.optim.'):
             captured['optimizer'] = obj
-        elif class_name.startswith('training.loss.'):
+        elif class_name.startswith('training.loss.') and until == 'first-step':
             def stop(**_kwargs):
                 raise FirstStep()
             return stop
@@ -46,13 +51,15 @@ def main():
 
     try:
         train.main(train_args, standalone_mode=False)
+        if until == 'first-step':
+            sys.exit('training ended without a loss evaluation')
     except FirstStep:
-        state = dict(net=captured['net'].state_dict(), optimizer=captured['optimizer'].state_dict())
-        if 'ema' in captured:
-            state['ema'] = captured['ema'].state_dict()
-        torch.save(state, out)
-        sys.exit(0)
-    sys.exit('training ended without a loss evaluation')
+        pass
+    state = dict(net=captured['net'].state_dict(), optimizer=captured['optimizer'].state_dict())
+    if 'ema' in captured:
+        state['ema'] = captured['ema'].state_dict()
+    torch.save(state, out.format(rank=os.environ.get('RANK', '0')))
+
 
 # DataLoader workers are spawned: they import this file again and must not train.
 if __name__ == '__main__':

@@ -1,0 +1,90 @@
+# LoRA conditioning (TMLR 2024) as patches over the official upstreams. `make help` lists the targets.
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+GPUS    ?= 1
+VARIANT ?= with-lora
+SMOKE   ?=
+DRY     ?=
+TRAIN_FLAGS ?=
+FFHQ_ZIP ?=
+FFHQ_SHA256 ?=
+
+# One paper row: data (unless SMOKE), then train / generate / FID in vendor/edm with the paper's flags.
+EDM_ROW = $(PY) tools/edm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
+
+.PHONY: help setup vendor vendor-edm test smoke demo params audit bench patches \
+        edm-cifar-uncond edm-cifar-cond edm-ffhq data-cifar10 data-ffhq
+
+help:
+	@echo "make demo                 tiny UC-LoRA EDM run on the CPU (train, snapshot, generate)"
+	@echo "make test                 the test suite (CPU; builds the environment and vendor/ first)"
+	@echo "make edm-cifar-uncond     paper row; also edm-cifar-cond, edm-ffhq"
+	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
+	@echo "make smoke                every paper target with SMOKE=1"
+	@echo "make params               parameter counts of the paper's rows: paper vs ours"
+	@echo "make audit                what the patches change in each upstream"
+	@echo "make bench                CPU micro-benchmark: LoRA attention block vs baseline block"
+	@echo "make vendor [REBUILD=1]   fetch, patch and overlay the upstreams into vendor/"
+	@echo "make patches U=edm        write edited vendor/<U> commits back to patches/<U>/"
+
+# ---------------------------------------------------------------------------- set-up
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+vendor: vendor-edm
+vendor-edm: setup
+	$(PY) tools/vendor.py edm --pristine $(if $(REBUILD),--rebuild)
+
+patches: setup
+	$(PY) tools/export_patches.py $(U)
+
+# ---------------------------------------------------------------------------- checks
+
+test: setup vendor
+	$(PY) -m pytest -q tests
+
+params: setup vendor
+	$(PY) tools/params.py
+
+audit: setup
+	$(PY) tools/audit.py
+
+bench: setup vendor
+	$(PY) tools/bench_edm.py
+
+# ---------------------------------------------------------------------------- paper rows (EDM)
+
+demo: setup vendor
+	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1
+
+smoke: setup vendor
+	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora
+	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=only-lora
+	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=baseline
+
+edm-cifar-uncond: setup vendor-edm $(if $(SMOKE)$(DRY),,datasets/cifar10-32x32.zip)
+	$(call EDM_ROW,cifar10-uncond)
+edm-cifar-cond: setup vendor-edm $(if $(SMOKE)$(DRY),,datasets/cifar10-32x32.zip)
+	$(call EDM_ROW,cifar10-cond)
+edm-ffhq: setup vendor-edm $(if $(SMOKE)$(DRY),,datasets/ffhq-64x64.zip)
+	$(call EDM_ROW,ffhq64)
+
+# ---------------------------------------------------------------------------- data
+
+data-cifar10: datasets/cifar10-32x32.zip
+datasets/cifar10-32x32.zip: | setup vendor-edm
+	$(PY) tools/fetch_data.py cifar10 --dest=downloads/cifar-10-python.tar.gz
+	cd vendor/edm && ../../$(PY) dataset_tool.py --source=$(CURDIR)/downloads/cifar-10-python.tar.gz --dest=$(CURDIR)/$@.partial.zip
+	mv $@.partial.zip $@
+
+data-ffhq: datasets/ffhq-64x64.zip
+datasets/ffhq-64x64.zip: | setup vendor-edm
+	$(PY) tools/fetch_data.py ffhq --source="$(FFHQ_ZIP)" $(if $(FFHQ_SHA256),--sha256=$(FFHQ_SHA256))
+	cd vendor/edm && ../../$(PY) dataset_tool.py --source="$(abspath $(FFHQ_ZIP))" --dest=$(CURDIR)/$@.partial.zip --resolution=64x64
+	mv $@.partial.zip $@

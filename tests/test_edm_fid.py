@@ -1,0 +1,78 @@
+"""FID plumbing of EDM's fid.py with a stand-in feature network (Inception cannot be downloaded here)."""
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+
+from conftest import EDM, HELPERS, ROOT, run_in
+
+
+def features(folder, weights):
+    """The stand-in's features, computed here independently of fid.py and EDM's dataset code."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith('.png'))
+    images = np.stack([np.asarray(PIL.Image.open(os.path.join(folder, n))).transpose(2, 0, 1) for n in names])
+    return np.tanh(images.reshape(len(names), -1).astype(np.float64) / 255 @ weights)
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), through symmetric eigendecompositions."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    values, vectors = np.linalg.eigh(s_a)
+    root_a = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root_a @ s_b @ root_a)
+    return np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None)))
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    top = tmp_path_factory.mktemp('fid')
+    for name, count, seed, classes in [('real', 40, 0, 10), ('fake', 30, 1, 3)]:
+        run_in(ROOT, [os.path.join(ROOT, 'tools', 'synthetic_data.py'), '--out', top / name, '--count', count, '--seed', seed, '--classes', classes])
+    weights = np.random.default_rng(0).normal(size=(3 * 16 * 16, 2048)) / np.sqrt(3 * 16 * 16)
+    np.save(top / 'weights.npy', weights)
+    return top, weights
+
+
+def fid_py(top, *args):
+    result = run_in(EDM, [os.path.join(HELPERS, 'edm_fid_standin.py'), *args], env=dict(STANDIN_WEIGHTS=str(top / 'weights.npy')))
+    return result.stdout
+
+
+def test_reference_statistics_are_the_feature_mean_and_covariance(folders):
+    top, weights = folders
+    fid_py(top, 'ref', f'--data={top / "real"}', f'--dest={top / "real.npz"}')
+    ref = np.load(top / 'real.npz')
+    real = features(top / 'real', weights)
+    assert ref['mu'].shape == (2048,) and ref['sigma'].shape == (2048, 2048)
+    assert np.allclose(ref['mu'], real.mean(0), rtol=0, atol=1e-9)
+    assert np.allclose(ref['sigma'], np.cov(real, rowvar=False), rtol=0, atol=1e-9)
+
+
+def test_fid_matches_an_independent_frechet_distance(folders):
+    top, weights = folders
+    if not (top / 'real.npz').exists():
+        fid_py(top, 'ref', f'--data={top / "real"}', f'--dest={top / "real.npz"}')
+    printed = fid_py(top, 'calc', f'--images={top / "fake"}', f'--ref={top / "real.npz"}', '--num=30')
+    measured = float(printed.strip().splitlines()[-1])
+    expected = frechet_distance(features(top / 'fake', weights), features(top / 'real', weights))
+    assert expected > 1 and measured == pytest.approx(expected, rel=1e-4)
+    same = float(fid_py(top, 'calc', f'--images={top / "real"}', f'--ref={top / "real.npz"}', '--num=40').strip().splitlines()[-1])
+    assert abs(same) < 1e-3 * expected
+
+
+def test_frechet_distance_of_known_gaussians():
+    # Diagonal covariances: FD = ||mu_a - mu_b||^2 + sum_i (sqrt(s_a,i) - sqrt(s_b,i))^2, checked on EDM's formula.
+    import sys
+    sys.path.insert(0, EDM)
+    try:
+        import fid
+    finally:
+        sys.path.remove(EDM)
+    mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s_a, s_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(s_a) - np.sqrt(s_b)) ** 2)
+    assert fid.calculate_fid_from_inception_stats(mu_a, np.diag(s_a), mu_b, np.diag(s_b)) == pytest.approx(expected, rel=1e-9)

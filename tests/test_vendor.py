@@ -1,0 +1,92 @@
+"""tools/vendor.py on a copy of the project: build, idempotence, and each refusal."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope='module')
+def project(tmp_path_factory):
+    copy = tmp_path_factory.mktemp('project')
+    for name in ['tools', 'patches', 'overlay']:
+        shutil.copytree(os.path.join(ROOT, name), copy / name, ignore=shutil.ignore_patterns('__pycache__'))
+    return copy
+
+
+def vendor(project, *args):
+    return subprocess.run([sys.executable, str(project / 'tools' / 'vendor.py'), *args], cwd=project, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def git(repo, *args):
+    return subprocess.run(['git', '-C', str(repo), *args], text=True, stdout=subprocess.PIPE, check=True).stdout.strip()
+
+
+def assert_refused(result, reason):
+    assert result.returncode == 1
+    assert result.stderr.count('\n') == 1 and reason in result.stderr, result.stderr
+
+
+def test_build_then_idempotent(project):
+    first = vendor(project, 'edm')
+    assert first.returncode == 0, first.stderr
+    tree = project / 'vendor' / 'edm'
+    head = git(tree, 'rev-parse', 'HEAD')
+    # The patched tree is the pinned commit plus the series plus the overlay, nothing else.
+    assert git(tree, 'rev-list', '--count', '008a4e5316c8e3bfe61a62f874bddba254295afb..HEAD') == '3'
+    assert (tree / 'training' / 'lora.py').read_text() == (project / 'overlay' / 'common' / 'lora.py').read_text()
+    assert (tree / 'training' / 'lora_edm.py').exists()
+
+    second = vendor(project, 'edm')
+    assert second.returncode == 0 and 'up to date' in second.stdout
+    assert git(tree, 'rev-parse', 'HEAD') == head and git(tree, 'status', '--porcelain') == ''
+
+
+def test_refuses_local_edits(project):
+    edited = project / 'vendor' / 'edm' / 'train.py'
+    original = edited.read_text()
+    edited.write_text(original + '# a local experiment\n')
+    assert_refused(vendor(project, 'edm'), 'has local edits')
+    assert edited.read_text().endswith('# a local experiment\n'), 'nothing of the user was touched'
+    edited.write_text(original)
+
+
+def test_refuses_another_commit(project):
+    tree = project / 'vendor' / 'edm'
+    head = git(tree, 'rev-parse', 'HEAD')
+    git(tree, 'checkout', '-q', 'HEAD~1')
+    assert_refused(vendor(project, 'edm'), 'sits at commit')
+    git(tree, 'checkout', '-q', head)
+
+
+def test_rebuilds_a_clean_tree_when_the_overlay_changes(project):
+    core = project / 'overlay' / 'common' / 'lora.py'
+    original = core.read_text()
+    core.write_text(original + '\n# changed\n')
+    result = vendor(project, 'edm')
+    assert result.returncode == 0 and 'rebuilding' in result.stdout
+    assert (project / 'vendor' / 'edm' / 'training' / 'lora.py').read_text().endswith('# changed\n')
+    core.write_text(original)
+    assert vendor(project, 'edm').returncode == 0
+
+
+def test_refuses_a_patch_that_does_not_apply_then_rebuild_recovers(project):
+    patch = project / 'patches' / 'edm' / '0002-uc-lora-attention.patch'
+    original = patch.read_text()
+    context = '\n         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)\n'
+    assert context in original
+    patch.write_text(original.replace(context, context.replace('norm1', 'norm_one'), 1))
+    assert_refused(vendor(project, 'edm', '--rebuild'), 'does not apply')
+    patch.write_text(original)
+    result = vendor(project, 'edm', '--rebuild')
+    assert result.returncode == 0, result.stderr
+    assert vendor(project, 'edm').stdout.strip().endswith('+ overlay)')
+
+
+def test_unknown_upstream_is_one_line(project):
+    assert_refused(vendor(project, 'stable-diffusion'), 'unknown upstream "stable-diffusion" (known: edm')

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""What this project changes in each upstream: pinned commit, patch series, diffstat, overlay files.
+
+    python tools/audit.py [UPSTREAM ...]     # default: every upstream under patches/
+
+Upstream lines changed = lines added + lines removed in upstream files, counted by `git apply
+--numstat` on each patch file. Patches with "lora" in their name are the LoRA change proper; the
+others are compatibility fixes. Exit status 1 if a LoRA series exceeds its line budget.
+"""
+
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vendor import ROOT, VendorError, overlay_files, patch_header, read_series, read_upstream
+
+LORA_LINE_BUDGET = 60 # upstream lines the LoRA patches of one upstream may change (issue #2)
+
+
+def numstat(patch):
+    """[(added, removed, path)] of a patch file, without applying it."""
+    out = subprocess.run(['git', 'apply', '--numstat', patch], cwd=ROOT, text=True, stdout=subprocess.PIPE, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        added, removed, path = line.split('\t')
+        rows.append((int(added), int(removed), path))
+    return rows
+
+
+def audit(name):
+    upstream = read_upstream(name)
+    print(f'== {name}: {upstream["url"]} at {upstream["commit"]}')
+    print(f'   licence: {upstream["licence"]}')
+    lora_lines = 0
+    for index, patch in enumerate(read_series(name), 1):
+        rows = numstat(patch)
+        added, removed = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        kind = 'LoRA' if 'lora' in os.path.basename(patch) else 'compatibility'
+        if kind == 'LoRA':
+            lora_lines += added + removed
+        subject = patch_header(patch)[2].splitlines()[0]
+        print(f'\n   {index}. {os.path.relpath(patch, ROOT)} ({kind})')
+        print(f'      {subject}')
+        for file_added, file_removed, path in rows:
+            print(f'      {path:40s} +{file_added:<4d} -{file_removed:<4d} {"+" * min(file_added, 40)}{"-" * min(file_removed, 40)}')
+        print(f'      {len(rows)} upstream files, {added + removed} lines changed (+{added} -{removed})')
+    print('\n   overlay (copied in, not upstream code):')
+    for source, destination in overlay_files(name, upstream):
+        with open(source) as f:
+            lines = sum(1 for _ in f)
+        print(f'      {os.path.relpath(source, ROOT):44s} -> {destination:28s} {lines:5d} lines')
+    within = lora_lines <= LORA_LINE_BUDGET
+    print(f'\n   LoRA patches change {lora_lines} upstream lines (budget {LORA_LINE_BUDGET}): {"within" if within else "OVER"}\n')
+    return within
+
+
+def main():
+    names = sys.argv[1:] or sorted(d for d in os.listdir(os.path.join(ROOT, 'patches')) if os.path.isfile(os.path.join(ROOT, 'patches', d, 'UPSTREAM')))
+    try:
+        results = [audit(name) for name in names]
+    except VendorError as err:
+        sys.exit(f'audit: {err}')
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == '__main__':
+    main()

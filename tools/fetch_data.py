@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Download a dataset archive, or take one the user supplies, and verify its checksum.
+
+    python tools/fetch_data.py cifar10 --dest=PATH        # download CIFAR-10 (python version), check MD5
+    python tools/fetch_data.py ffhq --source=PATH         # FFHQ: check your own copy (it needs a Google login)
+
+An existing --dest with the right checksum is kept; a partial download resumes; a wrong checksum is an
+error that names the file. Progress goes to stderr.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+import urllib.request
+
+ARCHIVES = {
+    'cifar10': dict(
+        url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+        md5='c58f30108f718f92721af3b95e74349a', # published by the dataset's authors
+    ),
+    'ffhq': dict(
+        # FFHQ needs a Google account and is 89 GB: the user downloads images1024x1024 themselves,
+        # with the official script (it checks each image's MD5 against ffhq-dataset-v2.json), and
+        # zips it. No checksum of such a zip is published, so FFHQ_SHA256 is the user's own record.
+        where='https://github.com/NVlabs/ffhq-dataset (python download_ffhq.py --images), then zip images1024x1024/',
+    ),
+}
+
+
+def digest(path, algorithm):
+    h = hashlib.new(algorithm)
+    size, done = os.path.getsize(path), 0
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            h.update(chunk)
+            done += len(chunk)
+            print(f'\rchecking {os.path.basename(path)}: {100 * done // max(size, 1)}%', end='', file=sys.stderr)
+    print(file=sys.stderr)
+    return h.hexdigest()
+
+
+def download(url, dest):
+    partial = dest + '.partial'
+    start = os.path.getsize(partial) if os.path.exists(partial) else 0
+    request = urllib.request.Request(url, headers={'Range': f'bytes={start}-'} if start else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if start and response.status != 206: # server ignored the range: start over
+            start = 0
+        total = start + int(response.headers.get('Content-Length', 0))
+        with open(partial, 'ab' if start else 'wb') as f:
+            done = start
+            for chunk in iter(lambda: response.read(1 << 20), b''):
+                f.write(chunk)
+                done += len(chunk)
+                print(f'\rdownloading {os.path.basename(dest)}: {done >> 20} / {total >> 20} MiB', end='', file=sys.stderr)
+    print(file=sys.stderr)
+    os.replace(partial, dest)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('dataset', choices=sorted(ARCHIVES))
+    parser.add_argument('--dest', help='where the downloaded archive goes (cifar10)')
+    parser.add_argument('--source', help='an archive you supply, checked in place (ffhq)')
+    parser.add_argument('--sha256', help='expected SHA-256 of --source (ffhq: your own record)')
+    args = parser.parse_args()
+    archive = ARCHIVES[args.dataset]
+    try:
+        if 'url' in archive:
+            if not args.dest:
+                parser.error(f'{args.dataset} needs --dest')
+            os.makedirs(os.path.dirname(os.path.abspath(args.dest)), exist_ok=True)
+            if not (os.path.exists(args.dest) and digest(args.dest, 'md5') == archive['md5']):
+                download(archive['url'], args.dest)
+                if digest(args.dest, 'md5') != archive['md5']:
+                    os.replace(args.dest, args.dest + '.bad')
+                    sys.exit(f'fetch_data: {archive["url"]} did not match MD5 {archive["md5"]}; kept as {args.dest}.bad')
+            print(f'{args.dest}: MD5 {archive["md5"]} verified')
+            return
+        if not args.source:
+            sys.exit(f'fetch_data: {args.dataset} cannot be downloaded here; get it from {archive["where"]} and pass its path (FFHQ_ZIP=...)')
+        if not os.path.isfile(args.source):
+            sys.exit(f'fetch_data: {args.source} is not a file')
+        sha256 = digest(args.source, 'sha256')
+        if args.sha256 and sha256 != args.sha256.lower():
+            sys.exit(f'fetch_data: {args.source} has SHA-256 {sha256}, not the expected {args.sha256}')
+        print(f'{args.source}: SHA-256 {sha256} {"verified" if args.sha256 else "(no expected value given: keep it as FFHQ_SHA256)"}')
+    except OSError as err:
+        sys.exit(f'fetch_data: {err}')
+
+
+if __name__ == '__main__':
+    main()
