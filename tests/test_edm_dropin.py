@@ -72,3 +72,12 @@ def test_only_lora_removes_every_affine_and_nothing_else(tmp_path):
     assert not any('.affine.' in name for name in only_lora['names'])
     assert any('map_layer0' in name for name in only_lora['names']), 'the mapping network feeds UC-LoRA'
     assert torch.isfinite(only_lora['output']).all()
+
+
+def test_the_bias_term_is_an_option(tmp_path):
+    config = CONFIGS['ddpmpp-tiny-vp']
+    with_bias = dump(EDM, dict(config, **LORA), tmp_path, 'with-bias')
+    without = dump(EDM, dict(config, lora_bias=False, **LORA), tmp_path, 'without-bias')
+    dropped = set(with_bias['names']) - set(without['names'])
+    assert dropped and all(name.endswith('.lora_bias') for name in dropped)
+    assert not set(without['names']) - set(with_bias['names'])

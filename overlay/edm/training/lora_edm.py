@@ -16,6 +16,7 @@ def add_lora(unet,
     lora_rank   = 4,            # Rank of each LoRA basis.
     lora_bases  = 18,           # Number of LoRA bases per adapted layer.
     lora_mlp    = [128,64],     # Hidden widths of each composition-weight MLP (paper Appendix A.5).
+    lora_bias   = True,         # Per-basis bias term of the authors' release (counted in the paper's Table 1).
 ):
     if lora not in LORA_MODES:
         raise ValueError(f'unknown LoRA mode "{lora}" (choose from {", ".join(LORA_MODES)})')
@@ -28,6 +29,6 @@ def add_lora(unet,
         for name in ADAPTED_LAYERS:
             base = getattr(block, name)
             layer = UCLoRAConv(in_channels=base.in_channels, out_channels=base.out_channels, kernel=base.weight.shape[-1], num_dims=2,
-                bases=lora_bases, rank=lora_rank, emb_channels=block.emb_channels, mlp_widths=lora_mlp, base_bias=base.bias is not None)
+                bases=lora_bases, rank=lora_rank, emb_channels=block.emb_channels, mlp_widths=lora_mlp, base_bias=base.bias is not None, lora_bias=lora_bias)
             setattr(block, name, layer.adopt_base(base))
         block.attn_lora = True # UNetBlock.forward now passes emb to qkv and proj.

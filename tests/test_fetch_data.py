@@ -1,0 +1,69 @@
+"""tools/fetch_data.py: checksum verification of downloads and of archives the user supplies."""
+
+import hashlib
+import http.server
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, 'tools', 'fetch_data.py')
+spec = importlib.util.spec_from_file_location('fetch_data', SCRIPT)
+fetch_data = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fetch_data)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server for tmp_path/served: the download path without the internet."""
+    served = tmp_path / 'served'
+    served.mkdir()
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield served, f'http://127.0.0.1:{httpd.server_address[1]}'
+    httpd.shutdown()
+
+
+def fetch(monkeypatch, *argv):
+    monkeypatch.setattr(sys, 'argv', ['fetch_data.py', *argv])
+    fetch_data.main()
+
+
+def test_download_is_verified_and_kept(server, tmp_path, monkeypatch, capsys):
+    served, url = server
+    payload = os.urandom(3 << 20)
+    (served / 'archive.tar.gz').write_bytes(payload)
+    monkeypatch.setitem(fetch_data.ARCHIVES, 'cifar10', dict(url=f'{url}/archive.tar.gz', md5=hashlib.md5(payload).hexdigest()))
+    dest = tmp_path / 'downloads' / 'archive.tar.gz'
+    fetch(monkeypatch, 'cifar10', f'--dest={dest}')
+    assert dest.read_bytes() == payload and 'verified' in capsys.readouterr().out
+    (served / 'archive.tar.gz').unlink() # a verified file is not downloaded again
+    fetch(monkeypatch, 'cifar10', f'--dest={dest}')
+
+
+def test_wrong_checksum_is_an_error_and_the_file_is_set_aside(server, tmp_path, monkeypatch):
+    served, url = server
+    (served / 'archive.tar.gz').write_bytes(b'not the archive')
+    monkeypatch.setitem(fetch_data.ARCHIVES, 'cifar10', dict(url=f'{url}/archive.tar.gz', md5='0' * 32))
+    dest = tmp_path / 'archive.tar.gz'
+    with pytest.raises(SystemExit, match='did not match MD5'):
+        fetch(monkeypatch, 'cifar10', f'--dest={dest}')
+    assert not dest.exists() and (tmp_path / 'archive.tar.gz.bad').exists()
+
+
+def test_supplied_archive_is_checked_in_place(tmp_path):
+    archive = tmp_path / 'ffhq.zip'
+    archive.write_bytes(b'images')
+    good = hashlib.sha256(b'images').hexdigest()
+    run = lambda *args: subprocess.run([sys.executable, SCRIPT, 'ffhq', *args], text=True, capture_output=True)
+    assert run(f'--source={archive}', f'--sha256={good}').returncode == 0
+    wrong = run(f'--source={archive}', f'--sha256={"1" * 64}')
+    assert wrong.returncode == 1 and 'not the expected' in wrong.stderr
+    missing = run()
+    assert missing.returncode == 1 and 'github.com/NVlabs/ffhq-dataset' in missing.stderr and 'Traceback' not in missing.stderr

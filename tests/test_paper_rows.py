@@ -1,0 +1,63 @@
+"""Paper rows: parameter parity (`make params`), the commands of each target, the audit budget."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import params  # noqa: E402
+
+# FFHQ64 LoRA rows: the paper's counts do not follow from its own rules; shared/paper/targets.md
+# states what the rules give, and that is what we must build.
+RULES_GIVE = {'FFHQ64 uncond, with LoRA': 63941619, 'FFHQ64 uncond, only LoRA': 58819827}
+
+
+@pytest.mark.parametrize('row', params.EDM_ROWS, ids=[f'{r[0]}: {r[1]}' for r in params.EDM_ROWS])
+def test_edm_parameter_count(row):
+    table, name, paper, kwargs, note = row
+    expected = RULES_GIVE.get(name, paper)
+    assert params.edm_count(kwargs) == expected
+    assert (note is None) == (expected == paper), 'a note exactly where the paper differs'
+
+
+def dry_run(tmp_path, row, variant, *extra):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'edm_paper.py'), row, f'--variant={variant}',
+                             '--dry-run', f'--runs={tmp_path}', *extra], text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/edm]$')]
+    assert len(commands) == 3, 'train, generate, fid'
+    return commands
+
+
+@pytest.mark.parametrize('row,variant,expected,absent', [
+    ('cifar10-uncond', 'baseline', ['--cond=0', '--arch=ddpmpp', '--batch=512', '--steps=18'], ['--lora', '--conv-cond']),
+    ('cifar10-uncond', 'with-lora', ['--lora=uc', '--lora-bases=18', '--lora-rank=4'], ['--conv-cond', '--transfer']),
+    ('cifar10-cond', 'only-lora', ['--cond=1', '--lora=uc', '--lora-bases=18', '--conv-cond=False'], ['--transfer']),
+    ('cifar10-uncond', 'pretrained', ['--lora=uc', '--transfer=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'], []),
+    ('ffhq64', 'with-lora', ['--cres=1,2,2,2', '--batch=256', '--lr=2e-4', '--dropout=0.05', '--augment=0.15', '--lora-bases=20', '--steps=40', 'ffhq-64x64.npz'], []),
+])
+def test_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
+    commands = ' '.join(dry_run(tmp_path, row, variant))
+    for flag in expected:
+        assert flag in commands
+    for flag in absent:
+        assert flag not in commands
+    assert '--precond' not in commands, "EDM's own recipe (--precond=edm, the default)"
+
+
+def test_gpus_launch_torchrun(tmp_path):
+    for command in dry_run(tmp_path, 'cifar10-cond', 'with-lora', '--gpus=4'):
+        assert '-m torch.distributed.run --standalone --nproc_per_node=4' in command
+
+
+def test_audit_keeps_the_lora_patch_within_budget():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'audit.py'), 'edm'], text=True, capture_output=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if 'LoRA patches change' in line]
+    changed = int(lines[0].split('change ')[1].split(' ')[0])
+    assert 0 < changed <= 60
+    assert 'training/networks.py' in result.stdout and 'overlay/common/lora.py' in result.stdout
