@@ -104,7 +104,8 @@ def test_transfer_copies_the_base_and_keeps_the_lora_init(edm_dataset, tmp_path)
     (['--lora=uc', '--lora-rank=0'], "Invalid value for '--lora-rank'"),
     (['--lora=uc', '--lora-bases=-3'], "Invalid value for '--lora-bases'"),
     (['--lora=uc', '--lora-mlp=128,x'], "Invalid value for '--lora-mlp'"),
-    (['--lora=uc', '--lora-mlp=128,0'], "Invalid value for '--lora-mlp'"),
+    (['--lora=uc', '--lora-mlp=128,0'], 'composition MLP widths must be positive integers'),
+    (['--lora=uc', '--arch=adm', '--cbase=32', '--cres=1'], 'DhariwalUNet has no attention layers'), # 32 channels < one 64-channel head
     (['--conv-cond=False'], '--conv-cond=False needs --lora'),
     (['--conv-cond=maybe'], "Invalid value for '--conv-cond'"),
 ])

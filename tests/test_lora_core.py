@@ -121,3 +121,17 @@ def test_bad_sizes_are_refused(kwargs):
 def test_bad_mlp_widths_are_refused(widths):
     with pytest.raises(ValueError):
         lora.CompositionMLP(in_features=8, hidden_widths=widths, out_features=3)
+
+
+def test_low_precision_activations_keep_their_dtype():
+    # EDM's --fp16 runs the U-Net in half precision with fp32 parameters; bfloat16 stands in on the CPU.
+    torch.manual_seed(5)
+    layer = lora.UCLoRAConv(in_channels=8, out_channels=24, kernel=1, num_dims=2, bases=3, rank=2, emb_channels=16, mlp_widths=[8])
+    layer.adopt_base(torch.nn.Conv2d(8, 24, 1))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 16)
+    low = layer(x.to(torch.bfloat16), emb)
+    assert low.dtype == torch.bfloat16
+    full = layer(x, emb)
+    assert (low.float() - full).abs().max() <= 0.05 * full.abs().max()
