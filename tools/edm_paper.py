@@ -84,10 +84,15 @@ def smoke_dataset(run_dir):
     return data
 
 
+def kimg_of(path):
+    """The training progress in an EDM file name: network-snapshot-000200.pkl -> 200."""
+    return int(re.findall(r'(\d+)\.\w+$', path)[0])
+
+
 def newest(pattern):
-    """Newest file by the kimg number in its name, or None."""
+    """The file matching pattern with the most training progress, or None."""
     paths = glob.glob(pattern)
-    return max(paths, key=lambda p: int(re.findall(r'(\d+)\.\w+$', p)[0])) if paths else None
+    return max(paths, key=kimg_of) if paths else None
 
 
 def sample_grid(image_dir, out_path, count=16):
@@ -138,8 +143,7 @@ def main():
     duration = [float(flag.split('=', 1)[1]) for flag in train_flags if flag.startswith('--duration=')]
     total_kimg = max(int((duration[-1] if duration else 200) * 1000), 1) # as train.py computes it
     state = newest(os.path.join(run_dir, 'training-state-*.pt'))
-    state_kimg = int(re.findall(r'(\d+)\.pt$', state)[0]) if state else 0
-    if state_kimg >= total_kimg:
+    if state and kimg_of(state) >= total_kimg:
         print(f'training: done ({os.path.relpath(state, ROOT)} reached {total_kimg} kimg)')
     else:
         resume = [f'--resume={state}'] if state else []

@@ -30,5 +30,4 @@ else:
     data = torch.load(path, map_location='cpu', weights_only=False)
     result['net'] = data['net'].state_dict()
     result['optimizer'] = data['optimizer_state']
-result['modules'] = sorted(m for m in sys.modules if m.split('.')[0] in ('training', 'torch_utils', 'dnnlib', 'generate'))
 torch.save(result, out)
