@@ -14,7 +14,7 @@ FFHQ_SHA256 ?=
 # One paper row: data (unless SMOKE), then train / generate / FID in vendor/edm with the paper's flags.
 EDM_ROW = $(PY) tools/edm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
 
-.PHONY: help setup vendor vendor-edm test smoke demo params audit bench patches \
+.PHONY: help setup vendor vendor-edm vendor-iddpm test smoke demo params audit bench patches \
         edm-cifar-uncond edm-cifar-cond edm-ffhq data-cifar10 data-ffhq
 
 help:
@@ -37,9 +37,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-vendor: vendor-edm
+vendor: vendor-edm vendor-iddpm
 vendor-edm: setup
 	$(PY) tools/vendor.py edm --pristine $(if $(REBUILD),--rebuild)
+vendor-iddpm: setup
+	$(PY) tools/vendor.py iddpm --pristine $(if $(REBUILD),--rebuild)
 
 patches: setup
 	$(PY) tools/export_patches.py $(U)

@@ -9,6 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EDM = os.path.join(ROOT, 'vendor', 'edm')
 PRISTINE_EDM = os.path.join(ROOT, 'vendor', 'pristine', 'edm')
+IDDPM = os.path.join(ROOT, 'vendor', 'improved-diffusion')
+PRISTINE_IDDPM = os.path.join(ROOT, 'vendor', 'pristine', 'improved-diffusion')
 HELPERS = os.path.join(ROOT, 'tests', 'helpers')
 
 
@@ -24,7 +26,7 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
 
 @pytest.fixture(scope='session', autouse=True)
 def vendor_trees():
-    for tree in [EDM, PRISTINE_EDM]:
+    for tree in [EDM, PRISTINE_EDM, IDDPM, PRISTINE_IDDPM]:
         if not os.path.isdir(tree):
             pytest.exit(f'{os.path.relpath(tree, ROOT)} is missing: run `make test`, which builds vendor/ first', returncode=1)
 

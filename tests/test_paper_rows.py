@@ -11,16 +11,21 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import params  # noqa: E402
 
-# FFHQ64 LoRA rows: the paper's counts do not follow from its own rules; shared/paper/targets.md
-# states what the rules give, and that is what we must build.
-RULES_GIVE = {'FFHQ64 uncond, with LoRA': 63941619, 'FFHQ64 uncond, only LoRA': 58819827}
+# Rows whose paper counts do not follow from the paper's own rules: shared/paper/targets.md states
+# what the rules give, and that is what we must build.
+RULES_GIVE = {
+    ('edm', 'FFHQ64 uncond, with LoRA'): 63941619,
+    ('edm', 'FFHQ64 uncond, only LoRA'): 58819827,
+    ('iddpm', 'ImageNet64 uncond, with LoRA'): 124175248,
+}
+ROWS = [('edm', params.edm_count, row) for row in params.EDM_ROWS] + [('iddpm', params.iddpm_count, row) for row in params.IDDPM_ROWS]
 
 
-@pytest.mark.parametrize('row', params.EDM_ROWS, ids=[f'{r[0]}: {r[1]}' for r in params.EDM_ROWS])
-def test_edm_parameter_count(row):
+@pytest.mark.parametrize('upstream,count,row', ROWS, ids=[f'{u} {r[0]}: {r[1]}' for u, _, r in ROWS])
+def test_parameter_count(upstream, count, row):
     table, name, paper, kwargs, note = row
-    expected = RULES_GIVE.get(name, paper)
-    assert params.edm_count(kwargs) == expected
+    expected = RULES_GIVE.get((upstream, name), paper)
+    assert count(kwargs) == expected
     assert (note is None) == (expected == paper), 'a note exactly where the paper differs'
 
 
@@ -58,6 +63,6 @@ def test_audit_keeps_the_lora_patch_within_budget():
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'audit.py'), 'edm'], text=True, capture_output=True)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if 'LoRA patches change' in line]
-    changed = int(lines[0].split('change ')[1].split(' ')[0])
+    changed = int(lines[0].split("change ")[1].split(" ")[0])
     assert 0 < changed <= 60
     assert 'training/networks.py' in result.stdout and 'overlay/common/lora.py' in result.stdout

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vendor import ROOT, VendorError, git, read_series, read_upstream
+from vendor import ROOT, VendorError, git, read_series, read_upstream, vendor_dir
 
 
 def main():
@@ -21,17 +21,18 @@ def main():
     name = sys.argv[1]
     try:
         upstream = read_upstream(name)
-        repo = os.path.join(ROOT, 'vendor', name)
+        repo = vendor_dir(upstream)
+        rel = os.path.relpath(repo, ROOT)
         if not os.path.isdir(os.path.join(repo, '.git')):
-            raise VendorError(f'vendor/{name} does not exist; run make vendor first')
+            raise VendorError(f'{rel} does not exist; run make vendor first')
         if git(repo, 'status', '--porcelain'):
-            raise VendorError(f'vendor/{name} has uncommitted edits: commit them into the patch they belong to first')
+            raise VendorError(f'{rel} has uncommitted edits: commit them into the patch they belong to first')
         if not git(repo, 'log', '-1', '--format=%s').startswith('Copy overlay files'):
-            raise VendorError(f'the last commit of vendor/{name} must be "Copy overlay files"')
+            raise VendorError(f'the last commit of {rel} must be "Copy overlay files"')
         commits = git(repo, 'rev-list', '--reverse', f'{upstream["commit"]}..HEAD~1').split()
         series = read_series(name)
         if len(commits) != len(series):
-            raise VendorError(f'vendor/{name} has {len(commits)} patch commits but patches/{name}/series lists {len(series)}')
+            raise VendorError(f'{rel} has {len(commits)} patch commits but patches/{name}/series lists {len(series)}')
         for commit, path in zip(commits, series):
             text = git(repo, 'format-patch', '-1', '--stdout', '--no-signature', '--zero-commit', '--keep-subject', commit)
             with open(path, 'w') as f:

@@ -43,6 +43,27 @@ EDM_ROWS = [
 ]
 
 
+# IDDPM rows: model_and_diffusion_defaults() updated by the paper's flags (Appendix A.2).
+IDDPM_CIFAR = dict(image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True, dropout=0.3,
+    diffusion_steps=4000, noise_schedule='cosine')
+IDDPM_IMAGENET64 = dict(IDDPM_CIFAR, image_size=64, dropout=0.0)
+TIME_LORA = dict(diffusion_steps=4001, time_lora=True, lora_bases=11, lora_rank=4)
+CLASS_LORA = dict(class_cond=True, num_classes=10, class_lora=True)
+
+IDDPM_ROWS = [
+    ('Table 1', 'CIFAR-10 uncond, baseline',        52546438, dict(IDDPM_CIFAR), None),
+    ('Table 1', 'CIFAR-10 uncond, only LoRA',       47591440, dict(IDDPM_CIFAR, **TIME_LORA, conv_cond=False), None),
+    ('Table 1', 'CIFAR-10 uncond, with LoRA',       54880528, dict(IDDPM_CIFAR, **TIME_LORA), None),
+    ('Table 1', 'CIFAR-10 cond, baseline',          52551558, dict(IDDPM_CIFAR, class_cond=True, num_classes=10), None),
+    ('Table 1', 'CIFAR-10 cond, only LoRA',         48513040, dict(IDDPM_CIFAR, **TIME_LORA, **CLASS_LORA, conv_cond=False), None),
+    ('Table 1', 'CIFAR-10 cond, with LoRA',         55807248, dict(IDDPM_CIFAR, **TIME_LORA, **CLASS_LORA), None),
+    ('Table 1', 'ImageNet64 uncond, baseline',      121063942, dict(IDDPM_IMAGENET64), None),
+    ('Table 1', 'ImageNet64 uncond, only LoRA',     113602960, dict(IDDPM_IMAGENET64, **TIME_LORA, conv_cond=False), None),
+    ('Table 1', 'ImageNet64 uncond, with LoRA',     139278224, dict(IDDPM_IMAGENET64, **TIME_LORA),
+        'the paper count is 15,102,976 above what its own rules give; not explained'),
+]
+
+
 def edm_count(kwargs):
     """Number of trainable parameters of the EDM network built with EDM_DDPMPP updated by kwargs."""
     tree = os.path.join(ROOT, 'vendor', 'edm')
@@ -55,19 +76,33 @@ def edm_count(kwargs):
     return sum(p.numel() for p in net.parameters())
 
 
+def iddpm_count(flags):
+    """Number of trainable parameters of the IDDPM model that image_train.py builds with these flags."""
+    tree = os.path.join(ROOT, 'vendor', 'improved-diffusion')
+    if tree not in sys.path:
+        sys.path.insert(0, tree)
+    import torch
+    from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    with torch.device('meta'):
+        model, _ = create_model_and_diffusion(**dict(model_and_diffusion_defaults(), **flags))
+    return sum(p.numel() for p in model.parameters())
+
+
 def rows():
-    for table, row, paper, kwargs, note in EDM_ROWS:
-        ours = edm_count(kwargs)
-        yield dict(upstream='edm', table=table, row=row, paper=paper, ours=ours, difference=ours - paper,
-                   match=ours == paper, note=note if ours != paper else None)
+    for upstream, table_rows, count in [('edm', EDM_ROWS, edm_count), ('iddpm', IDDPM_ROWS, iddpm_count)]:
+        for table, row, paper, kwargs, note in table_rows:
+            ours = count(kwargs)
+            yield dict(upstream=upstream, table=table, row=row, paper=paper, ours=ours, difference=ours - paper,
+                       match=ours == paper, note=note if ours != paper else None)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     args = parser.parse_args()
-    if not os.path.isdir(os.path.join(ROOT, 'vendor', 'edm')):
-        sys.exit('params: vendor/edm is missing; run `make vendor` first')
+    for tree in ['edm', 'improved-diffusion']:
+        if not os.path.isdir(os.path.join(ROOT, 'vendor', tree)):
+            sys.exit(f'params: vendor/{tree} is missing; run `make vendor` first')
     table = list(rows())
     if args.json:
         print(json.dumps(table, indent=2))

@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
-"""Build vendor/<name>: the official upstream at its pinned commit, patched, with the overlay in place.
+"""Build vendor/<dir>: the official upstream at its pinned commit, patched, with the overlay in place.
 
     python tools/vendor.py edm                # build or check vendor/edm
     python tools/vendor.py --rebuild edm      # start over, discarding vendor/edm
     python tools/vendor.py --pristine edm     # also build vendor/pristine/edm (pinned, unpatched)
 
 Inputs, per upstream (see patches/<name>/UPSTREAM):
-    patches/<name>/UPSTREAM   url, commit, licence, and where the shared LoRA core goes
+    patches/<name>/UPSTREAM   url, commit, licence, the vendor folder, where the shared LoRA core goes
     patches/<name>/series     patch files, applied in order with `git apply`
-    overlay/<name>/...        files copied to the same relative path in vendor/<name>/
+    overlay/<name>/...        files copied to the same relative path in vendor/<dir>/
     overlay/common/lora.py    the shared LoRA core, copied to UPSTREAM's `core` path
 
-Each patch becomes one commit in vendor/<name> and the overlay a last commit whose message records
+Each patch becomes one commit in vendor/<dir> and the overlay a last commit whose message records
 the pinned commit and a digest of all inputs. A second run with the same inputs changes nothing.
-The script refuses (one line, exit 1) when vendor/<name> has local edits or sits at another commit;
+The script refuses (one line, exit 1) when vendor/<dir> has local edits or sits at another commit;
 a clean tree built from older inputs is rebuilt in place, since nothing can be lost.
 """
 
@@ -60,7 +60,12 @@ def read_upstream(name):
     for key in ['url', 'commit', 'licence']:
         if key not in fields:
             raise VendorError(f'{os.path.relpath(path, ROOT)} lacks "{key}:"')
+    fields.setdefault('dir', name) # vendor/<dir>, named after the upstream repository
     return fields
+
+
+def vendor_dir(upstream, pristine=False):
+    return os.path.join(ROOT, 'vendor', *(['pristine'] if pristine else []), upstream['dir'])
 
 
 def read_series(name):
@@ -159,10 +164,10 @@ def build(name, upstream, dest, digest):
     print(f'{rel}: overlay copied; ready at {upstream["commit"][:7]} + {len(read_series(name))} patches')
 
 
-def build_pristine(name, upstream):
-    """vendor/pristine/<name>: the pinned commit untouched, cloned from vendor/<name>'s objects."""
-    source = os.path.join(ROOT, 'vendor', name)
-    dest = os.path.join(ROOT, 'vendor', 'pristine', name)
+def build_pristine(upstream):
+    """vendor/pristine/<dir>: the pinned commit untouched, cloned from vendor/<dir>'s objects."""
+    source = vendor_dir(upstream)
+    dest = vendor_dir(upstream, pristine=True)
     rel = os.path.relpath(dest, ROOT)
     if os.path.isdir(os.path.join(dest, '.git')):
         head = git(dest, 'rev-parse', 'HEAD')
@@ -184,20 +189,20 @@ def main():
     try:
         for name in args.names:
             upstream = read_upstream(name)
-            dest = os.path.join(ROOT, 'vendor', name)
+            dest = vendor_dir(upstream)
             digest = inputs_digest(name, upstream)
             if args.rebuild:
                 shutil.rmtree(dest, ignore_errors=True)
-                shutil.rmtree(os.path.join(ROOT, 'vendor', 'pristine', name), ignore_errors=True)
+                shutil.rmtree(vendor_dir(upstream, pristine=True), ignore_errors=True)
             state = state_of(dest, upstream, digest)
             if state == 'current':
-                print(f'vendor/{name}: up to date ({upstream["commit"][:7]} + {len(read_series(name))} patches + overlay)')
+                print(f'vendor/{upstream["dir"]}: up to date ({upstream["commit"][:7]} + {len(read_series(name))} patches + overlay)')
             else:
                 if state == 'stale':
-                    print(f'vendor/{name}: patches or overlay changed; rebuilding the clean tree')
+                    print(f'vendor/{upstream["dir"]}: patches or overlay changed; rebuilding the clean tree')
                 build(name, upstream, dest, digest)
             if args.pristine:
-                build_pristine(name, upstream)
+                build_pristine(upstream)
     except VendorError as err:
         print(f'vendor: {err}', file=sys.stderr)
         sys.exit(1)

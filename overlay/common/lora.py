@@ -8,7 +8,9 @@ An adapted layer computes, for a sample with composition weights w (one per basi
 with m bases (A_i, B_i) of rank r: A_i a k x k convolution to r channels, B_i a 1 x 1 convolution
 back to C_out channels, E_i an optional bias term of shape (r, C_out) summed over its r rows (as in
 the paper authors' EDM release, whose parameter counts include it). Where w comes from decides the
-method: UC-LoRA (Section 4.1) computes w with a small MLP on the shared condition embedding.
+method: UC-LoRA (Section 4.1) computes w with a small MLP on the shared condition embedding;
+TimeLoRA (Section 3.1) reads it from a table indexed by the time step; ClassLoRA (Section 3.2) has
+one basis per class and uses the class vector itself as w.
 
 Initialisation follows the paper authors' release: A ~ N(0, (1/r)^2), B = 0, E = 0, scale 1, so an
 adapted layer starts out computing exactly what its base layer computes.
@@ -154,5 +156,72 @@ class UCLoRAConv(ComposedLoRAConv):
 
     def forward(self, x, emb):
         return super().forward(x, self.lora_mlp(emb))
+
+#----------------------------------------------------------------------------
+# TimeLoRA and ClassLoRA (paper Section 3) for discrete time steps: one set of stacked bases,
+# the first m for time (compositional TimeLoRA), then one per class (ClassLoRA).
+
+def interpolation_table(steps, bases):
+    """[steps, bases] initial composition weights of TimeLoRA (paper Section 3.1, Appendix A.4).
+
+    Basis i sits at time step tau_i = i * (steps - 1) / (bases - 1), equally spaced from 0 to
+    steps - 1 (with T = 4001 and 11 bases: every 400 steps). Step t mixes the two nearest bases
+    linearly: the weights are non-negative, sum to 1, and are one-hot at every tau_i. When bases - 1
+    does not divide steps - 1, the tau_i are not integers and no step is one-hot but t = 0 and T - 1.
+    """
+    if steps < 2 or bases < 2:
+        return torch.ones(steps, bases) / bases
+    position = torch.arange(steps, dtype=torch.float64) * (bases - 1) / (steps - 1) # in units of bases
+    lower = position.floor().long().clamp(max=bases - 2)
+    upper_weight = position - lower
+    table = torch.zeros(steps, bases, dtype=torch.float64)
+    table[torch.arange(steps), lower] = 1 - upper_weight
+    table[torch.arange(steps), lower + 1] = upper_weight
+    return table.to(torch.float32)
+
+
+@persistent_class
+class TimeClassLoRAConv(ComposedLoRAConv):
+    """TimeLoRA and/or ClassLoRA on one convolution (paper Sections 3.1 and 3.2).
+
+    Bases 0..m-1 are TimeLoRA's, composed by [lora_table] [T, m], an nn.Embedding indexed by the
+    time step; the next K bases are ClassLoRA's, weighted by the class vector, so the layer is
+    linear in it (interpolating or scaling the class vector interpolates or scales class LoRAs).
+    forward(x, t, c): x [N, C_in, *spatial], t [N] integer time steps in [0, T), c [N, K] class
+    vectors (one-hot in training) or None without ClassLoRA -> [N, C_out, *spatial].
+    """
+
+    def __init__(self,
+        in_channels,            # Input channels of the base convolution.
+        out_channels,           # Output channels of the base convolution.
+        kernel,                 # Kernel size of the base convolution.
+        num_dims,               # 1 for Conv1d (IDDPM attention), 2 for Conv2d.
+        rank,                   # Rank r of each basis.
+        time_steps,             # Number of time steps T: rows of the composition table.
+        time_bases,             # TimeLoRA bases m, 0 = no TimeLoRA.
+        num_classes,            # ClassLoRA bases K (one per class), 0 = no ClassLoRA.
+        table_init  = 'interp', # 'interp' (two nearest bases, see interpolation_table) or 'random' (N(0, 1)).
+        base_bias   = True,     # Does the base convolution have a bias?
+    ):
+        if time_bases < 0 or num_classes < 0 or time_bases + num_classes == 0:
+            raise ValueError(f'TimeLoRA/ClassLoRA needs time_bases >= 1 or num_classes >= 1, got {time_bases} and {num_classes}')
+        if table_init not in ['interp', 'random']:
+            raise ValueError(f'unknown table_init "{table_init}" (choose from interp, random)')
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel=kernel, num_dims=num_dims,
+            bases=time_bases + num_classes, rank=rank, base_bias=base_bias, lora_bias=False)
+        self.time_bases = time_bases
+        self.num_classes = num_classes
+        self.lora_table = torch.nn.Embedding(time_steps, time_bases) if time_bases else None
+        if self.lora_table is not None and table_init == 'interp':
+            with torch.no_grad():
+                self.lora_table.weight.copy_(interpolation_table(time_steps, time_bases))
+
+    def forward(self, x, t, c=None):
+        weights = []
+        if self.lora_table is not None:
+            weights.append(self.lora_table(t))
+        if self.num_classes:
+            weights.append(c)
+        return super().forward(x, torch.cat(weights, dim=1))
 
 #----------------------------------------------------------------------------
