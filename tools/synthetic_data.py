@@ -4,7 +4,9 @@
     python tools/synthetic_data.py --out DIR [--count 64] [--resolution 16] [--classes 10] [--seed 0]
 
 Images are PNGs with a smooth per-class colour gradient plus noise, so that a few training steps
-see structure; dataset.json holds the class labels as EDM expects ({"labels": [[name, class], ...]}).
+see structure. The class label is in two places, so that both upstreams read it their own way:
+dataset.json ({"labels": [[name, class], ...]}, EDM's dataset_tool.py) and the file name
+(c<class>_<index>.png: improved-diffusion takes the class from the text before "_").
 Used by the SMOKE=1 targets and the tests: real data cannot be downloaded there.
 """
 
@@ -26,7 +28,7 @@ def write_folder(out, count, resolution, classes, seed):
         colour = np.array([(label * 0.37) % 1, (label * 0.61) % 1, (label * 0.83) % 1])
         image = ramp[:, None, None] * colour + (1 - ramp[None, :, None]) * (1 - colour)
         image = np.clip(image + rng.normal(0, 0.05, size=image.shape), 0, 1)
-        name = f'img{index:05d}.png'
+        name = f'c{label}_{index:05d}.png'
         PIL.Image.fromarray((image * 255).astype(np.uint8), 'RGB').save(os.path.join(out, name))
         labels.append([name, label])
     with open(os.path.join(out, 'dataset.json'), 'w') as f:

@@ -1,0 +1,99 @@
+"""End to end on CPU: improved-diffusion's own scripts with TimeLoRA + ClassLoRA, at tiny size."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HELPERS, IDDPM, ROOT, run_in
+
+MODEL = ['--image_size', 32, '--num_channels', 32, '--num_res_blocks', 1, '--learn_sigma', True, '--diffusion_steps', 101,
+         '--noise_schedule', 'cosine', '--class_cond', True, '--num_classes', 10,
+         '--time_lora', True, '--class_lora', True, '--lora_bases', 5, '--lora_rank', 2]
+TRAIN = ['--batch_size', 4, '--log_interval', 1, '--save_interval', 2]
+MPIEXEC = [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', '2', sys.executable]
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('iddpm-data') / 'images'
+    run_in(ROOT, [os.path.join(ROOT, 'tools', 'synthetic_data.py'), '--out', folder, '--count', 20, '--resolution', 32])
+    return folder
+
+
+def train(logdir, images, *extra, launcher=None, helper=None):
+    script = helper or ['scripts/image_train.py']
+    return run_in(IDDPM, [*script, '--data_dir', images, *MODEL, *TRAIN, *extra], launcher=launcher, env=dict(OPENAI_LOGDIR=str(logdir)))
+
+
+@pytest.fixture(scope='module')
+def run(images, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp('iddpm-run')
+    train(logdir, images, '--lr_anneal_steps', 3)
+    return logdir
+
+
+def test_training_writes_checkpoints_and_lora_learns(run):
+    assert {'model000002.pt', 'opt000002.pt', 'ema_0.9999_000002.pt'} <= set(os.listdir(run))
+    state = torch.load(run / 'model000002.pt')
+    lora_B = [value for name, value in state.items() if name.endswith('lora_B')]
+    assert len(lora_B) == 2 * 7, 'qkv and proj_out of 7 AttentionBlocks (16x16 and 8x8, one res block a level)'
+    assert all(torch.count_nonzero(value) for value in lora_B), 'gradients reach the LoRA up-projections'
+    tables = [value for name, value in state.items() if name.endswith('lora_table.weight')]
+    assert all(value.shape == (101, 5) for value in tables) and len(tables) == 14
+
+
+def test_resume_restores_model_optimizer_ema_and_step(run, images, tmp_path):
+    out = tmp_path / 'first-step.pt'
+    train(tmp_path / 'log', images, '--resume_checkpoint', run / 'model000002.pt', '--lr_anneal_steps', 5,
+          helper=[os.path.join(HELPERS, 'iddpm_train_capture.py'), 'first-step', out, '--'])
+    resumed = torch.load(out)
+    assert resumed['resume_step'] == 2
+    for name, value in torch.load(run / 'model000002.pt').items():
+        assert torch.equal(resumed['model'][name], value), name
+    for name, value in torch.load(run / 'ema_0.9999_000002.pt').items():
+        assert torch.equal(resumed['ema'][0.9999][name], value), name
+    saved_opt = torch.load(run / 'opt000002.pt')
+    for index, state in saved_opt['state'].items():
+        for key, value in state.items():
+            assert torch.equal(resumed['optimizer']['state'][index][key], value), (index, key)
+
+    # The real continuation, up to step 4.
+    train(tmp_path / 'continued', images, '--resume_checkpoint', run / 'model000002.pt', '--lr_anneal_steps', 5)
+    assert 'model000004.pt' in os.listdir(tmp_path / 'continued')
+
+
+def test_respaced_sampling_writes_an_npz(run, tmp_path):
+    run_in(IDDPM, ['scripts/image_sample.py', '--model_path', run / 'model000002.pt', *MODEL, '--timestep_respacing', 50,
+                   '--num_samples', 6, '--batch_size', 3], env=dict(OPENAI_LOGDIR=str(tmp_path)))
+    samples = np.load(tmp_path / 'samples_6x32x32x3.npz')
+    assert samples['arr_0'].shape == (6, 32, 32, 3) and samples['arr_0'].dtype == np.uint8
+    assert samples['arr_1'].shape == (6,) and samples['arr_1'].max() < 10, 'labels drawn below --num_classes'
+
+
+def test_two_mpi_ranks_end_with_identical_parameters(images, tmp_path):
+    result = train(tmp_path / 'log', images, '--lr_anneal_steps', 3, launcher=MPIEXEC,
+                   helper=[os.path.join(HELPERS, 'iddpm_train_capture.py'), 'end', tmp_path / 'rank{rank}.pt', '--'])
+    assert 'will not be synchronized' not in result.stdout
+    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    assert any(torch.count_nonzero(value) for name, value in rank0['model'].items() if name.endswith('lora_B'))
+    for name, value in rank0['model'].items():
+        assert torch.equal(rank1['model'][name], value), name
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--lora_rank', 0], '--lora_rank, --lora_bases and --num_classes must be at least 1'),
+    (['--lora_bases', 'many'], "argument --lora_bases: invalid int value: 'many'"),
+    (['--lora_table_init', 'zeros'], '--lora_table_init must be one of interp, random'),
+    (['--class_cond', False], '--class_lora True needs --class_cond True'),
+    (['--time_lora', False, '--conv_cond', False], '--conv_cond False needs --time_lora True'),
+    (['--class_lora', False, '--conv_cond', False], '--conv_cond False with --class_cond True needs --class_lora True'),
+    (['--time_lora', 'maybe'], "argument --time_lora: boolean value expected"),
+])
+def test_bad_flags_are_argparse_errors(flags, message, images, tmp_path):
+    for script in [['scripts/image_train.py', '--data_dir', images], ['scripts/image_sample.py']]:
+        result = run_in(IDDPM, [*script, *MODEL, *flags], expect_ok=False, env=dict(OPENAI_LOGDIR=str(tmp_path)))
+        assert result.returncode == 2, result.stdout
+        assert message in result.stdout and 'Traceback' not in result.stdout
