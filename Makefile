@@ -10,18 +10,24 @@ DRY     ?=
 TRAIN_FLAGS ?=
 FFHQ_ZIP ?=
 FFHQ_SHA256 ?=
+IMAGENET64_ZIPS ?=
+IMAGENET64_SHA256 ?=
 
 # One paper row: data (unless SMOKE), then train / generate / FID in vendor/edm with the paper's flags.
 EDM_ROW = $(PY) tools/edm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
+IDDPM_ROW = $(PY) tools/iddpm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
 
 .PHONY: help setup vendor vendor-edm vendor-iddpm test smoke demo params audit bench patches \
-        edm-cifar-uncond edm-cifar-cond edm-ffhq data-cifar10 data-ffhq
+        edm-cifar-uncond edm-cifar-cond edm-ffhq data-cifar10 data-ffhq \
+        iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 data-cifar10-folder data-imagenet64
 
 help:
 	@echo "make demo                 tiny UC-LoRA EDM run on the CPU (train, snapshot, generate)"
 	@echo "make test                 the test suite (CPU; builds the environment and vendor/ first)"
 	@echo "make edm-cifar-uncond     paper row; also edm-cifar-cond, edm-ffhq"
 	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
+	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
+	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make smoke                every paper target with SMOKE=1"
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
 	@echo "make audit                what the patches change in each upstream"
@@ -69,6 +75,9 @@ smoke: setup vendor
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=baseline
+	$(MAKE) --no-print-directory iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 SMOKE=1 VARIANT=with-lora
+	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=only-lora
+	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=baseline
 
 edm-cifar-uncond: setup vendor-edm $(if $(SMOKE)$(DRY),,datasets/cifar10-32x32.zip)
 	$(call EDM_ROW,cifar10-uncond)
@@ -76,6 +85,15 @@ edm-cifar-cond: setup vendor-edm $(if $(SMOKE)$(DRY),,datasets/cifar10-32x32.zip
 	$(call EDM_ROW,cifar10-cond)
 edm-ffhq: setup vendor-edm $(if $(SMOKE)$(DRY),,datasets/ffhq-64x64.zip)
 	$(call EDM_ROW,ffhq64)
+
+# ---------------------------------------------------------------------------- paper rows (IDDPM)
+
+iddpm-cifar-uncond: setup vendor $(if $(SMOKE)$(DRY),,datasets/cifar10-train)
+	$(call IDDPM_ROW,cifar10-uncond)
+iddpm-cifar-cond: setup vendor $(if $(SMOKE)$(DRY),,datasets/cifar10-train)
+	$(call IDDPM_ROW,cifar10-cond)
+iddpm-imagenet64: setup vendor $(if $(SMOKE)$(DRY),,datasets/imagenet64-train)
+	$(call IDDPM_ROW,imagenet64)
 
 # ---------------------------------------------------------------------------- data
 
@@ -90,3 +108,14 @@ datasets/ffhq-64x64.zip: | setup vendor-edm
 	$(PY) tools/fetch_data.py ffhq --source="$(FFHQ_ZIP)" $(if $(FFHQ_SHA256),--sha256=$(FFHQ_SHA256))
 	cd vendor/edm && ../../$(PY) dataset_tool.py --source="$(abspath $(FFHQ_ZIP))" --dest=$(CURDIR)/$@.partial.zip --resolution=64x64
 	mv $@.partial.zip $@
+
+# improved-diffusion reads image folders: <class>_<index>.png
+data-cifar10-folder: datasets/cifar10-train
+datasets/cifar10-train: | setup
+	$(PY) tools/fetch_data.py cifar10 --dest=downloads/cifar-10-python.tar.gz
+	$(PY) tools/image_folder.py cifar10 downloads/cifar-10-python.tar.gz $@
+
+data-imagenet64: datasets/imagenet64-train
+datasets/imagenet64-train: | setup
+	$(PY) tools/fetch_data.py imagenet64 $(foreach zip,$(IMAGENET64_ZIPS),--source="$(zip)") $(foreach sum,$(IMAGENET64_SHA256),--sha256=$(sum))
+	$(PY) tools/image_folder.py imagenet64 $(IMAGENET64_ZIPS) $@

@@ -67,3 +67,5 @@ def test_supplied_archive_is_checked_in_place(tmp_path):
     assert wrong.returncode == 1 and 'not the expected' in wrong.stderr
     missing = run()
     assert missing.returncode == 1 and 'github.com/NVlabs/ffhq-dataset' in missing.stderr and 'Traceback' not in missing.stderr
+    imagenet = subprocess.run([sys.executable, SCRIPT, 'imagenet64'], text=True, capture_output=True)
+    assert imagenet.returncode == 1 and 'image-net.org' in imagenet.stderr

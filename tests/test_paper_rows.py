@@ -66,3 +66,36 @@ def test_audit_keeps_the_lora_patch_within_budget():
     changed = int(lines[0].split("change ")[1].split(" ")[0])
     assert 0 < changed <= 60
     assert 'training/networks.py' in result.stdout and 'overlay/common/lora.py' in result.stdout
+
+
+def iddpm_dry_run(tmp_path, row, variant, *extra):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'iddpm_paper.py'), row, f'--variant={variant}',
+                             '--dry-run', f'--runs={tmp_path}', *extra], text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/')]
+    assert len(commands) == 3, 'train, sample, fid'
+    return commands
+
+
+@pytest.mark.parametrize('row,variant,expected,absent', [
+    ('cifar10-uncond', 'baseline', ['--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3',
+                                    '--noise_schedule cosine', '--diffusion_steps 4000', '--lr 0.0001 --batch_size 128'], ['lora', '--conv_cond']),
+    ('cifar10-uncond', 'with-lora', ['--diffusion_steps 4001 --time_lora True --lora_bases 11 --lora_rank 4'], ['--class_lora', '--conv_cond']),
+    ('cifar10-cond', 'with-lora', ['--class_cond True --num_classes 10', '--time_lora True', '--class_lora True'], ['--conv_cond']),
+    ('cifar10-cond', 'only-lora', ['--class_lora True --conv_cond False'], []),
+    ('imagenet64', 'with-lora', ['--image_size 64', '--dropout 0.0', 'ema_0.9999_1500000.pt', 'imagenet-64x64.npz'], ['--class_cond']),
+])
+def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
+    train, sample, fid = iddpm_dry_run(tmp_path, row, variant)
+    for flag in expected:
+        assert flag in ' '.join([train, sample, fid])
+    for flag in absent:
+        assert flag not in train
+    assert '--num_samples 50000' in sample and '--timestep_respacing' not in sample, 'full steps, 50k samples'
+    assert 'fid.py calc' in fid and '[vendor/edm]' in fid, "EDM's Inception tool"
+
+
+def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
+    train, sample, _ = iddpm_dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8')
+    assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample
+    assert '--batch_size 16 ' in train + ' ', '128 images per step over 8 processes'

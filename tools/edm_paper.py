@@ -15,7 +15,6 @@ tiny DDPM++, 1 kimg of training, 16 images, no FID (fid.py downloads Inception-v
 import argparse
 import glob
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -23,7 +22,8 @@ import sys
 import numpy as np
 import PIL.Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from runs import ROOT, newest, number_in_name, run_step, save_grid
+
 EDM = os.path.join(ROOT, 'vendor', 'edm')
 CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm'
 
@@ -47,20 +47,9 @@ DRY_RUN = False # --dry-run: print the commands only
 
 
 def run(command, gpus):
-    """Run an EDM script in vendor/edm, echoing its output; return the output."""
+    """Run an EDM script in vendor/edm under python or torchrun; return its output."""
     launcher = [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
-    full = launcher + command
-    print(f'\n[vendor/edm]$ {shlex.join(full)}', flush=True)
-    if DRY_RUN:
-        return ''
-    process = subprocess.Popen(full, cwd=EDM, env=dict(os.environ, PYTHONPATH=EDM), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:
-        print(line, end='', flush=True)
-        output.append(line)
-    if process.wait() != 0:
-        sys.exit(f'edm_paper: step failed ({process.returncode}): {shlex.join(full)}')
-    return ''.join(output)
+    return run_step(launcher + command, 'edm', dry_run=DRY_RUN)
 
 
 def lora_flags(row, variant):
@@ -84,27 +73,9 @@ def smoke_dataset(run_dir):
     return data
 
 
-def kimg_of(path):
-    """The training progress in an EDM file name: network-snapshot-000200.pkl -> 200."""
-    return int(re.findall(r'(\d+)\.\w+$', path)[0])
-
-
-def newest(pattern):
-    """The file matching pattern with the most training progress, or None."""
-    paths = glob.glob(pattern)
-    return max(paths, key=kimg_of) if paths else None
-
-
 def sample_grid(image_dir, out_path, count=16):
     paths = sorted(glob.glob(os.path.join(image_dir, '**', '*.png'), recursive=True))[:count]
-    images = [np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths]
-    columns = int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / columns))
-    h, w, _ = images[0].shape
-    grid = np.zeros([rows * h, columns * w, 3], dtype=np.uint8)
-    for i, image in enumerate(images):
-        grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = image
-    PIL.Image.fromarray(grid).resize([columns * w * 4, rows * h * 4], PIL.Image.NEAREST).save(out_path)
+    save_grid(np.stack([np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths]), out_path)
 
 
 def main():
@@ -143,7 +114,7 @@ def main():
     duration = [float(flag.split('=', 1)[1]) for flag in train_flags if flag.startswith('--duration=')]
     total_kimg = max(int((duration[-1] if duration else 200) * 1000), 1) # as train.py computes it
     state = newest(os.path.join(run_dir, 'training-state-*.pt'))
-    if state and kimg_of(state) >= total_kimg:
+    if state and number_in_name(state) >= total_kimg:
         print(f'training: done ({os.path.relpath(state, ROOT)} reached {total_kimg} kimg)')
     else:
         resume = [f'--resume={state}'] if state else []
@@ -165,7 +136,6 @@ def main():
             return
         open(os.path.join(samples, 'done'), 'w').close()
     sample_grid(samples, os.path.join(run_dir, 'samples.png'))
-    print(f'\nsample grid: {os.path.relpath(os.path.join(run_dir, "samples.png"), ROOT)}')
 
     # FID against EDM's published reference statistics.
     if args.smoke:

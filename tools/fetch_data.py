@@ -3,6 +3,7 @@
 
     python tools/fetch_data.py cifar10 --dest=PATH        # download CIFAR-10 (python version), check MD5
     python tools/fetch_data.py ffhq --source=PATH         # FFHQ: check your own copy (it needs a Google login)
+    python tools/fetch_data.py imagenet64 --source=PART1 --source=PART2   # likewise (it needs an ImageNet login)
 
 An existing --dest with the right checksum is kept; a partial download resumes; a wrong checksum is an
 error that names the file. Progress goes to stderr.
@@ -24,6 +25,11 @@ ARCHIVES = {
         # with the official script (it checks each image's MD5 against ffhq-dataset-v2.json), and
         # zips it. No checksum of such a zip is published, so FFHQ_SHA256 is the user's own record.
         where='https://github.com/NVlabs/ffhq-dataset (python download_ffhq.py --images), then zip images1024x1024/',
+    ),
+    'imagenet64': dict(
+        # Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017) needs an ImageNet account; no checksums
+        # of its zips are published, so IMAGENET64_SHA256 is the user's own record.
+        where='https://image-net.org/download-images.php ("Downsampled ImageNet 64x64": Imagenet64_train_part1_npz.zip and _part2_npz.zip)',
     ),
 }
 
@@ -62,8 +68,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('dataset', choices=sorted(ARCHIVES))
     parser.add_argument('--dest', help='where the downloaded archive goes (cifar10)')
-    parser.add_argument('--source', help='an archive you supply, checked in place (ffhq)')
-    parser.add_argument('--sha256', help='expected SHA-256 of --source (ffhq: your own record)')
+    parser.add_argument('--source', action='append', default=[], help='an archive you supply, checked in place (ffhq, imagenet64); repeatable')
+    parser.add_argument('--sha256', action='append', default=[], help='expected SHA-256 of each --source, in order (your own record)')
     args = parser.parse_args()
     archive = ARCHIVES[args.dataset]
     try:
@@ -78,14 +84,19 @@ def main():
                     sys.exit(f'fetch_data: {archive["url"]} did not match MD5 {archive["md5"]}; kept as {args.dest}.bad')
             print(f'{args.dest}: MD5 {archive["md5"]} verified')
             return
-        if not args.source:
-            sys.exit(f'fetch_data: {args.dataset} cannot be downloaded here; get it from {archive["where"]} and pass its path (FFHQ_ZIP=...)')
-        if not os.path.isfile(args.source):
-            sys.exit(f'fetch_data: {args.source} is not a file')
-        sha256 = digest(args.source, 'sha256')
-        if args.sha256 and sha256 != args.sha256.lower():
-            sys.exit(f'fetch_data: {args.source} has SHA-256 {sha256}, not the expected {args.sha256}')
-        print(f'{args.source}: SHA-256 {sha256} {"verified" if args.sha256 else "(no expected value given: keep it as FFHQ_SHA256)"}')
+        sources = [source for source in args.source if source]
+        if not sources:
+            sys.exit(f'fetch_data: {args.dataset} needs a login to download; get it from {archive["where"]} and pass its path')
+        if args.sha256 and len(args.sha256) != len(sources):
+            sys.exit(f'fetch_data: {len(sources)} archives but {len(args.sha256)} checksums')
+        for index, source in enumerate(sources):
+            if not os.path.isfile(source):
+                sys.exit(f'fetch_data: {source} is not a file')
+            sha256 = digest(source, 'sha256')
+            expected = args.sha256[index].lower() if args.sha256 else None
+            if expected and sha256 != expected:
+                sys.exit(f'fetch_data: {source} has SHA-256 {sha256}, not the expected {expected}')
+            print(f'{source}: SHA-256 {sha256} {"verified" if expected else "(no expected value given: keep it as your record)"}')
     except OSError as err:
         sys.exit(f'fetch_data: {err}')
 
