@@ -119,3 +119,16 @@ def test_steps_beyond_the_table_are_an_error():
     model, diffusion, _, _ = tiny_model(diffusion_steps=101, rescale_timesteps=False)
     with pytest.raises(ValueError, match=r'time steps must lie in \[0, 100\]'):
         model(torch.randn(1, 3, 32, 32), torch.tensor([101]))
+
+
+def test_non_compositional_time_lora_has_one_lora_per_step():
+    model, diffusion, seen, flags = tiny_model(diffusion_steps=21, lora_compositional=False, lora_rank=2)
+    baseline, _ = create_model_and_diffusion(**dict(flags, time_lora=False))
+    layers = [m for m in model.modules() if isinstance(m, lora_iddpm.IDDPMLoRAConv)]
+    assert layers and all(layer.lora_table is None for layer in layers)
+    added = sum(21 * 2 * (layer.weight.shape[1] + layer.weight.shape[0]) for layer in layers) # A_t: r x C_in, B_t: C_out x r
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(model) - count(baseline) == added
+    losses = diffusion.training_losses(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 20]))
+    losses['loss'].mean().backward()
+    assert seen[0] == [0, 20]

@@ -135,3 +135,22 @@ def test_low_precision_activations_keep_their_dtype():
     assert low.dtype == torch.bfloat16
     full = layer(x, emb)
     assert (low.float() - full).abs().max() <= 0.05 * full.abs().max()
+
+
+@pytest.mark.parametrize('num_dims,kernel,num_classes', [(1, 1, 0), (1, 1, 3), (2, 3, 2)])
+def test_non_compositional_time_lora_uses_each_samples_own_step(num_dims, kernel, num_classes):
+    torch.manual_seed(6)
+    layer = lora.TimeClassLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, rank=2, time_steps=7,
+                                   time_bases=3, num_classes=num_classes, compositional=False)
+    base = (torch.nn.Conv2d if num_dims == 2 else torch.nn.Conv1d)(6, 10, kernel, padding=kernel // 2)
+    layer.adopt_base(base)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert layer.lora_table is None and layer.lora_A.shape[0] == (7 + num_classes) * 2, 'one basis per step, no table'
+    x, t = torch.randn(4, 6, *[5] * num_dims), torch.tensor([0, 6, 3, 3])
+    c = torch.randn(4, num_classes) if num_classes else None
+    # Reference: the composed formula with one-hot step weights, which weighs all 7 step LoRAs.
+    one_hot = torch.nn.functional.one_hot(t, 7).float()
+    expected = lora.ComposedLoRAConv.forward(layer, x, torch.cat([one_hot] + ([c] if num_classes else []), dim=1))
+    got = layer(x, t, c)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

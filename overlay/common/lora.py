@@ -81,19 +81,28 @@ class ComposedLoRAConv(torch.nn.Module):
         return self
 
     def forward(self, x, weights):
+        return self.base_forward(x) + self.composed_delta(x, weights)
+
+    def base_forward(self, x):
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
-        spatial = [1] * (x.ndim - 2)
         y = conv(x, self.weight.to(x.dtype), padding=self.padding)
         if self.bias is not None:
-            y = y.add_(self.bias.to(x.dtype).reshape(1, -1, *spatial))
+            y = y.add_(self.bias.to(x.dtype).reshape(1, -1, *[1] * (x.ndim - 2)))
+        return y
 
+    def composed_delta(self, x, weights, first_basis=0):
+        """sum_i w_i (B_i A_i x + E_i) over bases first_basis .. first_basis + weights.shape[1] - 1."""
+        conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
+        spatial = [1] * (x.ndim - 2)
+        rows = slice(first_basis * self.rank, (first_basis + weights.shape[1]) * self.rank)
         # Basis i owns rows i*r..(i+1)*r of A and E, so each weight is repeated r times.
         w = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)
-        h = conv(x, self.lora_A.to(x.dtype), padding=self.padding) * w.reshape(*w.shape, *spatial)
-        delta = conv(h, self.lora_B.to(x.dtype).reshape(*self.lora_B.shape, *spatial))
+        h = conv(x, self.lora_A[rows].to(x.dtype), padding=self.padding) * w.reshape(*w.shape, *spatial)
+        lora_B = self.lora_B[:, rows]
+        delta = conv(h, lora_B.to(x.dtype).reshape(*lora_B.shape, *spatial))
         if self.lora_bias is not None:
-            delta = delta + (w @ self.lora_bias.to(x.dtype)).reshape(w.shape[0], -1, *spatial)
-        return y + delta
+            delta = delta + (w @ self.lora_bias[rows].to(x.dtype)).reshape(w.shape[0], -1, *spatial)
+        return delta
 
 #----------------------------------------------------------------------------
 # The MLP that maps a condition embedding to composition weights (paper Appendix A.5):
@@ -184,9 +193,11 @@ def interpolation_table(steps, bases):
 class TimeClassLoRAConv(ComposedLoRAConv):
     """TimeLoRA and/or ClassLoRA on one convolution (paper Sections 3.1 and 3.2).
 
-    Bases 0..m-1 are TimeLoRA's, composed by [lora_table] [T, m], an nn.Embedding indexed by the
-    time step; the next K bases are ClassLoRA's, weighted by the class vector, so the layer is
-    linear in it (interpolating or scaling the class vector interpolates or scales class LoRAs).
+    The first bases are TimeLoRA's: m bases composed by [lora_table] [T, m], an nn.Embedding indexed
+    by the time step (compositional), or T bases, one per step (non-compositional: each sample uses
+    its own step's LoRA only, gathered rather than weighted). The next K bases are ClassLoRA's,
+    weighted by the class vector, so the layer is linear in it (interpolating or scaling the class
+    vector interpolates or scales the class LoRAs).
     forward(x, t, c): x [N, C_in, *spatial], t [N] integer time steps in [0, T), c [N, K] class
     vectors (one-hot in training) or None without ClassLoRA -> [N, C_out, *spatial].
     """
@@ -201,27 +212,44 @@ class TimeClassLoRAConv(ComposedLoRAConv):
         time_bases,             # TimeLoRA bases m, 0 = no TimeLoRA.
         num_classes,            # ClassLoRA bases K (one per class), 0 = no ClassLoRA.
         table_init  = 'interp', # 'interp' (two nearest bases, see interpolation_table) or 'random' (N(0, 1)).
+        compositional = True,   # False: one LoRA per time step instead of time_bases composed ones.
         base_bias   = True,     # Does the base convolution have a bias?
     ):
         if time_bases < 0 or num_classes < 0 or time_bases + num_classes == 0:
             raise ValueError(f'TimeLoRA/ClassLoRA needs time_bases >= 1 or num_classes >= 1, got {time_bases} and {num_classes}')
         if table_init not in ['interp', 'random']:
             raise ValueError(f'unknown table_init "{table_init}" (choose from interp, random)')
+        table_bases = time_bases if compositional else 0
+        if time_bases and not compositional:
+            time_bases = time_steps # one basis per step
         super().__init__(in_channels=in_channels, out_channels=out_channels, kernel=kernel, num_dims=num_dims,
             bases=time_bases + num_classes, rank=rank, base_bias=base_bias, lora_bias=False)
         self.time_bases = time_bases
         self.num_classes = num_classes
-        self.lora_table = torch.nn.Embedding(time_steps, time_bases) if time_bases else None
+        self.compositional = compositional
+        self.lora_table = torch.nn.Embedding(time_steps, table_bases) if table_bases else None
         if self.lora_table is not None and table_init == 'interp':
             with torch.no_grad():
-                self.lora_table.weight.copy_(interpolation_table(time_steps, time_bases))
+                self.lora_table.weight.copy_(interpolation_table(time_steps, table_bases))
 
     def forward(self, x, t, c=None):
-        weights = []
-        if self.lora_table is not None:
-            weights.append(self.lora_table(t))
+        if self.compositional:
+            weights = ([self.lora_table(t)] if self.lora_table is not None else []) + ([c] if self.num_classes else [])
+            return super().forward(x, torch.cat(weights, dim=1))
+        y = self.base_forward(x)
+        if self.time_bases:
+            y = y + self.step_delta(x, t)
         if self.num_classes:
-            weights.append(c)
-        return super().forward(x, torch.cat(weights, dim=1))
+            y = y + self.composed_delta(x, c, first_basis=self.time_bases)
+        return y
+
+    def step_delta(self, x, t):
+        """B_t A_t x for each sample's own step t: a grouped convolution, one group per sample."""
+        conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
+        n, r = x.shape[0], self.rank
+        A = self.lora_A[:self.time_bases * r].reshape(self.time_bases, r, *self.lora_A.shape[1:])[t] # [N, r, C_in, *kernel]
+        h = conv(x.reshape(1, -1, *x.shape[2:]), A.reshape(n * r, *A.shape[2:]).to(x.dtype), padding=self.padding, groups=n)
+        B = self.lora_B[:, :self.time_bases * r].reshape(-1, self.time_bases, r)[:, t] # [C_out, N, r]
+        return torch.einsum('onr,nr...->no...', B.to(x.dtype), h.reshape(n, r, *h.shape[2:]))
 
 #----------------------------------------------------------------------------

@@ -18,19 +18,20 @@ LORA_DEFAULTS = dict(
     lora_rank=4,                # Rank of each basis.
     lora_bases=11,              # TimeLoRA bases, equally spaced from t = 0 to T - 1.
     lora_table_init="interp",   # TimeLoRA composition table at init: "interp" or "random".
+    lora_compositional=True,    # False: one TimeLoRA per time step, no table (Section 3.1's first variant).
     conv_cond=True,             # False: no time embedding, no label embedding, no ResBlock.emb_layers.
 )
 TABLE_INITS = ["interp", "random"]
 ADAPTED_LAYERS = ["qkv", "proj_out"]  # The 1x1 (Conv1d) layers of each AttentionBlock.
 
 
-def check_options(time_lora, class_lora, lora_rank, lora_bases, lora_table_init, conv_cond, class_cond, num_classes, diffusion_steps):
+def check_options(time_lora, class_lora, lora_rank, lora_bases, lora_table_init, lora_compositional, conv_cond, class_cond, num_classes, diffusion_steps):
     """Raise ValueError with a message a user can act on, for a bad combination of flags."""
     if lora_rank < 1 or lora_bases < 1 or num_classes < 1:
         raise ValueError(f"--lora_rank, --lora_bases and --num_classes must be at least 1 (got {lora_rank}, {lora_bases}, {num_classes})")
     if lora_table_init not in TABLE_INITS:
         raise ValueError(f'--lora_table_init must be one of {", ".join(TABLE_INITS)} (got "{lora_table_init}")')
-    if time_lora and lora_bases > diffusion_steps:
+    if time_lora and lora_compositional and lora_bases > diffusion_steps:
         raise ValueError(f"--lora_bases {lora_bases} exceeds --diffusion_steps {diffusion_steps}")
     if class_lora and not class_cond:
         raise ValueError("--class_lora True needs --class_cond True (and class labels in the data)")
@@ -80,7 +81,8 @@ def add_lora(unet, diffusion_steps=None, rescale_timesteps=True, **options):
                 base = getattr(block, name)
                 layer = IDDPMLoRAConv(in_channels=base.in_channels, out_channels=base.out_channels, kernel=base.kernel_size[0],
                     num_dims=1, rank=options["lora_rank"], time_steps=diffusion_steps or 1, time_bases=time_bases,
-                    num_classes=num_classes, table_init=options["lora_table_init"], base_bias=base.bias is not None)
+                    num_classes=num_classes, table_init=options["lora_table_init"], compositional=options["lora_compositional"],
+                    base_bias=base.bias is not None)
                 setattr(block, name, layer.adopt_base(base))
     return dict(steps=diffusion_steps, rescaled=rescale_timesteps, num_classes=num_classes)
 
