@@ -5,7 +5,6 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
-import scipy.linalg
 
 from conftest import EDM, HELPERS, ROOT, run_in
 

@@ -29,12 +29,13 @@ def test_parameter_count(upstream, count, row):
     assert (note is None) == (expected == paper), 'a note exactly where the paper differs'
 
 
-def dry_run(tmp_path, row, variant, *extra):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'edm_paper.py'), row, f'--variant={variant}',
+def dry_run(tmp_path, row, variant, *extra, driver='edm_paper.py'):
+    """The three commands (train, generate or sample, fid) a paper-row driver would run."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', driver), row, f'--variant={variant}',
                              '--dry-run', f'--runs={tmp_path}', *extra], text=True, capture_output=True)
     assert result.returncode == 0, result.stderr
-    commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/edm]$')]
-    assert len(commands) == 3, 'train, generate, fid'
+    commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/')]
+    assert len(commands) == 3, 'train, generate or sample, fid'
     return commands
 
 
@@ -68,15 +69,6 @@ def test_audit_keeps_the_lora_patch_within_budget():
     assert 'training/networks.py' in result.stdout and 'overlay/common/lora.py' in result.stdout
 
 
-def iddpm_dry_run(tmp_path, row, variant, *extra):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'iddpm_paper.py'), row, f'--variant={variant}',
-                             '--dry-run', f'--runs={tmp_path}', *extra], text=True, capture_output=True)
-    assert result.returncode == 0, result.stderr
-    commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/')]
-    assert len(commands) == 3, 'train, sample, fid'
-    return commands
-
-
 @pytest.mark.parametrize('row,variant,expected,absent', [
     ('cifar10-uncond', 'baseline', ['--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3',
                                     '--noise_schedule cosine', '--diffusion_steps 4000', '--lr 0.0001 --batch_size 128'], ['lora', '--conv_cond']),
@@ -86,7 +78,7 @@ def iddpm_dry_run(tmp_path, row, variant, *extra):
     ('imagenet64', 'with-lora', ['--image_size 64', '--dropout 0.0', 'ema_0.9999_1500000.pt', 'imagenet-64x64.npz'], ['--class_cond']),
 ])
 def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
-    train, sample, fid = iddpm_dry_run(tmp_path, row, variant)
+    train, sample, fid = dry_run(tmp_path, row, variant, driver='iddpm_paper.py')
     for flag in expected:
         assert flag in ' '.join([train, sample, fid])
     for flag in absent:
@@ -96,6 +88,6 @@ def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_
 
 
 def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
-    train, sample, _ = iddpm_dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8')
+    train, sample, _ = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm_paper.py')
     assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample
     assert '--batch_size 16 ' in train + ' ', '128 images per step over 8 processes'

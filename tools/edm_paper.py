@@ -12,7 +12,6 @@ run folder, generation and FID are skipped once their outputs exist.
 tiny DDPM++, 1 kimg of training, 16 images, no FID (fid.py downloads Inception-v3 at run time).
 """
 
-import argparse
 import glob
 import os
 import shlex
@@ -22,7 +21,7 @@ import sys
 import numpy as np
 import PIL.Image
 
-from runs import ROOT, newest, number_in_name, run_step, save_grid
+from runs import ROOT, edm_fid, newest, number_in_name, paper_row_parser, run_step, save_grid
 
 EDM = os.path.join(ROOT, 'vendor', 'edm')
 CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm'
@@ -46,10 +45,13 @@ SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--t
 DRY_RUN = False # --dry-run: print the commands only
 
 
+def launcher(gpus):
+    return [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
+
+
 def run(command, gpus):
     """Run an EDM script in vendor/edm under python or torchrun; return its output."""
-    launcher = [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
-    return run_step(launcher + command, 'edm', dry_run=DRY_RUN)
+    return run_step(launcher(gpus) + command, 'edm', dry_run=DRY_RUN)
 
 
 def lora_flags(row, variant):
@@ -79,14 +81,8 @@ def sample_grid(image_dir, out_path, count=16):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('row', choices=sorted(ROWS), help='dataset and conditioning of the paper row')
-    parser.add_argument('--variant', choices=VARIANTS, default='with-lora', help='paper row type; pretrained = with LoRA from EDM\'s published base')
-    parser.add_argument('--gpus', type=int, default=1, help='processes (GPUs) per node for torchrun')
-    parser.add_argument('--smoke', action='store_true', help='tiny CPU run on synthetic data')
-    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')
-    parser.add_argument('--train-flags', default='', help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"')
-    parser.add_argument('--dry-run', action='store_true', help='print the commands (e.g. to launch them on several nodes) without running them')
+    parser = paper_row_parser(__doc__, ROWS, VARIANTS, gpus_help='processes (GPUs) per node for torchrun',
+                              train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"')
     args = parser.parse_args()
     global DRY_RUN
     DRY_RUN = args.dry_run
@@ -141,14 +137,7 @@ def main():
     if args.smoke:
         print('FID: skipped in smoke runs (fid.py downloads Inception-v3; the tests cover its plumbing)')
         return
-    fid_file = os.path.join(run_dir, 'fid.txt')
-    if not os.path.exists(fid_file):
-        output = run(['fid.py', 'calc', f'--images={samples}', f'--ref={row["ref"]}', '--num=50000'], args.gpus)
-        with open(fid_file, 'w') as f:
-            f.write(f'{output.strip().splitlines()[-1]}  # {os.path.basename(snapshot)}, NFE {2 * steps - 1}, 50k images\n')
-    with open(fid_file) as f:
-        print(f'FID: {f.read().strip()}')
-
+    edm_fid(os.path.join(run_dir, 'fid.txt'), samples, row['ref'], f'{os.path.basename(snapshot)}, NFE {2 * steps - 1}, 50k images', launcher(args.gpus))
 
 if __name__ == '__main__':
     main()

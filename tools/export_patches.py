@@ -8,7 +8,6 @@ A new patch: add its file name to patches/<name>/series first, at the position o
 """
 
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

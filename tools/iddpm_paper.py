@@ -14,7 +14,6 @@ fid.py with EDM's published reference statistics: the same Inception tool as the
 --smoke runs the same steps on the CPU at tiny size on a synthetic image folder, without FID.
 """
 
-import argparse
 import glob
 import os
 import shlex
@@ -23,7 +22,7 @@ import sys
 
 import numpy as np
 
-from runs import ROOT, newest, number_in_name, run_step, save_grid
+from runs import ROOT, edm_fid, newest, paper_row_parser, run_step, save_grid
 
 CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs'
 
@@ -59,14 +58,8 @@ def variant_flags(row, variant, smoke):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('row', choices=sorted(ROWS), help='dataset and conditioning of the paper row')
-    parser.add_argument('--variant', choices=VARIANTS, default='with-lora', help='paper row type')
-    parser.add_argument('--gpus', type=int, default=1, help='MPI processes (one per GPU): mpiexec -n GPUS')
-    parser.add_argument('--smoke', action='store_true', help='tiny CPU run on synthetic data')
-    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')
-    parser.add_argument('--train-flags', default='', help='extra image_train.py flags, e.g. "--microbatch 32"')
-    parser.add_argument('--dry-run', action='store_true', help='print the commands without running them')
+    parser = paper_row_parser(__doc__, ROWS, VARIANTS, gpus_help='MPI processes (one per GPU): mpiexec -n GPUS',
+                              train_flags_help='extra image_train.py flags, e.g. "--microbatch 32"')
     args = parser.parse_args()
     if args.gpus < 1:
         parser.error('--gpus must be at least 1')
@@ -121,16 +114,9 @@ def main():
     if args.smoke:
         print('FID: skipped in smoke runs (fid.py downloads Inception-v3; the tests cover its plumbing)')
         return
-    fid_file = os.path.join(run_dir, 'fid.txt')
-    if not os.path.exists(fid_file):
-        pngs = os.path.join(samples_dir, 'png')
-        subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'image_folder.py'), 'npz', npz, pngs], check=True)
-        output = run_step([sys.executable, 'fid.py', 'calc', f'--images={pngs}', f'--ref={row["ref"]}', '--num=50000'], 'edm')
-        with open(fid_file, 'w') as f:
-            f.write(f'{output.strip().splitlines()[-1]}  # {os.path.basename(ema)}, {number_in_name(ema)} iterations, 50k samples at full steps\n')
-    with open(fid_file) as f:
-        print(f'FID: {f.read().strip()}')
-
+    pngs = os.path.join(samples_dir, 'png')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'image_folder.py'), 'npz', npz, pngs], check=True)
+    edm_fid(os.path.join(run_dir, 'fid.txt'), pngs, row['ref'], f'{os.path.basename(ema)}, 50k samples at full steps', [sys.executable])
 
 if __name__ == '__main__':
     main()

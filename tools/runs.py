@@ -1,5 +1,6 @@
 """Pieces shared by the paper-row drivers (edm_paper.py, iddpm_paper.py): run a step, find files, show samples."""
 
+import argparse
 import glob
 import os
 import re
@@ -60,3 +61,29 @@ def save_grid(images, out_path, count=16):
         grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = image
     PIL.Image.fromarray(grid).resize([columns * w * 4, rows * h * 4], PIL.Image.NEAREST).save(out_path)
     print(f'\nsample grid: {os.path.relpath(out_path, ROOT)}')
+
+
+def paper_row_parser(doc, rows, variants, gpus_help, train_flags_help):
+    """The command line both drivers share: a row, its variant, processes, smoke / dry runs."""
+    parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+    parser.add_argument('row', choices=sorted(rows), help='dataset and conditioning of the paper row')
+    parser.add_argument('--variant', choices=variants, default='with-lora', help='paper row type')
+    parser.add_argument('--gpus', type=int, default=1, help=gpus_help)
+    parser.add_argument('--smoke', action='store_true', help='tiny CPU run on synthetic data')
+    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')
+    parser.add_argument('--train-flags', default='', help=train_flags_help)
+    parser.add_argument('--dry-run', action='store_true', help='print the commands (e.g. to launch them on several nodes) without running them')
+    return parser
+
+
+def edm_fid(fid_file, images, ref, note, launcher):
+    """FID of an image folder by EDM's fid.py (50,000 images) against reference statistics `ref`.
+
+    Computed once: the score and `note` (what was scored) stay in fid_file.
+    """
+    if not os.path.exists(fid_file):
+        output = run_step([*launcher, 'fid.py', 'calc', f'--images={images}', f'--ref={ref}', '--num=50000'], 'edm')
+        with open(fid_file, 'w') as f:
+            f.write(f'{output.strip().splitlines()[-1]}  # {note}\n')
+    with open(fid_file) as f:
+        print(f'FID: {f.read().strip()}')
