@@ -17,7 +17,7 @@ IMAGENET64_SHA256 ?=
 EDM_ROW = $(PY) tools/edm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
 IDDPM_ROW = $(PY) tools/iddpm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
 
-.PHONY: help setup vendor vendor-edm vendor-iddpm test smoke demo params audit bench patches \
+.PHONY: help setup vendor vendor-edm vendor-iddpm vendor-dataflowr test smoke demo params audit bench patches \
         edm-cifar-uncond edm-cifar-cond edm-ffhq data-cifar10 data-ffhq \
         iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 data-cifar10-folder data-imagenet64
 
@@ -43,11 +43,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-vendor: vendor-edm vendor-iddpm
+vendor: vendor-edm vendor-iddpm vendor-dataflowr
 vendor-edm: setup
 	$(PY) tools/vendor.py edm --pristine $(if $(REBUILD),--rebuild)
 vendor-iddpm: setup
 	$(PY) tools/vendor.py iddpm --pristine $(if $(REBUILD),--rebuild)
+vendor-dataflowr: setup
+	$(PY) tools/vendor.py dataflowr --pristine $(if $(REBUILD),--rebuild)
 
 patches: setup
 	$(PY) tools/export_patches.py $(U)

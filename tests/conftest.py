@@ -11,6 +11,8 @@ EDM = os.path.join(ROOT, 'vendor', 'edm')
 PRISTINE_EDM = os.path.join(ROOT, 'vendor', 'pristine', 'edm')
 IDDPM = os.path.join(ROOT, 'vendor', 'improved-diffusion')
 PRISTINE_IDDPM = os.path.join(ROOT, 'vendor', 'pristine', 'improved-diffusion')
+NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
+PRISTINE_NANO = os.path.join(ROOT, 'vendor', 'pristine', 'dataflowr')
 HELPERS = os.path.join(ROOT, 'tests', 'helpers')
 
 
@@ -26,7 +28,7 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
 
 @pytest.fixture(scope='session', autouse=True)
 def vendor_trees():
-    for tree in [EDM, PRISTINE_EDM, IDDPM, PRISTINE_IDDPM]:
+    for tree in [EDM, PRISTINE_EDM, IDDPM, PRISTINE_IDDPM, NANO, PRISTINE_NANO]:
         if not os.path.isdir(tree):
             pytest.exit(f'{os.path.relpath(tree, ROOT)} is missing: run `make test`, which builds vendor/ first', returncode=1)
 

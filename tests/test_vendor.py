@@ -89,4 +89,15 @@ def test_refuses_a_patch_that_does_not_apply_then_rebuild_recovers(project):
 
 
 def test_unknown_upstream_is_one_line(project):
-    assert_refused(vendor(project, 'stable-diffusion'), 'unknown upstream "stable-diffusion" (known: edm')
+    assert_refused(vendor(project, 'stable-diffusion'), 'unknown upstream "stable-diffusion" (known: dataflowr, edm, iddpm)')
+
+
+def test_notebook_upstream_is_its_extracted_module_plus_patches(project):
+    result = vendor(project, 'dataflowr', '--pristine')
+    assert result.returncode == 0, result.stderr
+    tree, pristine = project / 'vendor' / 'dataflowr', project / 'vendor' / 'pristine' / 'dataflowr'
+    assert git(tree, 'log', '--format=%s') .splitlines()[-1].startswith('Extract nano_diffusion.py from Module18/ddpm_nano_sol.ipynb')
+    assert sorted(os.listdir(pristine)) == ['.git', 'nano_diffusion.py']
+    assert (tree / 'lora.py').exists() and (tree / 'nano_diffusion.py').read_text() != (pristine / 'nano_diffusion.py').read_text()
+    again = vendor(project, 'dataflowr', '--pristine')
+    assert again.returncode == 0 and 'up to date' in again.stdout

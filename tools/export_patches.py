@@ -28,7 +28,10 @@ def main():
             raise VendorError(f'{rel} has uncommitted edits: commit them into the patch they belong to first')
         if not git(repo, 'log', '-1', '--format=%s').startswith('Copy overlay files'):
             raise VendorError(f'the last commit of {rel} must be "Copy overlay files"')
-        commits = git(repo, 'rev-list', '--reverse', f'{upstream["commit"]}..HEAD~1').split()
+        if 'extract' in upstream: # the first commit is the extracted module, the base of the patches
+            commits = git(repo, 'rev-list', '--reverse', 'HEAD~1').split()[1:]
+        else:
+            commits = git(repo, 'rev-list', '--reverse', f'{upstream["commit"]}..HEAD~1').split()
         series = read_series(name)
         if len(commits) != len(series):
             raise VendorError(f'{rel} has {len(commits)} patch commits but patches/{name}/series lists {len(series)}')

@@ -6,7 +6,9 @@
     python tools/vendor.py --pristine edm     # also build vendor/pristine/edm (pinned, unpatched)
 
 Inputs, per upstream (see patches/<name>/UPSTREAM):
-    patches/<name>/UPSTREAM   url, commit, licence, the vendor folder, where the shared LoRA core goes
+    patches/<name>/UPSTREAM   url, commit, licence, the vendor folder, where the shared LoRA core goes;
+                              optionally `extract:` (a notebook to turn into a module, with
+                              tools/extract_notebook.py, before the patches)
     patches/<name>/series     patch files, applied in order with `git apply`
     overlay/<name>/...        files copied to the same relative path in vendor/<dir>/
     overlay/common/lora.py    the shared LoRA core, copied to UPSTREAM's `core` path
@@ -95,6 +97,8 @@ def inputs_digest(name, upstream):
     paths = [os.path.join(ROOT, 'patches', name, 'UPSTREAM'), os.path.join(ROOT, 'patches', name, 'series')]
     paths += read_series(name)
     paths += [source for source, _ in overlay_files(name, upstream)]
+    if 'extract' in upstream:
+        paths.append(os.path.join(ROOT, 'tools', 'extract_notebook.py'))
     for path in paths:
         h.update(os.path.relpath(path, ROOT).encode() + b'\0')
         with open(path, 'rb') as f:
@@ -132,21 +136,67 @@ def state_of(dest, upstream, digest):
     return 'current' if recorded.get('Inputs-Digest') == digest else 'stale'
 
 
-def build(name, upstream, dest, digest):
+def clone(url, dest):
     rel = os.path.relpath(dest, ROOT)
-    if not os.path.exists(dest):
-        print(f'{rel}: cloning {upstream["url"]}')
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        result = subprocess.run(['git', 'clone', '-q', '--no-checkout', upstream['url'], dest], text=True, stderr=subprocess.PIPE)
-        if result.returncode != 0:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise VendorError(f'cannot clone {upstream["url"]}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no message"} (offline? see README, "Offline use")')
+    print(f'{rel}: cloning {url}')
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    result = subprocess.run(['git', 'clone', '-q', '--no-checkout', url, dest], text=True, stderr=subprocess.PIPE)
+    if result.returncode != 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise VendorError(f'cannot clone {url}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no message"} (offline? see README, "Offline use")')
+
+
+def require_commit(repo, upstream):
     try:
-        git(dest, 'cat-file', '-e', upstream['commit'] + '^{commit}')
+        git(repo, 'cat-file', '-e', upstream['commit'] + '^{commit}')
     except VendorError:
         raise VendorError(f'{upstream["url"]} has no commit {upstream["commit"]}') from None
-    git(dest, 'checkout', '-q', '--force', '--detach', upstream['commit'])
-    git(dest, 'clean', '-q', '-fdx')
+
+
+def prepare_base(dest, upstream):
+    """Make dest the tree the patches apply to.
+
+    A code upstream: its clone, checked out at the pinned commit. A notebook upstream (`extract:`):
+    a new repository whose first commit is the module tools/extract_notebook.py makes from the
+    notebook at the pinned commit, read from a clone in vendor/.upstream/ (never checked out).
+    """
+    if 'extract' not in upstream:
+        if not os.path.exists(dest):
+            clone(upstream['url'], dest)
+        require_commit(dest, upstream)
+        git(dest, 'checkout', '-q', '--force', '--detach', upstream['commit'])
+        git(dest, 'clean', '-q', '-fdx')
+        return
+    source = os.path.join(ROOT, 'vendor', '.upstream', upstream['dir'])
+    if not os.path.exists(source):
+        clone(upstream['url'], source)
+    require_commit(source, upstream)
+    notebook, module = [part.strip() for part in upstream['extract'].split('->')]
+    shutil.rmtree(dest, ignore_errors=True) # rebuilt from scratch: it only ever holds generated files
+    os.makedirs(dest)
+    git(dest, 'init', '-q')
+    with tempfile.TemporaryDirectory() as tmp:
+        notebook_copy = os.path.join(tmp, os.path.basename(notebook))
+        with open(notebook_copy, 'w') as f:
+            f.write(git(source, 'show', f'{upstream["commit"]}:{notebook}'))
+        result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'extract_notebook.py'), notebook_copy, os.path.join(dest, module)],
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise VendorError(f'cannot extract {module} from {notebook}: {result.stdout.strip().splitlines()[-1]}')
+    git(dest, 'add', module)
+    git(dest, 'commit', '-q', '-m', f'Extract {module} from {notebook}\n\n{upstream["url"]} at {upstream["commit"]},\nby tools/extract_notebook.py.\n\nUpstream-Commit: {upstream["commit"]}')
+
+
+def is_base(dest, upstream):
+    """Is dest exactly what prepare_base() makes?"""
+    if 'extract' in upstream:
+        return git(dest, 'rev-list', '--count', 'HEAD') == '1' and f'Upstream-Commit: {upstream["commit"]}' in git(dest, 'log', '-1', '--format=%B')
+    return git(dest, 'rev-parse', 'HEAD') == upstream['commit']
+
+
+def build(name, upstream, dest, digest):
+    rel = os.path.relpath(dest, ROOT)
+    prepare_base(dest, upstream)
     for patch in read_series(name):
         try:
             git(dest, 'apply', '--index', '--whitespace=nowarn', patch)
@@ -165,18 +215,21 @@ def build(name, upstream, dest, digest):
 
 
 def build_pristine(upstream):
-    """vendor/pristine/<dir>: the pinned commit untouched, cloned from vendor/<dir>'s objects."""
+    """vendor/pristine/<dir>: the pinned commit untouched (for a notebook: the extracted module
+    alone), cloned from vendor/<dir>'s objects."""
     source = vendor_dir(upstream)
     dest = vendor_dir(upstream, pristine=True)
     rel = os.path.relpath(dest, ROOT)
     if os.path.isdir(os.path.join(dest, '.git')):
-        head = git(dest, 'rev-parse', 'HEAD')
-        if head == upstream['commit'] and not git(dest, 'status', '--porcelain'):
+        if is_base(dest, upstream) and not git(dest, 'status', '--porcelain'):
             return
         raise VendorError(f'{rel} is not the untouched pinned commit; run with --rebuild to start over')
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    subprocess.run(['git', 'clone', '-q', '--shared', '--no-checkout', source, dest], check=True)
-    git(dest, 'checkout', '-q', '--detach', upstream['commit'])
+    if 'extract' in upstream:
+        prepare_base(dest, upstream)
+    else:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        subprocess.run(['git', 'clone', '-q', '--shared', '--no-checkout', source, dest], check=True)
+        git(dest, 'checkout', '-q', '--detach', upstream['commit'])
     print(f'{rel}: pristine {upstream["commit"][:7]}')
 
 

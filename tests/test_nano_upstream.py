@@ -1,0 +1,75 @@
+"""Nano diffusion: the module extracted from Dataflowr's notebook, and the sinusoidal-embedding fix."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import NANO, PRISTINE_NANO, ROOT
+
+NOTEBOOK = 'Module18/ddpm_nano_sol.ipynb'
+PINNED = '043dff0f792a5ae67005ba147f7b9dd5fc66e2a1'
+
+
+def extract(tmp_path, tag):
+    (tmp_path / tag).mkdir()
+    notebook = tmp_path / tag / os.path.basename(NOTEBOOK)
+    source = os.path.join(ROOT, 'vendor', '.upstream', 'dataflowr')
+    notebook.write_bytes(subprocess.run(['git', '-C', source, 'show', f'{PINNED}:{NOTEBOOK}'], capture_output=True, check=True).stdout)
+    out = tmp_path / tag / 'nano_diffusion.py'
+    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'extract_notebook.py'), notebook, out], check=True)
+    return out.read_text()
+
+
+def test_extraction_is_stable_and_keeps_only_the_model_and_ddpm_code(tmp_path):
+    first, second = extract(tmp_path, 'first'), extract(tmp_path, 'second')
+    assert first == second
+    assert first == open(os.path.join(PRISTINE_NANO, 'nano_diffusion.py')).read(), 'vendor/pristine/dataflowr holds the extraction'
+    names = [node.name for node in ast.parse(first).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert names == ['sinusoidal_embedding', 'MyConv', 'MyTinyBlock', 'MyTinyUp', 'MyTinyUNet', 'DDPM', 'training_loop', 'generate_image']
+    for left_out in ['import torchvision', 'import matplotlib', 'plt.', 'def show_images', 'MNIST(', 'num_epochs = 50']:
+        assert left_out not in first
+
+
+def test_extracted_module_runs_as_the_notebook_does():
+    script = '''
+import torch, nano_diffusion as nd
+torch.manual_seed(0)
+net = nd.MyTinyUNet(in_c=1, out_c=1, size=32)
+model = nd.DDPM(net, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
+x = torch.randn(3, 1, 32, 32)
+print(tuple(model.reverse(x, torch.randint(0, 1000, (3,))).shape))       # training passes t as (N,)
+print(tuple(model.reverse(x, torch.full((3, 1), 999)).shape))             # the sampler passes (N, 1)
+'''
+    result = subprocess.run([sys.executable, '-c', script], cwd=PRISTINE_NANO, env=dict(os.environ, PYTHONPATH=PRISTINE_NANO),
+                            text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split('\n')[:2] == ['(3, 1, 32, 32)', '(3, 1, 32, 32)']
+
+
+def vaswani(n, d):
+    """Column 2i: sin(t w_i), column 2i+1: cos(t w_i), w_i = 10000^(-2i/d) (Vaswani et al. 2017)."""
+    t = np.arange(n)[:, None]
+    w = 10000.0 ** (-2 * np.arange(d // 2) / d)
+    embedding = np.zeros((n, d))
+    embedding[:, 0::2] = np.sin(t * w)
+    embedding[:, 1::2] = np.cos(t * w)
+    return embedding
+
+
+def embedding_of(tree, n, d, out):
+    script = f'import sys, numpy, nano_diffusion as nd; numpy.save(sys.argv[1], nd.sinusoidal_embedding({n}, {d}).double().numpy())'
+    subprocess.run([sys.executable, '-c', script, out], cwd=tree, env=dict(os.environ, PYTHONPATH=tree), check=True)
+    return np.load(out)
+
+
+@pytest.mark.parametrize('n,d', [(1000, 100), (50, 8)])
+def test_fixed_embedding_is_sinusoidal_and_the_original_is_not(n, d, tmp_path):
+    expected = vaswani(n, d)
+    assert np.abs(embedding_of(NANO, n, d, tmp_path / 'fixed.npy') - expected).max() < 1e-4 # float32 sin of arguments up to 999
+    original = embedding_of(PRISTINE_NANO, n, d, tmp_path / 'original.npy')
+    assert np.abs(original - expected).max() > 0.5
+    assert np.allclose(original[1], 1), "the original's step 1 is all ones: cos(sin(0))"

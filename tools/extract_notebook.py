@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Extract nano diffusion's model and DDPM code from Dataflowr's notebook into a Python module.
+
+    python tools/extract_notebook.py Module18/ddpm_nano_sol.ipynb nano_diffusion.py
+
+Keeps, verbatim and in notebook order, the top-level definitions listed in KEEP; leaves out
+plotting, the dataset download and the notebook's own top-level training and sampling runs. The
+output depends only on the notebook's text, so the same notebook always gives the same module
+(the patches in patches/dataflowr apply to it). An expected definition that is missing is an error.
+"""
+
+import ast
+import json
+import sys
+import textwrap
+
+KEEP = ['device', 'sinusoidal_embedding', 'MyConv', 'MyTinyBlock', 'MyTinyUp', 'MyTinyUNet', 'DDPM',
+        'training_loop', 'generate_image']
+
+HEADER = '''"""Nano diffusion (DDPM on MNIST), extracted from Dataflowr's notebook {notebook}.
+
+Written by tools/extract_notebook.py: the notebook's definitions of
+{names}, verbatim.
+Not extracted: plotting, the MNIST download and the notebook's top-level runs.
+Dataflowr notebooks: https://github.com/dataflowr/notebooks (Apache-2.0).
+"""
+
+# The notebook's imports that these definitions use (it also imports torchvision, matplotlib and
+# numpy, for data and plots; tqdm.notebook becomes plain tqdm outside a notebook).
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+'''
+
+
+def defined_names(node):
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Assign):
+        return [target.id for target in node.targets if isinstance(target, ast.Name)]
+    return []
+
+
+def extract(notebook_path):
+    with open(notebook_path) as f:
+        notebook = json.load(f)
+    found = {}
+    for cell in notebook['cells']:
+        if cell['cell_type'] != 'code':
+            continue
+        source = ''.join(cell['source'])
+        for node in ast.parse(source).body:
+            for name in defined_names(node):
+                if name in KEEP:
+                    found[name] = (len(found), ast.get_source_segment(source, node))
+    missing = [name for name in KEEP if name not in found]
+    if missing:
+        raise ValueError(f'{notebook_path} does not define {", ".join(missing)}')
+    ordered = [segment for _, segment in sorted(found.values())]
+    header = HEADER.format(notebook=notebook_path.split('/')[-1], names=textwrap.fill(', '.join(KEEP), width=96))
+    return header + '\n\n' + '\n\n\n'.join(ordered) + '\n'
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit('usage: extract_notebook.py NOTEBOOK.ipynb OUT.py')
+    try:
+        module = extract(sys.argv[1])
+    except (OSError, ValueError, KeyError, SyntaxError) as err:
+        sys.exit(f'extract_notebook: {err}')
+    with open(sys.argv[2], 'w') as f:
+        f.write(module)
+
+
+if __name__ == '__main__':
+    main()
