@@ -1,0 +1,79 @@
+"""Nano diffusion glue: TimeLoRA or UC-LoRA on the convolutions of MyTinyUNet's blocks.
+
+Paper Section 5.2, Fig. 3 and 4, Appendix A.1, A.5. Nano diffusion has no attention layers, so the
+LoRA goes on the 3x3 convolution of every MyConv in the blocks b1, b2, b3, b_mid, b4, b5, b_out (not
+on the down/up-sampling convolutions, nor on conv_out): A is a 3x3 convolution to m*r channels, B
+a 1x1 convolution back. Conditioning modes (MyTinyUNet's `cond`):
+
+    shift     the notebook's own: a time embedding added to each block's input (no LoRA)
+    timelora  compositional TimeLoRA, the time-embedding additions removed; the composition
+              table starts as the two-nearest-basis interpolation (omega_init='interp') or N(0, 1)
+    uclora    UC-LoRA: composition weights from an MLP on the sinusoidal time embedding;
+              the time-embedding additions removed
+
+Defaults: 10 bases, so that with T = 1000 they sit exactly at t = 0, 111, ..., 999 ((m - 1) divides
+T - 1 = 999), rank 4, MLP widths 64, 32 (the paper leaves its nano-diffusion sizes open).
+"""
+
+from lora import TimeClassLoRAConv, UCLoRAConv
+
+CONDITIONING = ['shift', 'timelora', 'uclora']
+OMEGA_INITS = ['interp', 'random']
+BLOCKS = ['b1', 'b2', 'b3', 'b_mid', 'b4', 'b5', 'b_out']
+TIME_EMBEDDING_ADDITIONS = ['te1', 'te2', 'te3', 'te_mid', 'te4', 'te5', 'te_out']
+
+
+def add_lora(unet, cond, n_steps, time_emb_dim, lora_bases=10, lora_rank=4, omega_init='interp', lora_mlp=(64, 32)):
+    """Condition `unet` (a MyTinyUNet) as `cond` says; called at the end of its constructor."""
+    if cond not in CONDITIONING:
+        raise ValueError(f'unknown conditioning "{cond}" (choose from {", ".join(CONDITIONING)})')
+    if omega_init not in OMEGA_INITS:
+        raise ValueError(f'unknown omega init "{omega_init}" (choose from {", ".join(OMEGA_INITS)})')
+    unet.cond = cond
+    if cond == 'shift':
+        return
+    for name in TIME_EMBEDDING_ADDITIONS:
+        setattr(unet, name, None)
+    for block in BLOCKS:
+        for layer in getattr(unet, block):
+            base = layer.conv1
+            shape = dict(in_channels=base.in_channels, out_channels=base.out_channels, kernel=base.kernel_size[0], num_dims=2,
+                         rank=lora_rank, base_bias=base.bias is not None)
+            if cond == 'timelora':
+                lora = TimeClassLoRAConv(**shape, time_steps=n_steps, time_bases=lora_bases, num_classes=0, table_init=omega_init)
+            else:
+                lora = UCLoRAConv(**shape, bases=lora_bases, emb_channels=time_emb_dim, mlp_widths=list(lora_mlp))
+            layer.conv1 = lora.adopt_base(base)
+
+
+def condition(unet, t):
+    """What the LoRA layers take for time steps t ([N] or the sampler's [N, 1]); None for 'shift'."""
+    if unet.cond == 'shift':
+        return None
+    t = t.reshape(-1)
+    return t if unet.cond == 'timelora' else unet.time_embed(t)
+
+
+def shift(time_embedding_addition, t, n):
+    """A block's input shift (the notebook's conditioning), or 0 where LoRA conditions instead."""
+    if time_embedding_addition is None:
+        return 0
+    return time_embedding_addition(t).reshape(n, -1, 1, 1)
+
+
+def block(layers, x, cond):
+    """Run a block's MyConv layers, handing each the LoRA condition (if any)."""
+    for layer in layers:
+        x = layer(x) if cond is None else layer(x, cond)
+    return x
+
+
+def composition_weights(unet, t):
+    """Each LoRA layer's composition weights at time steps t, [N, m] a layer (for the Fig. 4 heatmaps)."""
+    cond = condition(unet, t)
+    weights = []
+    for name in BLOCKS:
+        for layer in getattr(unet, name):
+            lora = layer.conv1
+            weights.append(lora.lora_table(cond) if unet.cond == 'timelora' else lora.lora_mlp(cond))
+    return weights
