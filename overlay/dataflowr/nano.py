@@ -32,6 +32,18 @@ import nano_lora
 import nano_metrics
 
 
+def notebook_embedding(n, d):
+    """The notebook's original sinusoidal_embedding, from the unpatched extraction in vendor/pristine/dataflowr."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'pristine', 'dataflowr', 'nano_diffusion.py')
+    if not os.path.exists(path):
+        sys.exit(f'nano: --embedding notebook needs {os.path.normpath(path)} (make vendor builds it)')
+    spec = importlib.util.spec_from_file_location('nano_diffusion_unpatched', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sinusoidal_embedding(n, d)
+
+
 def load_digits(data):
     """(images [N, 28, 28] uint8, labels [N]) of real MNIST digits."""
     if data == 'mnist5k':
@@ -90,6 +102,36 @@ def save_loss_curve(losses, steps_per_epoch, path, title):
     plt.close(fig)
 
 
+def omega_similarity(network, out_path, title):
+    """Fig. 4 / Fig. 7: cosine similarity of the composition weights between time steps, per LoRA layer
+    and averaged; returns how much more alike near steps (|t - t'| <= 50) are than far ones (>= 500)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    steps = torch.arange(0, 1000, 10)
+    with torch.no_grad():
+        weights = nano_lora.composition_weights(network, steps)
+    similarity = [F.normalize(w, dim=1) @ F.normalize(w, dim=1).T for w in weights]
+    mean = torch.stack(similarity).mean(0).numpy()
+    gap = np.abs(steps[:, None] - steps[None, :]).numpy()
+    near, far = float(mean[(gap > 0) & (gap <= 50)].mean()), float(mean[gap >= 500].mean())
+
+    fig = plt.figure(figsize=(15, 6))
+    ax = fig.add_subplot(1, 3, 1)
+    image = ax.imshow(mean, vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
+    ax.set(title=f'{title}: mean over {len(weights)} layers', xlabel="t'", ylabel='t')
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    for i, layer in enumerate(similarity):
+        ax = fig.add_subplot(3, 10, 10 * (i // 7) + 4 + i % 7) # 3 rows of 7 layers right of the mean
+        ax.imshow(layer.numpy(), vmin=-1, vmax=1, cmap='RdBu_r')
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f'layer {i + 1}', fontsize=7)
+    fig.suptitle(f'cosine similarity of composition weights between time steps (near {near:.2f}, far {far:.2f})')
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return dict(omega_similarity_near=round(near, 3), omega_similarity_far=round(far, 3))
+
+
 def sample(model, count, seed, batch=256):
     """count samples with the notebook's 1000-step sampler (DDPM.step), seeded, in batches."""
     generator_state = torch.random.get_rng_state()
@@ -123,6 +165,8 @@ def main():
     parser.add_argument('--train-digits', type=int, help='train on the first N training digits only (quick checks)')
     parser.add_argument('--lora-bases', type=int, default=10, help='LoRA bases m (10: t = 0, 111, ..., 999)')
     parser.add_argument('--lora-rank', type=int, default=4, help='rank of each basis')
+    parser.add_argument('--embedding', choices=['fixed', 'notebook'], default='fixed',
+                        help="time embedding: the sinusoidal fix (patches/dataflowr/0001) or the notebook's original, to measure the fix")
     parser.add_argument('--classifier', help='digit classifier of the proxy FID, trained there if missing (default: in --out); share it to compare runs')
     args = parser.parse_args()
     for name in ['epochs', 'batch_size', 'lora_bases', 'lora_rank']:
@@ -147,6 +191,8 @@ def main():
 
     torch.manual_seed(args.seed)
     network = nd.MyTinyUNet(cond=args.cond, lora_bases=args.lora_bases, lora_rank=args.lora_rank, omega_init=args.omega_init)
+    if args.embedding == 'notebook':
+        network.time_embed.weight.data = notebook_embedding(1000, 100)
     model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
@@ -197,13 +243,16 @@ def main():
     samples = sample(model, args.samples, seed=args.seed + 1)
     sample_seconds = time.time() - start_time
     save_grid(samples[:128], os.path.join(args.out, 'samples.png'))
+    similarity = {}
+    if args.cond != 'shift':
+        similarity = omega_similarity(network, os.path.join(args.out, 'omega_similarity.png'), args.cond)
     metrics = nano_metrics.evaluate(to_pixels(samples)[:, 0].numpy(), train_images, train_labels, held_out_images, held_out_labels,
                                     classifier_cache=args.classifier or os.path.join(args.out, 'digit-classifier.pt'))
     metrics.update(cond=args.cond, omega_init=args.omega_init if args.cond == 'timelora' else None, epochs=state['epoch'],
                    optimizer_steps=state['epoch'] * steps_per_epoch, images_seen=state['epoch'] * len(train_x),
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data, samples=args.samples,
                    trainable_parameters=trainable, final_epoch_loss=float(np.mean(state['losses'][-steps_per_epoch:])),
-                   train_seconds_this_run=round(train_seconds, 1), sample_seconds=round(sample_seconds, 1))
+                   train_seconds_this_run=round(train_seconds, 1), sample_seconds=round(sample_seconds, 1), **similarity)
     with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps({k: metrics[k] for k in ['proxy_fid', 'classifier_test_accuracy', 'class_shares', 'optimizer_steps']}, indent=None))

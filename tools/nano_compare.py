@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Paper Fig. 3 on a CPU: nano diffusion on real MNIST with each conditioning, at one equal budget.
+
+    python tools/nano_compare.py [--epochs 20] [--seeds 0 1] [--samples 128] [--out runs/nano-compare]
+
+Runs vendor/dataflowr/nano.py for: the notebook's scale-and-shift ("shift", with the sinusoidal fix),
+shift with the notebook's original embedding (the fix's effect), TimeLoRA with the interpolation
+table, TimeLoRA with a random table, and UC-LoRA; same data, epochs, batch, learning rate, seeds and
+digit classifier. Writes results.md (table), results.json, and compare.png (proxy FID per method,
+loss curves, sample grids), beside each run's own folder with its omega_similarity.png heatmap
+(Fig. 4). Rerunning resumes unfinished runs and reuses finished ones.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
+METHODS = [
+    ('shift', 'scale-and-shift (fixed embedding)', ['--cond', 'shift']),
+    ('shift-notebook-embedding', "scale-and-shift (notebook's embedding)", ['--cond', 'shift', '--embedding', 'notebook']),
+    ('timelora-interp', 'TimeLoRA, interpolation init', ['--cond', 'timelora', '--omega-init', 'interp']),
+    ('timelora-random', 'TimeLoRA, random init', ['--cond', 'timelora', '--omega-init', 'random']),
+    ('uclora', 'UC-LoRA', ['--cond', 'uclora']),
+]
+
+
+def run(method_flags, out, args, seed):
+    metrics_path = os.path.join(out, 'metrics.json')
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        if metrics['epochs'] == args.epochs and metrics['samples'] == args.samples:
+            return metrics
+        os.remove(metrics_path) # another budget: train on (resume) and sample again
+    command = [sys.executable, 'nano.py', *method_flags, '--epochs', str(args.epochs), '--batch-size', str(args.batch_size),
+               '--lr', str(args.lr), '--seed', str(seed), '--data', args.data, '--samples', str(args.samples), '--out', out,
+               '--classifier', os.path.join(args.out, 'digit-classifier.pt')]
+    print(f'\n[vendor/dataflowr]$ {" ".join(command)}', flush=True)
+    if subprocess.run(command, cwd=NANO, env=dict(os.environ, PYTHONPATH=NANO)).returncode != 0:
+        sys.exit(f'nano_compare: run failed: {" ".join(command)}')
+    with open(metrics_path) as f:
+        return json.load(f)
+
+
+def figure(results, args, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import torch
+    fig = plt.figure(figsize=(16, 9))
+    ax = fig.add_subplot(2, 2, 1)
+    labels = [label for _, label, _ in METHODS]
+    fids = [[m['proxy_fid'] for m in results[name]] for name, _, _ in METHODS]
+    ax.barh(labels, [np.mean(f) for f in fids], xerr=[np.std(f) if len(f) > 1 else 0 for f in fids], color='tab:blue')
+    ax.invert_yaxis()
+    ax.set(xlabel='proxy FID (lower is better)', title=f'{args.epochs} epochs, {len(args.seeds)} seed(s), {args.samples} samples')
+    ax = fig.add_subplot(2, 2, 2)
+    for name, label, _ in METHODS:
+        checkpoint = torch.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'checkpoint.pt'), weights_only=False)
+        losses = np.array(checkpoint['losses'])
+        window = max(1, len(losses) // args.epochs)
+        ax.plot(np.convolve(losses, np.ones(window) / window, mode='valid'), label=label)
+    ax.set(xlabel='optimizer step', ylabel='training loss (mean over an epoch)', yscale='log')
+    ax.legend(fontsize=8)
+    for i, (name, label, _) in enumerate(METHODS):
+        ax = fig.add_subplot(2, len(METHODS), len(METHODS) + i + 1)
+        grid = np.asarray(PIL.Image.open(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'samples.png')))
+        ax.imshow(grid[:grid.shape[0] // 2, :grid.shape[1] // 2] if grid.shape[0] > 256 else grid, cmap='gray')
+        ax.set_title(label, fontsize=8)
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--epochs', type=int, default=20, help='epochs for every method (the paper: 100)')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0], help='one run a seed and method; spread is reported')
+    parser.add_argument('--samples', type=int, default=128, help='samples a run for the proxy FID')
+    parser.add_argument('--data', default='mnist5k')
+    parser.add_argument('--out', default=os.path.join(ROOT, 'runs', 'nano-compare'))
+    args = parser.parse_args()
+    if min(args.epochs, args.batch_size, args.samples) < 2:
+        parser.error('--epochs, --batch-size and --samples must be at least 2')
+    if not os.path.isdir(NANO):
+        sys.exit('nano_compare: vendor/dataflowr is missing; run `make vendor` first')
+    os.makedirs(args.out, exist_ok=True)
+
+    results = {name: [run(flags, os.path.join(args.out, f'{name}-seed{seed}'), args, seed) for seed in args.seeds] for name, _, flags in METHODS}
+    first = results['shift'][0]
+    lines = [f'# Nano diffusion on MNIST ({args.data}): conditioning methods at an equal budget', '',
+             f'Budget a run: {args.epochs} epochs = {first["optimizer_steps"]} optimizer steps of {args.batch_size} digits '
+             f'({first["images_seen"]} digits seen), lr {args.lr}; {args.samples} samples of the 1000-step sampler; seeds {args.seeds}.',
+             f'Proxy FID: {first["proxy_fid_note"]} (classifier test accuracy {first["classifier_test_accuracy"]:.3f} '
+             f'on {first["held_out_digits"]} held-out digits). Command: `python tools/nano_compare.py --epochs {args.epochs} '
+             f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples}`.', '',
+             '| method | proxy FID (mean ± std over seeds) | per seed | final loss | trainable params | digit shares (0-9) | omega similarity near / far |',
+             '|---|---|---|---|---|---|---|']
+    for name, label, _ in METHODS:
+        runs = results[name]
+        fids = [m['proxy_fid'] for m in runs]
+        shares = np.mean([m['class_shares'] for m in runs], axis=0)
+        similarity = f'{runs[0]["omega_similarity_near"]:.2f} / {runs[0]["omega_similarity_far"]:.2f}' if 'omega_similarity_near' in runs[0] else '-'
+        lines.append(f'| {label} | {np.mean(fids):.1f} ± {np.std(fids):.1f} | {", ".join(f"{f:.1f}" for f in fids)} | '
+                     f'{np.mean([m["final_epoch_loss"] for m in runs]):.4f} | {runs[0]["trainable_parameters"]:,} | '
+                     f'{" ".join(f"{s:.2f}" for s in shares)} | {similarity} |')
+    with open(os.path.join(args.out, 'results.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    figure(results, args, os.path.join(args.out, 'compare.png'))
+    print('\n'.join(lines))
+    print(f'\nwrote {os.path.relpath(args.out, ROOT)}/results.md, results.json, compare.png')
+
+
+if __name__ == '__main__':
+    main()
