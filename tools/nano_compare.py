@@ -94,6 +94,7 @@ def main():
         parser.error('--epochs, --batch-size and --samples must be at least 2')
     if not os.path.isdir(NANO):
         sys.exit('nano_compare: vendor/dataflowr is missing; run `make vendor` first')
+    args.out = os.path.abspath(args.out) # the runs happen in vendor/dataflowr
     os.makedirs(args.out, exist_ok=True)
 
     results = {name: [run(flags, os.path.join(args.out, f'{name}-seed{seed}'), args, seed) for seed in args.seeds] for name, _, flags in METHODS}
