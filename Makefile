@@ -8,6 +8,10 @@ VARIANT ?= with-lora
 SMOKE   ?=
 DRY     ?=
 TRAIN_FLAGS ?=
+NANO_EPOCHS ?= 25
+NANO_SEEDS ?= 0
+NANO_SAMPLES ?= 128
+DEMO_EPOCHS ?= 8
 FFHQ_ZIP ?=
 FFHQ_SHA256 ?=
 IMAGENET64_ZIPS ?=
@@ -17,18 +21,20 @@ IMAGENET64_SHA256 ?=
 EDM_ROW = $(PY) tools/edm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
 IDDPM_ROW = $(PY) tools/iddpm_paper.py $(1) --variant=$(VARIANT) --gpus=$(GPUS) $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) --train-flags="$(TRAIN_FLAGS)"
 
+.PHONY: nano-compare data-mnist
 .PHONY: help setup vendor vendor-edm vendor-iddpm vendor-dataflowr test smoke demo params audit bench patches \
         edm-cifar-uncond edm-cifar-cond edm-ffhq data-cifar10 data-ffhq \
         iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 data-cifar10-folder data-imagenet64
 
 help:
-	@echo "make demo                 tiny UC-LoRA EDM run on the CPU (train, snapshot, generate)"
+	@echo "make demo                 nano diffusion with UC-LoRA on real MNIST digits, on the CPU (about 6 minutes)"
 	@echo "make test                 the test suite (CPU; builds the environment and vendor/ first)"
 	@echo "make edm-cifar-uncond     paper row; also edm-cifar-cond, edm-ffhq"
 	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make smoke                every paper target with SMOKE=1"
+	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES)"
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
 	@echo "make audit                what the patches change in each upstream"
 	@echo "make bench                CPU micro-benchmark: LoRA attention block vs baseline block"
@@ -71,7 +77,10 @@ bench: setup vendor
 # ---------------------------------------------------------------------------- paper rows (EDM)
 
 demo: setup vendor
-	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1
+	cd vendor/dataflowr && ../../$(PY) nano.py --cond uclora --data mnist5k --epochs $(DEMO_EPOCHS) --samples 64 --out $(CURDIR)/runs/demo
+
+nano-compare: setup vendor
+	$(PY) tools/nano_compare.py --epochs $(NANO_EPOCHS) --seeds $(NANO_SEEDS) --samples $(NANO_SAMPLES)
 
 smoke: setup vendor
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora
@@ -121,3 +130,8 @@ data-imagenet64: datasets/imagenet64-train
 datasets/imagenet64-train: | setup
 	$(PY) tools/fetch_data.py imagenet64 $(foreach zip,$(IMAGENET64_ZIPS),--source="$(zip)") $(foreach sum,$(IMAGENET64_SHA256),--sha256=$(sum))
 	$(PY) tools/image_folder.py imagenet64 $(IMAGENET64_ZIPS) $@
+
+# The official MNIST files, for nano.py --data downloads/mnist (offline: --data mnist5k)
+data-mnist: downloads/mnist/train-images-idx3-ubyte.gz
+downloads/mnist/train-images-idx3-ubyte.gz: | setup
+	$(PY) tools/fetch_data.py mnist --dest=downloads/mnist

@@ -69,3 +69,17 @@ def test_supplied_archive_is_checked_in_place(tmp_path):
     assert missing.returncode == 1 and 'github.com/NVlabs/ffhq-dataset' in missing.stderr and 'Traceback' not in missing.stderr
     imagenet = subprocess.run([sys.executable, SCRIPT, 'imagenet64'], text=True, capture_output=True)
     assert imagenet.returncode == 1 and 'image-net.org' in imagenet.stderr
+
+
+def test_multi_file_download_checks_each_file(server, tmp_path, monkeypatch):
+    served, url = server
+    files = {'train-images-idx3-ubyte.gz': b'images', 'train-labels-idx1-ubyte.gz': b'labels'}
+    for name, payload in files.items():
+        (served / name).write_bytes(payload)
+    monkeypatch.setitem(fetch_data.ARCHIVES, 'mnist', dict(files=[(f'{url}/{name}', hashlib.md5(payload).hexdigest()) for name, payload in files.items()]))
+    fetch(monkeypatch, 'mnist', f'--dest={tmp_path / "mnist"}')
+    assert all((tmp_path / 'mnist' / name).read_bytes() == payload for name, payload in files.items())
+    (served / 'train-labels-idx1-ubyte.gz').write_bytes(b'tampered')
+    (tmp_path / 'mnist' / 'train-labels-idx1-ubyte.gz').unlink()
+    with pytest.raises(SystemExit, match='did not match MD5'):
+        fetch(monkeypatch, 'mnist', f'--dest={tmp_path / "mnist"}')

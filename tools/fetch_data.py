@@ -2,6 +2,7 @@
 """Download a dataset archive, or take one the user supplies, and verify its checksum.
 
     python tools/fetch_data.py cifar10 --dest=PATH        # download CIFAR-10 (python version), check MD5
+    python tools/fetch_data.py mnist --dest=FOLDER        # download the four MNIST files, check MD5s
     python tools/fetch_data.py ffhq --source=PATH         # FFHQ: check your own copy (it needs a Google login)
     python tools/fetch_data.py imagenet64 --source=PART1 --source=PART2   # likewise (it needs an ImageNet login)
 
@@ -20,6 +21,14 @@ ARCHIVES = {
         url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
         md5='c58f30108f718f92721af3b95e74349a', # published by the dataset's authors
     ),
+    # MNIST's own site (yann.lecun.com) often refuses downloads; this is the mirror PyTorch uses, with
+    # the MD5s of the original files.
+    'mnist': dict(files=[
+        ('https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz', 'f68b3c2dcbeaaa9fbdd348bbdeb94873'),
+        ('https://ossci-datasets.s3.amazonaws.com/mnist/train-labels-idx1-ubyte.gz', 'd53e105ee54ea40749a09fcbcd1e9432'),
+        ('https://ossci-datasets.s3.amazonaws.com/mnist/t10k-images-idx3-ubyte.gz', '9fb629c4189551a2d022fa330f9573f3'),
+        ('https://ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz', 'ec29112dd5afa0611ce80d1b7f02629c'),
+    ]),
     'ffhq': dict(
         # FFHQ needs a Google account and is 89 GB: the user downloads images1024x1024 themselves,
         # with the official script (it checks each image's MD5 against ffhq-dataset-v2.json), and
@@ -73,16 +82,19 @@ def main():
     args = parser.parse_args()
     archive = ARCHIVES[args.dataset]
     try:
-        if 'url' in archive:
+        if 'url' in archive or 'files' in archive:
             if not args.dest:
                 parser.error(f'{args.dataset} needs --dest')
-            os.makedirs(os.path.dirname(os.path.abspath(args.dest)), exist_ok=True)
-            if not (os.path.exists(args.dest) and digest(args.dest, 'md5') == archive['md5']):
-                download(archive['url'], args.dest)
-                if digest(args.dest, 'md5') != archive['md5']:
-                    os.replace(args.dest, args.dest + '.bad')
-                    sys.exit(f'fetch_data: {archive["url"]} did not match MD5 {archive["md5"]}; kept as {args.dest}.bad')
-            print(f'{args.dest}: MD5 {archive["md5"]} verified')
+            downloads = [(archive['url'], archive['md5'], args.dest)] if 'url' in archive else \
+                [(url, md5, os.path.join(args.dest, url.rsplit('/', 1)[1])) for url, md5 in archive['files']]
+            for url, md5, dest in downloads:
+                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+                if not (os.path.exists(dest) and digest(dest, 'md5') == md5):
+                    download(url, dest)
+                    if digest(dest, 'md5') != md5:
+                        os.replace(dest, dest + '.bad')
+                        sys.exit(f'fetch_data: {url} did not match MD5 {md5}; kept as {dest}.bad')
+                print(f'{dest}: MD5 {md5} verified')
             return
         sources = [source for source in args.source if source]
         if not sources:
