@@ -37,13 +37,13 @@ class VendorError(Exception):
     pass
 
 
-def git(repo, *args, capture=True):
+def git(repo, *args):
+    """Run git in repo with the vendor identity and dates; its stdout, stripped."""
     env = dict(os.environ, **GIT_DATES)
-    result = subprocess.run(['git', *GIT_IDENTITY, '-C', repo, *args], env=env, text=True,
-                            stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE)
+    result = subprocess.run(['git', *GIT_IDENTITY, '-C', repo, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if result.returncode != 0:
         raise VendorError(f'git {" ".join(args)} failed in {os.path.relpath(repo, ROOT)}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no message"}')
-    return (result.stdout or '').strip()
+    return result.stdout.strip()
 
 
 def read_upstream(name):
@@ -78,7 +78,7 @@ def read_series(name):
 
 
 def overlay_files(name, upstream):
-    """(source, destination relative to vendor/<name>) for every overlay file of this upstream."""
+    """(source, destination relative to vendor/<dir>) for every overlay file of this upstream."""
     pairs = []
     if 'core' in upstream:
         pairs.append((os.path.join(ROOT, 'overlay', 'common', 'lora.py'), upstream['core']))

@@ -183,7 +183,6 @@ def main():
         os.remove(probe)
     except OSError as err:
         parser.error(f'--out {args.out}: cannot write there ({err.strerror})')
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
     images, labels = load_digits(args.data)
     (train_images, train_labels), (held_out_images, held_out_labels) = split(images, labels)
