@@ -26,6 +26,26 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
     return result
 
 
+def net_dump(tree, helper, kwargs, out, seed):
+    """Run tests/helpers/<helper> in `tree`: build a network from kwargs with `seed`, evaluate it, load what it saved."""
+    import json
+    import torch
+    run_in(tree, [os.path.join(HELPERS, helper), json.dumps(kwargs), seed, out])
+    return torch.load(out)
+
+
+def assert_same_network(patched, pristine):
+    """Same parameter names in the same order, bit-identical values and outputs."""
+    import torch
+    assert patched['names'] == pristine['names'], 'same parameters in the same order'
+    assert list(patched['state']) == list(pristine['state'])
+    for name, value in pristine['state'].items():
+        assert torch.equal(patched['state'][name], value), name
+    for key in pristine:
+        if key.startswith('output'):
+            assert torch.equal(patched[key], pristine[key]), key
+
+
 @pytest.fixture(scope='session', autouse=True)
 def vendor_trees():
     for tree in [EDM, PRISTINE_EDM, IDDPM, PRISTINE_IDDPM, NANO, PRISTINE_NANO]:

@@ -1,12 +1,9 @@
 """Drop-in: the patched EDM against a pristine clone at the pinned commit (vendor/pristine/edm)."""
 
-import json
-import os
-
 import pytest
 import torch
 
-from conftest import EDM, HELPERS, PRISTINE_EDM, run_in
+from conftest import EDM, PRISTINE_EDM, assert_same_network, net_dump
 
 # Small versions of each architecture, plus the real CIFAR-10 DDPM++ network of the paper.
 CONFIGS = {
@@ -25,9 +22,7 @@ LORA = dict(lora='uc', lora_bases=5, lora_rank=3, lora_mlp=[32,16])
 
 
 def dump(tree, kwargs, tmp_path, tag, seed=7):
-    out = tmp_path / f'{tag}.pt'
-    run_in(tree, [os.path.join(HELPERS, 'edm_net_dump.py'), json.dumps(kwargs), seed, out])
-    return torch.load(out)
+    return net_dump(tree, 'edm_net_dump.py', kwargs, tmp_path / f'{tag}.pt', seed)
 
 
 @pytest.mark.parametrize('config', CONFIGS)
@@ -35,13 +30,7 @@ def test_lora_off_is_bit_identical_to_pristine(config, tmp_path):
     pristine = dump(PRISTINE_EDM, CONFIGS[config], tmp_path, 'pristine')
     # Both spellings of "off": the defaults, and the explicit kwargs train.py records.
     for tag, extra in [('defaults', {}), ('explicit', dict(lora='none', lora_rank=4, lora_bases=18, lora_mlp=[128,64], conv_cond=True))]:
-        patched = dump(EDM, dict(CONFIGS[config], **extra), tmp_path, tag)
-        assert patched['names'] == pristine['names'], 'same parameters in the same order'
-        assert list(patched['state']) == list(pristine['state'])
-        for name, value in pristine['state'].items():
-            assert torch.equal(patched['state'][name], value), name
-        assert torch.equal(patched['output'], pristine['output'])
-        assert torch.equal(patched['output_one_sigma'], pristine['output_one_sigma'])
+        assert_same_network(dump(EDM, dict(CONFIGS[config], **extra), tmp_path, tag), pristine)
 
 
 @pytest.mark.parametrize('config', CONFIGS)

@@ -1,12 +1,9 @@
 """Drop-in: the patched improved-diffusion against a pristine clone at the pinned commit."""
 
-import json
-import os
-
 import pytest
 import torch
 
-from conftest import HELPERS, IDDPM, PRISTINE_IDDPM, run_in
+from conftest import IDDPM, PRISTINE_IDDPM, assert_same_network, net_dump
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=True, diffusion_steps=4001, noise_schedule='cosine')
 CONFIGS = {
@@ -18,9 +15,7 @@ LORA = dict(time_lora=True, lora_bases=11, lora_rank=4)
 
 
 def dump(tree, flags, tmp_path, tag, seed=3):
-    out = tmp_path / f'{tag}.pt'
-    run_in(tree, [os.path.join(HELPERS, 'iddpm_net_dump.py'), json.dumps(flags), seed, out])
-    return torch.load(out)
+    return net_dump(tree, 'iddpm_net_dump.py', flags, tmp_path / f'{tag}.pt', seed)
 
 
 @pytest.mark.parametrize('config', CONFIGS)
@@ -28,12 +23,7 @@ def test_lora_off_is_bit_identical_to_pristine(config, tmp_path):
     pristine = dump(PRISTINE_IDDPM, CONFIGS[config], tmp_path, 'pristine')
     explicit_off = dict(time_lora=False, class_lora=False, lora_rank=4, lora_bases=11, lora_table_init='interp', conv_cond=True, num_classes=1000)
     for tag, extra in [('defaults', {}), ('explicit', explicit_off)]:
-        patched = dump(IDDPM, dict(CONFIGS[config], **extra), tmp_path, tag)
-        assert patched['names'] == pristine['names']
-        assert list(patched['state']) == list(pristine['state'])
-        for name, value in pristine['state'].items():
-            assert torch.equal(patched['state'][name], value), name
-        assert torch.equal(patched['output'], pristine['output'])
+        assert_same_network(dump(IDDPM, dict(CONFIGS[config], **extra), tmp_path, tag), pristine)
 
 
 @pytest.mark.parametrize('config', ['tiny-uncond', 'tiny-cond-checkpoint'])
