@@ -72,10 +72,11 @@ def figure(results, args, path):
     for i, (name, label, _) in enumerate(METHODS):
         ax = fig.add_subplot(2, len(METHODS), len(METHODS) + i + 1)
         grid = np.asarray(PIL.Image.open(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'samples.png')))
-        ax.imshow(grid[:grid.shape[0] // 2, :grid.shape[1] // 2] if grid.shape[0] > 256 else grid, cmap='gray')
+        ax.imshow(grid[:, :grid.shape[1] // 2], cmap='gray') # the first 8 columns of digits
         ax.set_title(label, fontsize=8)
         ax.axis('off')
     fig.tight_layout()
+    fig.subplots_adjust(left=0.2) # room for the method names
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
