@@ -170,6 +170,9 @@ class UCLoRAConv(ComposedLoRAConv):
 # TimeLoRA and ClassLoRA (paper Section 3) for discrete time steps: one set of stacked bases,
 # the first m for time (compositional TimeLoRA), then one per class (ClassLoRA).
 
+TABLE_INITS = ['interp', 'random'] # how TimeLoRA's composition table starts
+
+
 def interpolation_table(steps, bases):
     """[steps, bases] initial composition weights of TimeLoRA (paper Section 3.1, Appendix A.4).
 
@@ -217,8 +220,8 @@ class TimeClassLoRAConv(ComposedLoRAConv):
     ):
         if time_bases < 0 or num_classes < 0 or time_bases + num_classes == 0:
             raise ValueError(f'TimeLoRA/ClassLoRA needs time_bases >= 1 or num_classes >= 1, got {time_bases} and {num_classes}')
-        if table_init not in ['interp', 'random']:
-            raise ValueError(f'unknown table_init "{table_init}" (choose from interp, random)')
+        if table_init not in TABLE_INITS:
+            raise ValueError(f'unknown table_init "{table_init}" (choose from {", ".join(TABLE_INITS)})')
         table_bases = time_bases if compositional else 0
         if time_bases and not compositional:
             time_bases = time_steps # one basis per step

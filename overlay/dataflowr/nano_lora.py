@@ -15,10 +15,10 @@ Defaults: 10 bases, so that with T = 1000 they sit exactly at t = 0, 111, ..., 9
 T - 1 = 999), rank 4, MLP widths 64, 32 (the paper leaves its nano-diffusion sizes open).
 """
 
-from lora import TimeClassLoRAConv, UCLoRAConv
+from lora import TABLE_INITS, TimeClassLoRAConv, UCLoRAConv
 
 CONDITIONING = ['shift', 'timelora', 'uclora']
-OMEGA_INITS = ['interp', 'random']
+OMEGA_INITS = TABLE_INITS # the paper's omega: TimeLoRA's composition table
 BLOCKS = ['b1', 'b2', 'b3', 'b_mid', 'b4', 'b5', 'b_out']
 TIME_EMBEDDING_ADDITIONS = ['te1', 'te2', 'te3', 'te_mid', 'te4', 'te5', 'te_out']
 

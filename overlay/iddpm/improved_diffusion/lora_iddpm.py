@@ -9,7 +9,7 @@ numbers, and condition() once per forward pass.
 import torch as th
 import torch.nn.functional as F
 
-from .lora import TimeClassLoRAConv
+from .lora import TABLE_INITS, TimeClassLoRAConv
 
 # Flags added to model_and_diffusion_defaults(); the defaults build the upstream network.
 LORA_DEFAULTS = dict(
@@ -21,7 +21,6 @@ LORA_DEFAULTS = dict(
     lora_compositional=True,    # False: one TimeLoRA per time step, no table (Section 3.1's first variant).
     conv_cond=True,             # False: no time embedding, no label embedding, no ResBlock.emb_layers.
 )
-TABLE_INITS = ["interp", "random"]
 ADAPTED_LAYERS = ["qkv", "proj_out"]  # The 1x1 (Conv1d) layers of each AttentionBlock.
 
 
