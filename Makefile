@@ -9,7 +9,8 @@ SMOKE   ?=
 DRY     ?=
 TRAIN_FLAGS ?=
 NANO_EPOCHS ?= 25
-NANO_SEEDS ?= 0
+NANO_SEEDS ?= 0 1
+NANO_OUT ?= runs/nano-compare
 NANO_SAMPLES ?= 128
 DEMO_EPOCHS ?= 8
 FFHQ_ZIP ?=
@@ -34,7 +35,7 @@ help:
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make smoke                every paper target with SMOKE=1"
-	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES)"
+	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES NANO_OUT)"
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
 	@echo "make audit                what the patches change in each upstream"
 	@echo "make bench                CPU micro-benchmark: LoRA attention block vs baseline block"
@@ -80,7 +81,7 @@ demo: setup vendor
 	cd vendor/dataflowr && ../../$(PY) nano.py --cond uclora --data mnist5k --epochs $(DEMO_EPOCHS) --samples 64 --out $(CURDIR)/runs/demo
 
 nano-compare: setup vendor
-	$(PY) tools/nano_compare.py --epochs $(NANO_EPOCHS) --seeds $(NANO_SEEDS) --samples $(NANO_SAMPLES)
+	$(PY) tools/nano_compare.py --epochs $(NANO_EPOCHS) --seeds $(NANO_SEEDS) --samples $(NANO_SAMPLES) --out $(NANO_OUT)
 
 smoke: setup vendor
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora

@@ -68,3 +68,27 @@ def test_bad_input_is_one_line(args, message, tmp_path):
     full = ['--out', tmp_path / 'run'] + args if '--out' not in args else args
     result = nano(*full, expect_ok=False)
     assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_rescaled_view_stretches_each_sample_and_ignores_its_mean():
+    sys.path.insert(0, NANO)
+    import nano as cli
+    import nano_metrics
+    x = torch.randn(3, 1, 32, 32)
+    pixels = cli.to_pixels_rescaled(x)
+    assert pixels.amin(dim=(1, 2, 3)).tolist() == [0, 0, 0] and pixels.amax(dim=(1, 2, 3)).tolist() == [255, 255, 255]
+    shifted = x + torch.tensor([4.0, -6.0, 0.5]).reshape(3, 1, 1, 1)
+    assert (cli.to_pixels_rescaled(shifted).int() - pixels.int()).abs().max() <= 1
+    assert cli.to_pixels(shifted[:2]).float().std(dim=(1, 2, 3)).max() == 0, 'de-normalised, a drifted sample is one colour'
+    real = torch.full((4, 1, 32, 32), -0.8) + 0.1 * torch.arange(4).reshape(4, 1, 1, 1) # means -0.8 ... -0.5
+    drift = nano_metrics.mean_drift(torch.cat([real[:3], real[:1] + 2.0, real[:1] - 1.0]), real)
+    assert drift['off_range_share'] == 0.4
+
+
+def test_rescoring_reuses_the_samples(tmp_path):
+    nano('--cond', 'shift', *TINY, '--epochs', 1, '--samples', 4, '--out', tmp_path)
+    first = json.loads((tmp_path / 'metrics.json').read_text())
+    again = nano('--cond', 'shift', *TINY, '--epochs', 1, '--samples', 4, '--out', tmp_path)
+    assert 'reusing the 4 samples' in again.stdout and json.loads((tmp_path / 'metrics.json').read_text())['proxy_fid'] == first['proxy_fid']
+    assert np.asarray(PIL.Image.open(tmp_path / 'samples-rescaled.png')).shape == (64, 16 * 64)
+    assert 0 <= first['off_range_share'] <= 1 and 'proxy_fid_rescaled' in first

@@ -71,3 +71,37 @@ def test_composition_weights_for_the_heatmaps():
 def test_bad_modes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         nd.MyTinyUNet(**kwargs)
+
+
+@pytest.mark.parametrize('cond', ['shift', 'timelora', 'uclora'])
+def test_the_unet_cannot_see_the_mean_or_contrast_of_its_input(cond):
+    # The whole-image LayerNorm of the first MyConv removes both (in 'shift' the te1 addition too,
+    # a per-image constant). This is why samples drift in mean (see the next test and nano_metrics.mean_drift).
+    net = build(cond).eval()
+    x, t = torch.randn(4, 1, 32, 32), torch.tensor([3, 200, 600, 990])
+    with torch.no_grad():
+        y = net(x, t)
+        for scale, offset in [(1.0, 0.7), (2.5, -0.3), (0.4, 5.0)]:
+            torch.testing.assert_close(net(scale * x + offset, t), y, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(net(x + torch.linspace(0, 1, 32), t), y, atol=1e-3), 'a non-constant change is seen'
+
+
+def test_the_sampler_multiplies_a_mean_offset_by_one_over_sqrt_alpha_bar():
+    # Two sampler runs that differ only by a constant added to x_T end differing by that constant
+    # times prod(1 / sqrt(alpha_t)) over the 1000 steps: nothing pulls the mean back.
+    torch.manual_seed(0)
+    model = nd.DDPM(build('uclora'), 1000, device=torch.device('cpu'))
+    model.network.eval()
+    x = torch.randn(2, 1, 32, 32)
+    runs = []
+    for offset in [0.0, 0.01]:
+        torch.manual_seed(1) # the same sampling noise
+        sample = x + offset
+        with torch.no_grad():
+            for t in range(999, 899, -1): # the first 100 steps (the growth is 2.6x there)
+                time_tensor = torch.full((2, 1), t)
+                sample = model.step(model.reverse(sample, time_tensor), time_tensor[0], sample)
+        runs.append(sample)
+    growth = 1 / model.alphas[900:].prod().sqrt()
+    torch.testing.assert_close(runs[1] - runs[0], torch.full_like(x, 0.01 * float(growth)), atol=1e-4, rtol=1e-3)
+    assert float(1 / model.alphas_cumprod[-1].sqrt()) > 150, 'over all 1000 steps the offset grows about 157x'

@@ -36,9 +36,9 @@ def run(method_flags, out, args, seed):
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             metrics = json.load(f)
-        if metrics['epochs'] == args.epochs and metrics['samples'] == args.samples:
+        if metrics['epochs'] == args.epochs and metrics['samples'] == args.samples and 'proxy_fid_rescaled' in metrics:
             return metrics
-        os.remove(metrics_path) # another budget: train on (resume) and sample again
+        os.remove(metrics_path) # another budget or an older scoring: train on (resume) and score again
     command = [sys.executable, 'nano.py', *method_flags, '--epochs', str(args.epochs), '--batch-size', str(args.batch_size),
                '--lr', str(args.lr), '--seed', str(seed), '--data', args.data, '--samples', str(args.samples), '--out', out,
                '--classifier', os.path.join(args.out, 'digit-classifier.pt')]
@@ -54,14 +54,19 @@ def figure(results, args, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import torch
-    fig = plt.figure(figsize=(16, 9))
-    ax = fig.add_subplot(2, 2, 1)
+    fig = plt.figure(figsize=(16, 12))
+    ax = fig.add_subplot(3, 2, 1)
     labels = [label for _, label, _ in METHODS]
-    fids = [[m['proxy_fid'] for m in results[name]] for name, _, _ in METHODS]
-    ax.barh(labels, [np.mean(f) for f in fids], xerr=[np.std(f) if len(f) > 1 else 0 for f in fids], color='tab:blue')
+    rows = np.arange(len(METHODS))
+    for offset, (key, view, color) in enumerate([('proxy_fid', 'de-normalised', 'tab:blue'), ('proxy_fid_rescaled', 'rescaled per digit', 'tab:orange')]):
+        fids = [[m[key] for m in results[name]] for name, _, _ in METHODS]
+        ax.barh(rows + 0.4 * offset, [np.mean(f) for f in fids], height=0.4, xerr=[np.std(f) for f in fids], color=color, label=view)
+    ax.set_yticks(rows + 0.2, labels)
     ax.invert_yaxis()
-    ax.set(xlabel='proxy FID (lower is better)', title=f'{args.epochs} epochs, {len(args.seeds)} seed(s), {args.samples} samples')
-    ax = fig.add_subplot(2, 2, 2)
+    ax.legend(fontsize=8)
+    ax.set(xlabel='proxy FID (lower is better; bars: mean, whiskers: std over seeds)',
+           title=f'{args.epochs} epochs, {len(args.seeds)} seed(s), {args.samples} samples')
+    ax = fig.add_subplot(3, 2, 2)
     for name, label, _ in METHODS:
         checkpoint = torch.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'checkpoint.pt'), weights_only=False)
         losses = np.array(checkpoint['losses'])
@@ -69,12 +74,13 @@ def figure(results, args, path):
         ax.plot(np.convolve(losses, np.ones(window) / window, mode='valid'), label=label)
     ax.set(xlabel='optimizer step', ylabel='training loss (mean over an epoch)', yscale='log')
     ax.legend(fontsize=8)
-    for i, (name, label, _) in enumerate(METHODS):
-        ax = fig.add_subplot(2, len(METHODS), len(METHODS) + i + 1)
-        grid = np.asarray(PIL.Image.open(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'samples.png')))
-        ax.imshow(grid[:, :grid.shape[1] // 2], cmap='gray') # the first 8 columns of digits
-        ax.set_title(label, fontsize=8)
-        ax.axis('off')
+    for row, (png, view) in enumerate([('samples.png', 'de-normalised'), ('samples-rescaled.png', 'rescaled per digit')]):
+        for i, (name, label, _) in enumerate(METHODS):
+            ax = fig.add_subplot(3, len(METHODS), (row + 1) * len(METHODS) + i + 1)
+            grid = np.asarray(PIL.Image.open(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', png)))
+            ax.imshow(grid[:, :grid.shape[1] // 2], cmap='gray', vmin=0, vmax=255) # the first 8 columns of digits
+            ax.set_title(f'{label}\n{view}, seed {args.seeds[0]}', fontsize=8)
+            ax.axis('off')
     fig.tight_layout()
     fig.subplots_adjust(left=0.2) # room for the method names
     fig.savefig(path, dpi=90)
@@ -106,14 +112,21 @@ def main():
              f'Proxy FID: {first["proxy_fid_note"]} (classifier test accuracy {first["classifier_test_accuracy"]:.3f} '
              f'on {first["held_out_digits"]} held-out digits). Command: `python tools/nano_compare.py --epochs {args.epochs} '
              f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples}`.', '',
-             '| method | proxy FID (mean ± std over seeds) | per seed | final loss | trainable params | digit shares (0-9) | omega similarity near / far |',
-             '|---|---|---|---|---|---|---|']
+             'Two views of the same samples: de-normalised (x + 1) * 127.5, clamped; and each digit rescaled from its own '
+             'minimum to its own maximum, as the notebook\'s plt.imshow shows them (MyTinyUNet cannot see the mean of its '
+             'input, so the sampler lets every sample\'s mean drift; "off range": the share of samples whose mean lies '
+             'outside the range of real digits\' means, which come out all white or all black when de-normalised).', '',
+             '| method | proxy FID, de-normalised (mean ± std) | per seed | proxy FID, rescaled per digit (mean ± std) | per seed | '
+             'off range | final loss | trainable params | digit shares 0-9 (rescaled) | omega similarity near / far |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for name, label, _ in METHODS:
         runs = results[name]
-        fids = [m['proxy_fid'] for m in runs]
-        shares = np.mean([m['class_shares'] for m in runs], axis=0)
-        similarity = f'{runs[0]["omega_similarity_near"]:.2f} / {runs[0]["omega_similarity_far"]:.2f}' if 'omega_similarity_near' in runs[0] else '-'
+        fids, rescaled = [m['proxy_fid'] for m in runs], [m['proxy_fid_rescaled'] for m in runs]
+        shares = np.mean([m['class_shares_rescaled'] for m in runs], axis=0)
+        similarity = ', '.join(f'{m["omega_similarity_near"]:.2f} / {m["omega_similarity_far"]:.2f}' for m in runs) if 'omega_similarity_near' in runs[0] else '-'
         lines.append(f'| {label} | {np.mean(fids):.1f} ± {np.std(fids):.1f} | {", ".join(f"{f:.1f}" for f in fids)} | '
+                     f'{np.mean(rescaled):.1f} ± {np.std(rescaled):.1f} | {", ".join(f"{f:.1f}" for f in rescaled)} | '
+                     f'{np.mean([m["off_range_share"] for m in runs]):.2f} | '
                      f'{np.mean([m["final_epoch_loss"] for m in runs]):.4f} | {runs[0]["trainable_parameters"]:,} | '
                      f'{" ".join(f"{s:.2f}" for s in shares)} | {similarity} |')
     with open(os.path.join(args.out, 'results.md'), 'w') as f:

@@ -77,8 +77,19 @@ def to_pixels(samples):
     return ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_grid(samples, path, columns=16):
-    pixels = to_pixels(samples)[:, 0].numpy()
+def to_pixels_rescaled(samples):
+    """Each sample stretched from its own minimum to its own maximum -> uint8, as the notebook's
+    plt.imshow shows it. MyTinyUNet cannot see the mean or the contrast of its input (the whole-image
+    LayerNorm of its first layer removes them), so the sampler lets each sample's mean drift freely
+    while its shape is generated as usual; this view shows the shapes whatever the drift."""
+    low = samples.amin(dim=(1, 2, 3), keepdim=True)
+    high = samples.amax(dim=(1, 2, 3), keepdim=True)
+    return ((samples - low) / (high - low).clamp_min(1e-8) * 255).round().to(torch.uint8)
+
+
+def save_grid(pixels, path, columns=16):
+    """uint8 [N, 1, 32, 32] -> a PNG grid, each digit drawn 2x."""
+    pixels = pixels[:, 0].numpy()
     rows = int(np.ceil(len(pixels) / columns))
     grid = np.zeros((rows * 32, columns * 32), dtype=np.uint8)
     for i, image in enumerate(pixels):
@@ -133,7 +144,7 @@ def omega_similarity(network, out_path, title):
 
 
 def sample(model, count, seed, batch=256):
-    """count samples with the notebook's 1000-step sampler (DDPM.step), seeded, in batches."""
+    """count samples in the model's range with the notebook's 1000-step sampler (DDPM.step), seeded, in batches."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model.eval()
@@ -238,15 +249,28 @@ def main():
         return
 
     save_loss_curve(state['losses'], steps_per_epoch, os.path.join(args.out, 'loss.png'), f'nano diffusion, {args.cond}')
-    start_time = time.time()
-    samples = sample(model, args.samples, seed=args.seed + 1)
-    sample_seconds = time.time() - start_time
-    save_grid(samples[:128], os.path.join(args.out, 'samples.png'))
+    # The samples of this checkpoint are kept (samples.pt), so that scoring again costs no sampling.
+    samples_path = os.path.join(args.out, 'samples.pt')
+    saved = torch.load(samples_path) if os.path.exists(samples_path) else {}
+    if saved.get('epoch') == state['epoch'] and saved.get('seed') == args.seed and len(saved['samples']) >= args.samples:
+        samples, sample_seconds = saved['samples'][:args.samples], saved['seconds']
+        print(f'reusing the {args.samples} samples in {samples_path}')
+    else:
+        start_time = time.time()
+        samples = sample(model, args.samples, seed=args.seed + 1)
+        sample_seconds = time.time() - start_time
+        torch.save(dict(epoch=state['epoch'], seed=args.seed, samples=samples, seconds=sample_seconds), samples_path)
+    save_grid(to_pixels(samples[:128]), os.path.join(args.out, 'samples.png'))
+    save_grid(to_pixels_rescaled(samples[:128]), os.path.join(args.out, 'samples-rescaled.png'))
     similarity = {}
     if args.cond != 'shift':
         similarity = omega_similarity(network, os.path.join(args.out, 'omega_similarity.png'), args.cond)
-    metrics = nano_metrics.evaluate(to_pixels(samples)[:, 0].numpy(), train_images, train_labels, held_out_images, held_out_labels,
-                                    classifier_cache=args.classifier or os.path.join(args.out, 'digit-classifier.pt'))
+    classifier = args.classifier or os.path.join(args.out, 'digit-classifier.pt')
+    score = lambda pixels: nano_metrics.evaluate(pixels[:, 0].numpy(), train_images, train_labels, held_out_images, held_out_labels, classifier)
+    metrics = score(to_pixels(samples))
+    rescaled = score(to_pixels_rescaled(samples))
+    metrics.update(proxy_fid_rescaled=rescaled['proxy_fid'], class_shares_rescaled=rescaled['class_shares'],
+                   **nano_metrics.mean_drift(samples, to_model_range(held_out_images)))
     metrics.update(cond=args.cond, omega_init=args.omega_init if args.cond == 'timelora' else None, epochs=state['epoch'],
                    optimizer_steps=state['epoch'] * steps_per_epoch, images_seen=state['epoch'] * len(train_x),
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data, samples=args.samples,
@@ -254,8 +278,9 @@ def main():
                    train_seconds_this_run=round(train_seconds, 1), sample_seconds=round(sample_seconds, 1), **similarity)
     with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
-    print(json.dumps({k: metrics[k] for k in ['proxy_fid', 'classifier_test_accuracy', 'class_shares', 'optimizer_steps']}, indent=None))
-    print(f'wrote {args.out}/samples.png, loss.png, metrics.json')
+    print(json.dumps({k: metrics[k] for k in ['proxy_fid', 'proxy_fid_rescaled', 'off_range_share', 'classifier_test_accuracy',
+                                              'class_shares', 'optimizer_steps']}, indent=None))
+    print(f'wrote {args.out}/samples.png, samples-rescaled.png, loss.png, metrics.json')
 
 
 if __name__ == '__main__':

@@ -95,3 +95,20 @@ def evaluate(sample_pixels, train_images, train_labels, held_out_images, held_ou
         class_shares=[round(float(share), 3) for share in np.bincount(predicted, minlength=10) / len(predicted)],
         held_out_digits=len(held_out_labels),
     )
+
+
+def mean_drift(samples, real):
+    """How far the samples' image means (model range, [N, 1, 32, 32]) stray from those of real digits.
+
+    MyTinyUNet is blind to its input's mean, so nothing in the sampler holds a sample's mean where
+    digits have it: each step divides it by sqrt(alpha_t), 1 / sqrt(alpha_bar_T) over the 1000 steps
+    (157x for the notebook's betas), and a sample whose mean leaves the real range comes out all
+    white or all black.
+    """
+    sample_means, real_means = samples.mean(dim=(1, 2, 3)), real.mean(dim=(1, 2, 3))
+    low, high = real_means.min(), real_means.max()
+    return dict(
+        off_range_share=round(float(((sample_means < low) | (sample_means > high)).float().mean()), 3),
+        sample_mean_std=round(float(sample_means.std()), 3),
+        real_mean_std=round(float(real_means.std()), 3),
+    )
