@@ -6,9 +6,10 @@
 Runs vendor/dataflowr/nano.py for: the notebook's scale-and-shift ("shift", with the sinusoidal fix),
 shift with the notebook's original embedding (the fix's effect), TimeLoRA with the interpolation
 table, TimeLoRA with a random table, and UC-LoRA; same data, epochs, batch, learning rate, seeds and
-digit classifier. Writes results.md (table), results.json, and compare.png (proxy FID per method,
-loss curves, sample grids), beside each run's own folder with its omega_similarity.png heatmap
-(Fig. 4). Rerunning resumes unfinished runs and reuses finished ones.
+digit classifier. Writes results.md (table), results.json, compare.png (proxy FID per method,
+loss curves, sample grids) and omega_similarity.png (Fig. 4: the LoRA methods' heatmaps side by
+side), beside each run's own folder with its per-layer heatmaps (Fig. 7). Rerunning resumes
+unfinished runs and reuses finished ones.
 """
 
 import argparse
@@ -42,6 +43,8 @@ def run(method_flags, out, args, seed):
     command = [sys.executable, 'nano.py', *method_flags, '--epochs', str(args.epochs), '--batch-size', str(args.batch_size),
                '--lr', str(args.lr), '--seed', str(seed), '--data', args.data, '--samples', str(args.samples), '--out', out,
                '--classifier', os.path.join(args.out, 'digit-classifier.pt')]
+    if args.train_digits:
+        command += ['--train-digits', str(args.train_digits)]
     print(f'\n[vendor/dataflowr]$ {" ".join(command)}', flush=True)
     if subprocess.run(command, cwd=NANO, env=dict(os.environ, PYTHONPATH=NANO)).returncode != 0:
         sys.exit(f'nano_compare: run failed: {" ".join(command)}')
@@ -87,6 +90,25 @@ def figure(results, args, path):
     plt.close(fig)
 
 
+def heatmaps(results, args, path):
+    """Paper Fig. 4 side by side: each LoRA method's cosine similarity of composition weights between
+    time steps, averaged over its layers (first seed; every run's own omega_similarity.png has the layers)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    lora = [(name, label) for name, label, _ in METHODS if 'omega_similarity_near' in results[name][0]]
+    fig, axes = plt.subplots(1, len(lora), figsize=(5.5 * len(lora), 5), squeeze=False)
+    for ax, (name, label) in zip(axes[0], lora):
+        mean = np.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'omega_similarity.npz'))['mean']
+        image = ax.imshow(mean, vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
+        first = results[name][0]
+        ax.set(title=f'{label}\nnear {first["omega_similarity_near"]:.2f}, far {first["omega_similarity_far"]:.2f}', xlabel="t'", ylabel='t')
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02)
+    fig.suptitle(f'cosine similarity of composition weights between time steps, mean over layers ({args.epochs} epochs, seed {args.seeds[0]})')
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--epochs', type=int, default=20, help='epochs for every method (the paper: 100)')
@@ -95,6 +117,7 @@ def main():
     parser.add_argument('--seeds', type=int, nargs='+', default=[0], help='one run a seed and method; spread is reported')
     parser.add_argument('--samples', type=int, default=128, help='samples a run for the proxy FID')
     parser.add_argument('--data', default='mnist5k')
+    parser.add_argument('--train-digits', type=int, help='train on the first N training digits only (quick checks)')
     parser.add_argument('--out', default=os.path.join(ROOT, 'runs', 'nano-compare'))
     args = parser.parse_args()
     if min(args.epochs, args.batch_size, args.samples) < 2:
@@ -134,8 +157,9 @@ def main():
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     figure(results, args, os.path.join(args.out, 'compare.png'))
+    heatmaps(results, args, os.path.join(args.out, 'omega_similarity.png'))
     print('\n'.join(lines))
-    print(f'\nwrote {os.path.relpath(args.out, ROOT)}/results.md, results.json, compare.png')
+    print(f'\nwrote {os.path.relpath(args.out, ROOT)}/results.md, results.json, compare.png, omega_similarity.png')
 
 
 if __name__ == '__main__':

@@ -115,7 +115,8 @@ def save_loss_curve(losses, steps_per_epoch, path, title):
 
 def omega_similarity(network, out_path, title):
     """Fig. 4 / Fig. 7: cosine similarity of the composition weights between time steps, per LoRA layer
-    and averaged; returns how much more alike near steps (|t - t'| <= 50) are than far ones (>= 500)."""
+    and averaged, as a PNG and (for the comparison's figure) an .npz; returns how alike near steps
+    (0 < |t - t'| <= 50) and far ones (>= 500) are."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -126,14 +127,17 @@ def omega_similarity(network, out_path, title):
     mean = torch.stack(similarity).mean(0).numpy()
     gap = np.abs(steps[:, None] - steps[None, :]).numpy()
     near, far = float(mean[(gap > 0) & (gap <= 50)].mean()), float(mean[gap >= 500].mean())
+    np.savez(out_path.replace('.png', '.npz'), steps=steps.numpy(), mean=mean, layers=torch.stack(similarity).numpy())
 
-    fig = plt.figure(figsize=(15, 6))
-    ax = fig.add_subplot(1, 3, 1)
+    fig = plt.figure(figsize=(16, 6))
+    left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.7], wspace=0.15)
+    ax = fig.add_subplot(left)
     image = ax.imshow(mean, vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
     ax.set(title=f'{title}: mean over {len(weights)} layers', xlabel="t'", ylabel='t')
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    for i, layer in enumerate(similarity):
-        ax = fig.add_subplot(3, 10, 10 * (i // 7) + 4 + i % 7) # 3 rows of 7 layers right of the mean
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    layers = right.subgridspec(3, 7, hspace=0.35, wspace=0.1)
+    for i, layer in enumerate(similarity): # 3 rows of 7 layers, in network order (blocks b1 ... b_out)
+        ax = fig.add_subplot(layers[i // 7, i % 7])
         ax.imshow(layer.numpy(), vmin=-1, vmax=1, cmap='RdBu_r')
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(f'layer {i + 1}', fontsize=7)

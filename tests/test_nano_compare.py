@@ -1,0 +1,29 @@
+"""tools/nano_compare.py end to end at a tiny budget: every method runs, and the table and figures appear."""
+
+import json
+import os
+import subprocess
+import sys
+
+import PIL.Image
+
+from conftest import ROOT
+
+
+def test_comparison_writes_its_table_and_figures_and_reuses_finished_runs(tmp_path):
+    command = [sys.executable, os.path.join(ROOT, 'tools', 'nano_compare.py'), '--epochs', '2', '--batch-size', '16',
+               '--train-digits', '32', '--samples', '2', '--seeds', '0', '--out', str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    table = (tmp_path / 'results.md').read_text()
+    for label in ['scale-and-shift (fixed embedding)', "scale-and-shift (notebook's embedding)", 'TimeLoRA, interpolation init',
+                  'TimeLoRA, random init', 'UC-LoRA']:
+        assert f'| {label} |' in table
+    assert '2 epochs = 4 optimizer steps' in table
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['shift'][0]['epochs'] == 2 and results['uclora'][0]['optimizer_steps'] == 4
+    assert 'omega_similarity_near' in results['timelora-random'][0] and 'omega_similarity_near' not in results['shift'][0]
+    for png in ['compare.png', 'omega_similarity.png']:
+        assert PIL.Image.open(tmp_path / png).size[0] > 500
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0 and 'nano.py' not in again.stdout, 'finished runs are reused, not run again'
