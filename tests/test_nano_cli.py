@@ -92,3 +92,23 @@ def test_rescoring_reuses_the_samples(tmp_path):
     assert 'reusing the 4 samples' in again.stdout and json.loads((tmp_path / 'metrics.json').read_text())['proxy_fid'] == first['proxy_fid']
     assert np.asarray(PIL.Image.open(tmp_path / 'samples-rescaled.png')).shape == (64, 16 * 64)
     assert 0 <= first['off_range_share'] <= 1 and 'proxy_fid_rescaled' in first
+
+
+def test_omega_similarity_of_the_timelora_tables_at_init(tmp_path):
+    # Interpolation: near steps share their two bases, steps 500 apart share none (bases are 111 apart).
+    # Random N(0, 1) rows: near steps are no more alike than far ones.
+    sys.path.insert(0, NANO)
+    import nano as cli
+    import nano_diffusion as nd
+    for init, near_low, near_high, far_exact in [('interp', 0.8, 1.0, 0.0), ('random', -0.2, 0.2, None)]:
+        torch.manual_seed(0)
+        net = nd.MyTinyUNet(cond='timelora', omega_init=init)
+        result = cli.omega_similarity(net, net, str(tmp_path / f'{init}.png'), init)
+        assert near_low < result['omega_similarity_near'] < near_high, result
+        assert result['omega_similarity_near'] == result['omega_similarity_near_at_init']
+        if far_exact is not None:
+            assert result['omega_similarity_far'] == far_exact
+        else:
+            assert abs(result['omega_similarity_far']) < 0.2
+        saved = np.load(tmp_path / f'{init}.npz')
+        assert saved['layers'].shape == (21, 100, 100) and np.allclose(np.diagonal(saved['mean']), 1, atol=1e-5)

@@ -37,7 +37,8 @@ def run(method_flags, out, args, seed):
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             metrics = json.load(f)
-        if metrics['epochs'] == args.epochs and metrics['samples'] == args.samples and 'proxy_fid_rescaled' in metrics:
+        scored = 'proxy_fid_rescaled' in metrics and (metrics['cond'] == 'shift' or 'omega_similarity_near_at_init' in metrics)
+        if metrics['epochs'] == args.epochs and metrics['samples'] == args.samples and scored:
             return metrics
         os.remove(metrics_path) # another budget or an older scoring: train on (resume) and score again
     command = [sys.executable, 'nano.py', *method_flags, '--epochs', str(args.epochs), '--batch-size', str(args.batch_size),
@@ -97,14 +98,19 @@ def heatmaps(results, args, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     lora = [(name, label) for name, label, _ in METHODS if 'omega_similarity_near' in results[name][0]]
-    fig, axes = plt.subplots(1, len(lora), figsize=(5.5 * len(lora), 5), squeeze=False)
-    for ax, (name, label) in zip(axes[0], lora):
-        mean = np.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'omega_similarity.npz'))['mean']
-        image = ax.imshow(mean, vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
+    fig, axes = plt.subplots(2, len(lora), figsize=(5 * len(lora), 9.5), squeeze=False)
+    for column, (name, label) in enumerate(lora):
+        saved = np.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'omega_similarity.npz'))
         first = results[name][0]
-        ax.set(title=f'{label}\nnear {first["omega_similarity_near"]:.2f}, far {first["omega_similarity_far"]:.2f}', xlabel="t'", ylabel='t')
-    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02)
-    fig.suptitle(f'cosine similarity of composition weights between time steps, mean over layers ({args.epochs} epochs, seed {args.seeds[0]})')
+        for row, (key, when) in enumerate([('mean', f'after {args.epochs} epochs'), ('mean_at_init', 'at initialisation')]):
+            ax = axes[row, column]
+            image = ax.imshow(saved[key], vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
+            suffix = '' if row == 0 else '_at_init'
+            ax.set(title=f'{label}, {when}\nnear {first["omega_similarity_near" + suffix]:.2f}, far {first["omega_similarity_far" + suffix]:.2f}',
+                   xlabel="t'", ylabel='t')
+    fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02)
+    fig.suptitle(f'cosine similarity of composition weights between time steps, mean over layers (seed {args.seeds[0]}; '
+                 'near: 0 < |t - t\'| <= 50, far: >= 500)')
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -140,13 +146,14 @@ def main():
              'input, so the sampler lets every sample\'s mean drift; "off range": the share of samples whose mean lies '
              'outside the range of real digits\' means, which come out all white or all black when de-normalised).', '',
              '| method | proxy FID, de-normalised (mean ± std) | per seed | proxy FID, rescaled per digit (mean ± std) | per seed | '
-             'off range | final loss | trainable params | digit shares 0-9 (rescaled) | omega similarity near / far |',
+             'off range | final loss | trainable params | digit shares 0-9 (rescaled) | omega similarity near / far (at init) |',
              '|---|---|---|---|---|---|---|---|---|---|']
     for name, label, _ in METHODS:
         runs = results[name]
         fids, rescaled = [m['proxy_fid'] for m in runs], [m['proxy_fid_rescaled'] for m in runs]
         shares = np.mean([m['class_shares_rescaled'] for m in runs], axis=0)
-        similarity = ', '.join(f'{m["omega_similarity_near"]:.2f} / {m["omega_similarity_far"]:.2f}' for m in runs) if 'omega_similarity_near' in runs[0] else '-'
+        similarity = ', '.join(f'{m["omega_similarity_near"]:.2f} / {m["omega_similarity_far"]:.2f} '
+                               f'({m["omega_similarity_near_at_init"]:.2f} / {m["omega_similarity_far_at_init"]:.2f})' for m in runs) if runs[0]['cond'] != 'shift' else '-'
         lines.append(f'| {label} | {np.mean(fids):.1f} ± {np.std(fids):.1f} | {", ".join(f"{f:.1f}" for f in fids)} | '
                      f'{np.mean(rescaled):.1f} ± {np.std(rescaled):.1f} | {", ".join(f"{f:.1f}" for f in rescaled)} | '
                      f'{np.mean([m["off_range_share"] for m in runs]):.2f} | '

@@ -113,27 +113,35 @@ def save_loss_curve(losses, steps_per_epoch, path, title):
     plt.close(fig)
 
 
-def omega_similarity(network, out_path, title):
+def similarity_between_steps(network, steps):
+    """Each LoRA layer's cosine similarity of its composition weights between the given time steps."""
+    with torch.no_grad():
+        weights = nano_lora.composition_weights(network, steps)
+    return [F.normalize(w, dim=1) @ F.normalize(w, dim=1).T for w in weights]
+
+
+def omega_similarity(network, initial_network, out_path, title):
     """Fig. 4 / Fig. 7: cosine similarity of the composition weights between time steps, per LoRA layer
     and averaged, as a PNG and (for the comparison's figure) an .npz; returns how alike near steps
-    (0 < |t - t'| <= 50) and far ones (>= 500) are."""
+    (0 < |t - t'| <= 50) and far ones (>= 500) are, after training and at initialisation (is the
+    diagonal learned, or kept from the start?)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     steps = torch.arange(0, 1000, 10)
-    with torch.no_grad():
-        weights = nano_lora.composition_weights(network, steps)
-    similarity = [F.normalize(w, dim=1) @ F.normalize(w, dim=1).T for w in weights]
+    gap = (steps[:, None] - steps[None, :]).abs().numpy()
+    similarity = similarity_between_steps(network, steps)
     mean = torch.stack(similarity).mean(0).numpy()
-    gap = np.abs(steps[:, None] - steps[None, :]).numpy()
-    near, far = float(mean[(gap > 0) & (gap <= 50)].mean()), float(mean[gap >= 500].mean())
-    np.savez(out_path.replace('.png', '.npz'), steps=steps.numpy(), mean=mean, layers=torch.stack(similarity).numpy())
+    mean_at_init = torch.stack(similarity_between_steps(initial_network, steps)).mean(0).numpy()
+    near, far = (float(mean[(gap > 0) & (gap <= 50)].mean()), float(mean[gap >= 500].mean()))
+    near_at_init, far_at_init = (float(mean_at_init[(gap > 0) & (gap <= 50)].mean()), float(mean_at_init[gap >= 500].mean()))
+    np.savez(out_path.replace('.png', '.npz'), steps=steps.numpy(), mean=mean, layers=torch.stack(similarity).numpy(), mean_at_init=mean_at_init)
 
     fig = plt.figure(figsize=(16, 6))
     left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.7], wspace=0.15)
     ax = fig.add_subplot(left)
     image = ax.imshow(mean, vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
-    ax.set(title=f'{title}: mean over {len(weights)} layers', xlabel="t'", ylabel='t')
+    ax.set(title=f'{title}: mean over {len(similarity)} layers', xlabel="t'", ylabel='t')
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     layers = right.subgridspec(3, 7, hspace=0.35, wspace=0.1)
     for i, layer in enumerate(similarity): # 3 rows of 7 layers, in network order (blocks b1 ... b_out)
@@ -141,10 +149,11 @@ def omega_similarity(network, out_path, title):
         ax.imshow(layer.numpy(), vmin=-1, vmax=1, cmap='RdBu_r')
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(f'layer {i + 1}', fontsize=7)
-    fig.suptitle(f'cosine similarity of composition weights between time steps (near {near:.2f}, far {far:.2f})')
+    fig.suptitle(f'cosine similarity of composition weights between time steps (near {near:.2f}, far {far:.2f}; at initialisation {near_at_init:.2f}, {far_at_init:.2f})')
     fig.savefig(out_path, dpi=90)
     plt.close(fig)
-    return dict(omega_similarity_near=round(near, 3), omega_similarity_far=round(far, 3))
+    return dict(omega_similarity_near=round(near, 3), omega_similarity_far=round(far, 3),
+                omega_similarity_near_at_init=round(near_at_init, 3), omega_similarity_far_at_init=round(far_at_init, 3))
 
 
 def sample(model, count, seed, batch=256):
@@ -164,6 +173,15 @@ def sample(model, count, seed, batch=256):
             print(f'sampled {start + n}/{count} digits ({model.num_timesteps} steps each)')
     torch.random.set_rng_state(generator_state)
     return torch.cat(samples)
+
+
+def build_network(args):
+    """MyTinyUNet as the options say, initialised from --seed."""
+    torch.manual_seed(args.seed)
+    network = nd.MyTinyUNet(cond=args.cond, lora_bases=args.lora_bases, lora_rank=args.lora_rank, omega_init=args.omega_init)
+    if args.embedding == 'notebook':
+        network.time_embed.weight.data = notebook_embedding(1000, 100)
+    return network
 
 
 def main():
@@ -203,10 +221,7 @@ def main():
     (train_images, train_labels), (held_out_images, held_out_labels) = split(images, labels)
     train_x = to_model_range(train_images[:args.train_digits])
 
-    torch.manual_seed(args.seed)
-    network = nd.MyTinyUNet(cond=args.cond, lora_bases=args.lora_bases, lora_rank=args.lora_rank, omega_init=args.omega_init)
-    if args.embedding == 'notebook':
-        network.time_embed.weight.data = notebook_embedding(1000, 100)
+    network = build_network(args)
     model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
@@ -268,7 +283,7 @@ def main():
     save_grid(to_pixels_rescaled(samples[:128]), os.path.join(args.out, 'samples-rescaled.png'))
     similarity = {}
     if args.cond != 'shift':
-        similarity = omega_similarity(network, os.path.join(args.out, 'omega_similarity.png'), args.cond)
+        similarity = omega_similarity(network, build_network(args), os.path.join(args.out, 'omega_similarity.png'), args.cond)
     classifier = args.classifier or os.path.join(args.out, 'digit-classifier.pt')
     score = lambda pixels: nano_metrics.evaluate(pixels[:, 0].numpy(), train_images, train_labels, held_out_images, held_out_labels, classifier)
     metrics = score(to_pixels(samples))
