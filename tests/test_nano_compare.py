@@ -19,9 +19,9 @@ def test_comparison_writes_its_table_and_figures_and_reuses_finished_runs(tmp_pa
     for label in ['scale-and-shift (fixed embedding)', "scale-and-shift (notebook's embedding)", 'TimeLoRA, interpolation init',
                   'TimeLoRA, random init', 'UC-LoRA']:
         assert f'| {label} |' in table
-    assert '2 epochs = 4 optimizer steps' in table
+    assert '2 epochs = 4 optimizer steps' in table and '| real training digits (2 a draw, 5 draws' in table
     results = json.loads((tmp_path / 'results.json').read_text())
-    assert results['shift'][0]['epochs'] == 2 and results['uclora'][0]['optimizer_steps'] == 4
+    assert len(results['real_digit_floor']) == 5 and results['shift'][0]['epochs'] == 2 and results['uclora'][0]['optimizer_steps'] == 4
     assert 'omega_similarity_near' in results['timelora-random'][0] and 'omega_similarity_near' not in results['shift'][0]
     for png in ['compare.png', 'omega_similarity.png']:
         assert PIL.Image.open(tmp_path / png).size[0] > 500
