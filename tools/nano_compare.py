@@ -158,7 +158,7 @@ def main():
              f'({first["images_seen"]} digits seen), lr {args.lr}; {args.samples} samples of the 1000-step sampler; seeds {args.seeds}.',
              f'Proxy FID: {first["proxy_fid_note"]} (classifier test accuracy {first["classifier_test_accuracy"]:.3f} '
              f'on {first["held_out_digits"]} held-out digits). Command: `python tools/nano_compare.py --epochs {args.epochs} '
-             f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples}`.', '',
+             f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples} --out {os.path.relpath(args.out, ROOT)}`.', '',
              'Two views of the same samples: de-normalised (x + 1) * 127.5, clamped; and each digit rescaled from its own '
              'minimum to its own maximum, as the notebook\'s plt.imshow shows them (MyTinyUNet cannot see the mean of its '
              'input, so the sampler lets every sample\'s mean drift; "off range": the share of samples whose mean lies '
