@@ -116,7 +116,7 @@ def heatmaps(results, args, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     lora = [(name, label) for name, label, _ in METHODS if 'omega_similarity_near' in results[name][0]]
-    fig, axes = plt.subplots(2, len(lora), figsize=(5 * len(lora), 9.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(lora), figsize=(5.5 * len(lora), 9.5), squeeze=False, gridspec_kw=dict(wspace=0.35, hspace=0.3))
     for column, (name, label) in enumerate(lora):
         saved = np.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'omega_similarity.npz'))
         first = results[name][0]
