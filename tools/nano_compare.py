@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Paper Fig. 3 on a CPU: nano diffusion on real MNIST with each conditioning, at one equal budget.
 
-    python tools/nano_compare.py [--epochs 20] [--seeds 0 1] [--samples 128] [--out runs/nano-compare]
+    python tools/nano_compare.py [--epochs 25] [--seeds 0 1] [--samples 128] [--out runs/nano-compare]
 
 Runs vendor/dataflowr/nano.py for: the notebook's scale-and-shift ("shift", with the sinusoidal fix),
 shift with the notebook's original embedding (the fix's effect), TimeLoRA with the interpolation
@@ -135,7 +135,7 @@ def heatmaps(results, args, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--epochs', type=int, default=20, help='epochs for every method (the paper: 100)')
+    parser.add_argument('--epochs', type=int, default=25, help='epochs for every method (the paper: 100)')
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0], help='one run a seed and method; spread is reported')
