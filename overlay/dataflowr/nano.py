@@ -133,8 +133,9 @@ def omega_similarity(network, initial_network, out_path, title):
     similarity = similarity_between_steps(network, steps)
     mean = torch.stack(similarity).mean(0).numpy()
     mean_at_init = torch.stack(similarity_between_steps(initial_network, steps)).mean(0).numpy()
-    near, far = (float(mean[(gap > 0) & (gap <= 50)].mean()), float(mean[gap >= 500].mean()))
-    near_at_init, far_at_init = (float(mean_at_init[(gap > 0) & (gap <= 50)].mean()), float(mean_at_init[gap >= 500].mean()))
+    near_steps, far_steps = (gap > 0) & (gap <= 50), gap >= 500
+    near, far = float(mean[near_steps].mean()), float(mean[far_steps].mean())
+    near_at_init, far_at_init = float(mean_at_init[near_steps].mean()), float(mean_at_init[far_steps].mean())
     np.savez(out_path.replace('.png', '.npz'), steps=steps.numpy(), mean=mean, layers=torch.stack(similarity).numpy(), mean_at_init=mean_at_init)
 
     fig = plt.figure(figsize=(16, 6))
@@ -284,10 +285,9 @@ def main():
     similarity = {}
     if args.cond != 'shift':
         similarity = omega_similarity(network, build_network(args), os.path.join(args.out, 'omega_similarity.png'), args.cond)
-    classifier = args.classifier or os.path.join(args.out, 'digit-classifier.pt')
-    score = lambda pixels: nano_metrics.evaluate(pixels[:, 0].numpy(), train_images, train_labels, held_out_images, held_out_labels, classifier)
-    metrics = score(to_pixels(samples))
-    rescaled = score(to_pixels_rescaled(samples))
+    metrics, rescaled = nano_metrics.evaluate([to_pixels(samples)[:, 0].numpy(), to_pixels_rescaled(samples)[:, 0].numpy()],
+                                              train_images, train_labels, held_out_images, held_out_labels,
+                                              classifier_cache=args.classifier or os.path.join(args.out, 'digit-classifier.pt'))
     metrics.update(proxy_fid_rescaled=rescaled['proxy_fid'], class_shares_rescaled=rescaled['class_shares'],
                    **nano_metrics.mean_drift(samples, to_model_range(held_out_images)))
     metrics.update(cond=args.cond, omega_init=args.omega_init if args.cond == 'timelora' else None, epochs=state['epoch'],

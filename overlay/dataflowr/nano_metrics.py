@@ -74,8 +74,9 @@ def frechet_distance(a, b):
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a + s_b - 2 * np.real(root)))
 
 
-def evaluate(sample_pixels, train_images, train_labels, held_out_images, held_out_labels, classifier_cache):
-    """Metrics of generated digits (uint8 [N, 32, 32]) against the held-out real ones."""
+def evaluate(sample_sets, train_images, train_labels, held_out_images, held_out_labels, classifier_cache):
+    """Metrics of each set of generated digits (uint8 [N, 32, 32]) against the held-out real ones,
+    a dict a set; the classifier is loaded (or trained) and the real digits embedded once for all."""
     if os.path.exists(classifier_cache):
         classifier = DigitClassifier()
         classifier.load_state_dict(torch.load(classifier_cache))
@@ -86,15 +87,19 @@ def evaluate(sample_pixels, train_images, train_labels, held_out_images, held_ou
     with torch.no_grad():
         real = classifier.embed(as_input(held_out_images))
         accuracy = (classifier.head(real).argmax(1).numpy() == held_out_labels).mean()
-        generated = classifier.embed(as_input(sample_pixels))
-        predicted = classifier.head(generated).argmax(1).numpy()
-    return dict(
-        proxy_fid=round(frechet_distance(generated.double().numpy(), real.double().numpy()), 3),
-        proxy_fid_note='Frechet distance in a small MNIST classifier\'s 64-d features, generated vs held-out digits; not Inception FID',
-        classifier_test_accuracy=round(float(accuracy), 4),
-        class_shares=[round(float(share), 3) for share in np.bincount(predicted, minlength=10) / len(predicted)],
-        held_out_digits=len(held_out_labels),
-    )
+    metrics = []
+    for sample_pixels in sample_sets:
+        with torch.no_grad():
+            generated = classifier.embed(as_input(sample_pixels))
+            predicted = classifier.head(generated).argmax(1).numpy()
+        metrics.append(dict(
+            proxy_fid=round(frechet_distance(generated.double().numpy(), real.double().numpy()), 3),
+            proxy_fid_note='Frechet distance in a small MNIST classifier\'s 64-d features, generated vs held-out digits; not Inception FID',
+            classifier_test_accuracy=round(float(accuracy), 4),
+            class_shares=[round(float(share), 3) for share in np.bincount(predicted, minlength=10) / len(predicted)],
+            held_out_digits=len(held_out_labels),
+        ))
+    return metrics
 
 
 def mean_drift(samples, real):
