@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools.data.synthetic import write_folder
+
+from tools import ROOT
+
 EDM = os.path.join(ROOT, 'vendor', 'edm')
 PRISTINE_EDM = os.path.join(ROOT, 'vendor', 'pristine', 'edm')
 IDDPM = os.path.join(ROOT, 'vendor', 'improved-diffusion')
@@ -24,6 +27,11 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
     if expect_ok and result.returncode != 0:
         pytest.fail(f'{" ".join(command)} failed ({result.returncode}) in {tree}:\n{result.stdout[-6000:]}')
     return result
+
+
+def tool(module, *args, cwd=ROOT):
+    """Run one of the project's scripts as `make` does: python -m tools.<module> ARGS, from the repository root."""
+    return subprocess.run([sys.executable, '-m', f'tools.{module}', *[str(a) for a in args]], cwd=cwd, text=True, capture_output=True)
 
 
 def net_dump(tree, helper, kwargs, out, seed):
@@ -57,6 +65,6 @@ def vendor_trees():
 def edm_dataset(tmp_path_factory):
     """A 16x16, 10-class synthetic dataset written by EDM's own dataset_tool.py (its real zip format)."""
     top = tmp_path_factory.mktemp('edm-data')
-    run_in(ROOT, [os.path.join(ROOT, 'tools', 'synthetic_data.py'), '--out', top / 'images', '--count', 40, '--resolution', 16])
+    write_folder(top / 'images', count=40, resolution=16)
     run_in(EDM, ['dataset_tool.py', f'--source={top / "images"}', f'--dest={top / "data.zip"}'])
     return top / 'data.zip'

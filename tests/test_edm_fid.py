@@ -6,7 +6,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import EDM, HELPERS, ROOT, run_in
+from conftest import EDM, HELPERS, run_in
+from tools.data.synthetic import write_folder
 
 
 def features(folder, weights):
@@ -30,7 +31,7 @@ def frechet_distance(a, b):
 def folders(tmp_path_factory):
     top = tmp_path_factory.mktemp('fid')
     for name, count, seed, classes in [('real', 40, 0, 10), ('fake', 30, 1, 3)]:
-        run_in(ROOT, [os.path.join(ROOT, 'tools', 'synthetic_data.py'), '--out', top / name, '--count', count, '--seed', seed, '--classes', classes])
+        write_folder(top / name, count=count, seed=seed, classes=classes)
     weights = np.random.default_rng(0).normal(size=(3 * 16 * 16, 2048)) / np.sqrt(3 * 16 * 16)
     np.save(top / 'weights.npy', weights)
     return top, weights

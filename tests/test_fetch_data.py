@@ -1,21 +1,15 @@
-"""tools/fetch_data.py: checksum verification of downloads and of archives the user supplies."""
+"""tools/data/fetch.py: checksum verification of downloads and of archives the user supplies."""
 
 import hashlib
 import http.server
-import importlib.util
 import os
-import subprocess
 import sys
 import threading
 
 import pytest
 
-from conftest import ROOT
-
-SCRIPT = os.path.join(ROOT, 'tools', 'fetch_data.py')
-spec = importlib.util.spec_from_file_location('fetch_data', SCRIPT)
-fetch_data = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fetch_data)
+from conftest import tool
+from tools.data import fetch as fetch_data
 
 
 @pytest.fixture
@@ -61,13 +55,13 @@ def test_supplied_archive_is_checked_in_place(tmp_path):
     archive = tmp_path / 'ffhq.zip'
     archive.write_bytes(b'images')
     good = hashlib.sha256(b'images').hexdigest()
-    run = lambda *args: subprocess.run([sys.executable, SCRIPT, 'ffhq', *args], text=True, capture_output=True)
+    run = lambda *args: tool('data.fetch', 'ffhq', *args)
     assert run(f'--source={archive}', f'--sha256={good}').returncode == 0
     wrong = run(f'--source={archive}', f'--sha256={"1" * 64}')
     assert wrong.returncode == 1 and 'not the expected' in wrong.stderr
     missing = run()
     assert missing.returncode == 1 and 'github.com/NVlabs/ffhq-dataset' in missing.stderr and 'Traceback' not in missing.stderr
-    imagenet = subprocess.run([sys.executable, SCRIPT, 'imagenet64'], text=True, capture_output=True)
+    imagenet = tool('data.fetch', 'imagenet64')
     assert imagenet.returncode == 1 and 'image-net.org' in imagenet.stderr
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HELPERS, IDDPM, ROOT, run_in
+from conftest import HELPERS, IDDPM, run_in
+from tools.data.synthetic import write_folder
 
 MODEL = ['--image_size', 32, '--num_channels', 32, '--num_res_blocks', 1, '--learn_sigma', True, '--diffusion_steps', 101,
          '--noise_schedule', 'cosine', '--class_cond', True, '--num_classes', 10,
@@ -19,7 +20,7 @@ MPIEXEC = [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', '2', 
 @pytest.fixture(scope='module')
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp('iddpm-data') / 'images'
-    run_in(ROOT, [os.path.join(ROOT, 'tools', 'synthetic_data.py'), '--out', folder, '--count', 20, '--resolution', 32])
+    write_folder(folder, count=20, resolution=32)
     return folder
 
 

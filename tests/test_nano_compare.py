@@ -1,4 +1,4 @@
-"""tools/nano_compare.py end to end at a tiny budget: every method runs, and the table and figures appear."""
+"""tools/paper/nano_compare.py end to end at a tiny budget: every method runs, and the table and figures appear."""
 
 import json
 import os
@@ -11,9 +11,9 @@ from conftest import ROOT
 
 
 def test_comparison_writes_its_table_and_figures_and_reuses_finished_runs(tmp_path):
-    command = [sys.executable, os.path.join(ROOT, 'tools', 'nano_compare.py'), '--epochs', '2', '--batch-size', '16',
+    command = [sys.executable, '-m', 'tools.paper.nano_compare', '--epochs', '2', '--batch-size', '16',
                '--train-digits', '32', '--samples', '2', '--seeds', '0', '--out', str(tmp_path)]
-    first = subprocess.run(command, capture_output=True, text=True)
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stdout + first.stderr
     table = (tmp_path / 'results.md').read_text()
     for label in ['scale-and-shift (fixed embedding)', "scale-and-shift (notebook's embedding)", 'TimeLoRA, interpolation init',
@@ -25,5 +25,5 @@ def test_comparison_writes_its_table_and_figures_and_reuses_finished_runs(tmp_pa
     assert 'omega_similarity_near' in results['timelora-random'][0] and 'omega_similarity_near' not in results['shift'][0]
     for png in ['compare.png', 'omega_similarity.png']:
         assert PIL.Image.open(tmp_path / png).size[0] > 500
-    again = subprocess.run(command, capture_output=True, text=True)
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and 'nano.py' not in again.stdout, 'finished runs are reused, not run again'

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import NANO, PRISTINE_NANO, ROOT
+from conftest import NANO, PRISTINE_NANO, ROOT, tool
+from tools.vendoring.upstream import read_upstream
 
 NOTEBOOK = 'Module18/ddpm_nano_sol.ipynb'
-PINNED = '043dff0f792a5ae67005ba147f7b9dd5fc66e2a1'
+PINNED = read_upstream('dataflowr')['commit']
 
 
 def extract(tmp_path, tag):
@@ -20,7 +21,8 @@ def extract(tmp_path, tag):
     source = os.path.join(ROOT, 'vendor', '.upstream', 'dataflowr')
     notebook.write_bytes(subprocess.run(['git', '-C', source, 'show', f'{PINNED}:{NOTEBOOK}'], capture_output=True, check=True).stdout)
     out = tmp_path / tag / 'nano_diffusion.py'
-    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'extract_notebook.py'), notebook, out], check=True)
+    result = tool('vendoring.notebook', notebook, out)
+    assert result.returncode == 0, result.stderr
     return out.read_text()
 
 

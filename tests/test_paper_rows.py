@@ -1,38 +1,53 @@
-"""Paper rows: parameter parity (`make params`), the commands of each target, the audit budget."""
+"""The table of paper rows (tools/paper/rows.py): parameter parity (`make params`), the commands of each target, the audit budget."""
 
-import os
-import subprocess
-import sys
+import re
+import shutil
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tool
+from tools.paper import params
+from tools.paper.rows import ROWS, rows
+from tools.vendoring.upstream import read_upstream
 
-sys.path.insert(0, os.path.join(ROOT, 'tools'))
-import params  # noqa: E402
-
-# Rows whose paper counts do not follow from the paper's own rules: shared/paper/targets.md states
-# what the rules give, and that is what we must build.
+# What the paper's own rules (its text and the upstream code) give for each counted row, written
+# independently of the table: the paper's count, except for the three rows it does not explain.
 RULES_GIVE = {
     ('edm', 'FFHQ64 uncond, with LoRA'): 63941619,
     ('edm', 'FFHQ64 uncond, only LoRA'): 58819827,
     ('iddpm', 'ImageNet64 uncond, with LoRA'): 124175248,
 }
-ROWS = [('edm', params.edm_count, row) for row in params.EDM_ROWS] + [('iddpm', params.iddpm_count, row) for row in params.IDDPM_ROWS]
+COUNTED = list(params.counted_rows())
 
 
-@pytest.mark.parametrize('upstream,count,row', ROWS, ids=[f'{u} {r[0]}: {r[1]}' for u, _, r in ROWS])
-def test_parameter_count(upstream, count, row):
-    table, name, paper, kwargs, note = row
-    expected = RULES_GIVE.get((upstream, name), paper)
-    assert count(kwargs) == expected
-    assert (note is None) == (expected == paper), 'a note exactly where the paper differs'
+@pytest.mark.parametrize('table,row', COUNTED, ids=[f'{row.upstream} {table}: {row.title(table)}' for table, row in COUNTED])
+def test_parameter_count(table, row):
+    expected = RULES_GIVE.get((row.upstream, row.title(table)), row.paper_params)
+    assert params.COUNTERS[row.upstream](row) == expected
+    assert (row.rules_params or row.paper_params) == expected, 'the table records what the rules give'
+    assert (row.note is None) == (expected == row.paper_params), 'a note exactly where the paper differs'
 
 
-def dry_run(tmp_path, row, variant, *extra, driver='edm_paper.py'):
+def test_the_table_holds_every_row_of_the_papers_tables_once():
+    assert len(COUNTED) == 23, '9 EDM and 9 IDDPM rows of Table 1, 5 of Table 2'
+    assert len({row.name for row in ROWS}) == len(ROWS), 'one row a name: upstream, dataset, variant'
+    assert len(rows(table='Table 3')) == 4 and len(rows(table='Fig. 3')) == 5
+    for row in rows(upstream='edm', runnable=True) + rows(upstream='iddpm'):
+        assert row.recipe.fid_images == 50000 and row.recipe.fid_ref.endswith('.npz') and row.nfe
+    for row in rows(upstream='iddpm'):
+        assert str(row.nfe) in [str(flag) for flag in row.variant_flags], 'sampled at the full number of steps'
+
+
+def test_datasets_of_the_rows_are_make_targets():
+    makefile = open(f'{ROOT}/Makefile').read()
+    for row in rows(upstream='edm') + rows(upstream='iddpm'):
+        assert re.search(rf'^{re.escape(row.recipe.data)}:', makefile, re.M), row.recipe.data
+        assert re.search(rf'^{row.recipe.make_data.split()[0]}:', makefile, re.M), row.recipe.make_data
+
+
+def dry_run(tmp_path, row, variant, *extra, driver='edm'):
     """The three commands (train, generate or sample, fid) a paper-row driver would run."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', driver), row, f'--variant={variant}',
-                             '--dry-run', f'--runs={tmp_path}', *extra], text=True, capture_output=True)
+    result = tool(f'paper.{driver}', row, f'--variant={variant}', '--dry-run', f'--runs={tmp_path}', *extra)
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/')]
     assert len(commands) == 3, 'train, generate or sample, fid'
@@ -60,13 +75,23 @@ def test_gpus_launch_torchrun(tmp_path):
         assert '-m torch.distributed.run --standalone --nproc_per_node=4' in command
 
 
-def test_audit_keeps_the_lora_patch_within_budget():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'audit.py'), 'edm'], text=True, capture_output=True)
+@pytest.mark.parametrize('upstream', ['edm', 'iddpm', 'dataflowr'])
+def test_audit_keeps_the_lora_patches_within_their_budget(upstream):
+    result = tool('vendoring.audit', upstream)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [line for line in result.stdout.splitlines() if 'LoRA patches change' in line]
-    changed = int(lines[0].split("change ")[1].split(" ")[0])
-    assert 0 < changed <= 60
-    assert 'training/networks.py' in result.stdout and 'overlay/common/lora.py' in result.stdout
+    changed = int(re.search(r'LoRA patches change (\d+) upstream lines', result.stdout).group(1))
+    assert 0 < changed <= int(read_upstream(upstream)['lora_line_budget'])
+    assert 'overlay/common/lora.py' in result.stdout
+
+
+def test_audit_fails_over_budget(tmp_path):
+    project = tmp_path / 'project'
+    for name in ['tools', 'patches', 'overlay']:
+        shutil.copytree(f'{ROOT}/{name}', project / name, ignore=shutil.ignore_patterns('__pycache__'))
+    upstream = project / 'patches' / 'edm' / 'UPSTREAM'
+    upstream.write_text(re.sub(r'lora_line_budget: \d+', 'lora_line_budget: 1', upstream.read_text()))
+    result = tool('vendoring.audit', 'edm', cwd=project)
+    assert result.returncode == 1 and 'budget 1: OVER' in result.stdout
 
 
 @pytest.mark.parametrize('row,variant,expected,absent', [
@@ -78,7 +103,7 @@ def test_audit_keeps_the_lora_patch_within_budget():
     ('imagenet64', 'with-lora', ['--image_size 64', '--dropout 0.0', 'ema_0.9999_1500000.pt', 'imagenet-64x64.npz'], ['--class_cond']),
 ])
 def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
-    train, sample, fid = dry_run(tmp_path, row, variant, driver='iddpm_paper.py')
+    train, sample, fid = dry_run(tmp_path, row, variant, driver='iddpm')
     for flag in expected:
         assert flag in ' '.join([train, sample, fid])
     for flag in absent:
@@ -88,6 +113,6 @@ def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_
 
 
 def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
-    train, sample, _ = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm_paper.py')
+    train, sample, _ = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm')
     assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample
     assert '--batch_size 16 ' in train + ' ', '128 images per step over 8 processes'

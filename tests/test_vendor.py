@@ -1,13 +1,13 @@
-"""tools/vendor.py on a copy of the project: build, idempotence, and each refusal."""
+"""tools/vendoring/build.py on a copy of the project: build, idempotence, and each refusal."""
 
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tool
+from tools.vendoring.upstream import read_series, read_upstream
 
 
 @pytest.fixture(scope='module')
@@ -19,8 +19,7 @@ def project(tmp_path_factory):
 
 
 def vendor(project, *args):
-    return subprocess.run([sys.executable, str(project / 'tools' / 'vendor.py'), *args], cwd=project, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return tool('vendoring.build', *args, cwd=project)
 
 
 def git(repo, *args):
@@ -38,7 +37,8 @@ def test_build_then_idempotent(project):
     tree = project / 'vendor' / 'edm'
     head = git(tree, 'rev-parse', 'HEAD')
     # The patched tree is the pinned commit plus the series plus the overlay, nothing else.
-    assert git(tree, 'rev-list', '--count', '008a4e5316c8e3bfe61a62f874bddba254295afb..HEAD') == '3'
+    pinned, patches = read_upstream('edm')['commit'], read_series('edm')
+    assert git(tree, 'rev-list', '--count', f'{pinned}..HEAD') == str(len(patches) + 1)
     assert (tree / 'training' / 'lora.py').read_text() == (project / 'overlay' / 'common' / 'lora.py').read_text()
     assert (tree / 'training' / 'lora_edm.py').exists()
 
@@ -76,7 +76,7 @@ def test_rebuilds_a_clean_tree_when_the_overlay_changes(project):
 
 
 def test_refuses_a_patch_that_does_not_apply_then_rebuild_recovers(project):
-    patch = project / 'patches' / 'edm' / '0002-uc-lora-attention.patch'
+    patch = project / 'patches' / 'edm' / os.path.basename(read_series('edm')[-1])
     original = patch.read_text()
     context = '\n         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)\n'
     assert context in original
@@ -101,3 +101,12 @@ def test_notebook_upstream_is_its_extracted_module_plus_patches(project):
     assert (tree / 'lora.py').exists() and (tree / 'nano_diffusion.py').read_text() != (pristine / 'nano_diffusion.py').read_text()
     again = vendor(project, 'dataflowr', '--pristine')
     assert again.returncode == 0 and 'up to date' in again.stdout
+
+
+def test_install_puts_the_tree_on_the_environments_path(monkeypatch, tmp_path):
+    from tools.vendoring import build
+    monkeypatch.setattr(build.sysconfig, 'get_paths', lambda: dict(purelib=str(tmp_path)))
+    monkeypatch.setattr(build.sys, 'prefix', '/a/virtual/environment')
+    upstream = read_upstream('iddpm')
+    build.install(upstream)
+    assert (tmp_path / 'vendor-improved-diffusion.pth').read_text() == os.path.join(ROOT, 'vendor', 'improved-diffusion') + '\n'

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """What this project changes in each upstream: pinned commit, patch series, diffstat, overlay files.
 
-    python tools/audit.py [UPSTREAM ...]     # default: every upstream under patches/
+    python -m tools.vendoring.audit [UPSTREAM ...]     # default: every upstream under patches/
 
 Upstream lines changed = lines added + lines removed in upstream files, counted by `git apply
 --numstat` on each patch file. Patches with "lora" in their name are the LoRA change proper; the
@@ -14,8 +13,9 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vendor import ROOT, VendorError, overlay_files, patch_header, read_series, read_upstream
+from tools import ROOT
+from tools.vendoring.upstream import VendorError, overlay_files, patch_header, read_series, read_upstream, upstream_names
+
 
 def numstat(patch):
     """[(added, removed, path)] of a patch file, without applying it."""
@@ -57,7 +57,7 @@ def audit(name):
 
 
 def main():
-    names = sys.argv[1:] or sorted(d for d in os.listdir(os.path.join(ROOT, 'patches')) if os.path.isfile(os.path.join(ROOT, 'patches', d, 'UPSTREAM')))
+    names = sys.argv[1:] or upstream_names()
     try:
         results = [audit(name) for name in names]
     except VendorError as err:

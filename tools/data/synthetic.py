@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Write a small synthetic image folder in the layout EDM's dataset_tool.py reads.
 
-    python tools/synthetic_data.py --out DIR [--count 64] [--resolution 16] [--classes 10] [--seed 0]
+    python -m tools.data.synthetic --out DIR [--count 64] [--resolution 16] [--classes 10] [--seed 0]
 
 Images are PNGs with a smooth per-class colour gradient plus noise, so that a few training steps
 see structure. The class label is in two places, so that both upstreams read it their own way:
@@ -18,7 +17,7 @@ import numpy as np
 import PIL.Image
 
 
-def write_folder(out, count, resolution, classes, seed):
+def write_folder(out, count=64, resolution=16, classes=10, seed=0):
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
     ramp = np.linspace(0, 1, resolution)

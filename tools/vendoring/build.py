@@ -1,122 +1,30 @@
-#!/usr/bin/env python3
 """Build vendor/<dir>: the official upstream at its pinned commit, patched, with the overlay in place.
 
-    python tools/vendor.py edm                # build or check vendor/edm
-    python tools/vendor.py --rebuild edm      # start over, discarding vendor/edm
-    python tools/vendor.py --pristine edm     # also build vendor/pristine/edm (pinned, unpatched)
+    python -m tools.vendoring.build edm               # build or check vendor/edm
+    python -m tools.vendoring.build --rebuild edm     # start over, discarding vendor/edm
+    python -m tools.vendoring.build --pristine edm    # also build vendor/pristine/edm (pinned, unpatched)
 
-Inputs, per upstream (see patches/<name>/UPSTREAM):
-    patches/<name>/UPSTREAM   url, commit, licence, the vendor folder, where the shared LoRA core goes;
-                              optionally `extract:` (a notebook to turn into a module, with
-                              tools/extract_notebook.py, before the patches)
-    patches/<name>/series     patch files, applied in order with `git apply`
-    overlay/<name>/...        files copied to the same relative path in vendor/<dir>/
-    overlay/common/lora.py    the shared LoRA core, copied to UPSTREAM's `core` path
-
-Each patch becomes one commit in vendor/<dir> and the overlay a last commit whose message records
-the pinned commit and a digest of all inputs. A second run with the same inputs changes nothing.
-The script refuses (one line, exit 1) when vendor/<dir> has local edits or sits at another commit;
-a clean tree built from older inputs is rebuilt in place, since nothing can be lost.
+The inputs of each upstream are described in tools/vendoring/upstream.py. Each patch becomes one
+commit in vendor/<dir> and the overlay a last commit whose message records the pinned commit and
+a digest of all inputs. A second run with the same inputs changes nothing. The script refuses (one
+line, exit 1) when vendor/<dir> has local edits or sits at another commit; a clean tree built from
+older inputs is rebuilt in place, since nothing can be lost. An upstream marked `install: editable`
+is installed into the running environment once (pip install -e), so that its own scripts import
+it from anywhere.
 """
 
 import argparse
-import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import sysconfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIT_IDENTITY = ['-c', 'user.name=vendor', '-c', 'user.email=vendor@localhost', '-c', 'commit.gpgsign=false']
-# Fixed dates make the vendor commits, and so a rebuilt tree's HEAD, reproducible.
-GIT_DATES = {'GIT_AUTHOR_DATE': '2000-01-01T00:00:00Z', 'GIT_COMMITTER_DATE': '2000-01-01T00:00:00Z'}
-
-
-class VendorError(Exception):
-    pass
-
-
-def git(repo, *args):
-    """Run git in repo with the vendor identity and dates; its stdout, stripped."""
-    env = dict(os.environ, **GIT_DATES)
-    result = subprocess.run(['git', *GIT_IDENTITY, '-C', repo, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if result.returncode != 0:
-        raise VendorError(f'git {" ".join(args)} failed in {os.path.relpath(repo, ROOT)}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no message"}')
-    return result.stdout.strip()
-
-
-def read_upstream(name):
-    """Parse patches/<name>/UPSTREAM: `key: value` lines, # comments."""
-    path = os.path.join(ROOT, 'patches', name, 'UPSTREAM')
-    if not os.path.isfile(path):
-        known = sorted(d for d in os.listdir(os.path.join(ROOT, 'patches')) if os.path.isfile(os.path.join(ROOT, 'patches', d, 'UPSTREAM')))
-        raise VendorError(f'unknown upstream "{name}" (known: {", ".join(known)})')
-    fields = {}
-    with open(path) as f:
-        for line in f:
-            line = line.split('#', 1)[0].strip()
-            if line:
-                key, value = line.split(':', 1)
-                fields[key.strip()] = value.strip()
-    for key in ['url', 'commit', 'licence']:
-        if key not in fields:
-            raise VendorError(f'{os.path.relpath(path, ROOT)} lacks "{key}:"')
-    fields.setdefault('dir', name) # vendor/<dir>, named after the upstream repository
-    return fields
-
-
-def vendor_dir(upstream, pristine=False):
-    return os.path.join(ROOT, 'vendor', *(['pristine'] if pristine else []), upstream['dir'])
-
-
-def read_series(name):
-    path = os.path.join(ROOT, 'patches', name, 'series')
-    with open(path) as f:
-        names = [line.split('#', 1)[0].strip() for line in f]
-    return [os.path.join(ROOT, 'patches', name, n) for n in names if n]
-
-
-def overlay_files(name, upstream):
-    """(source, destination relative to vendor/<dir>) for every overlay file of this upstream."""
-    pairs = []
-    if 'core' in upstream:
-        pairs.append((os.path.join(ROOT, 'overlay', 'common', 'lora.py'), upstream['core']))
-    top = os.path.join(ROOT, 'overlay', name)
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = sorted(d for d in dirnames if d != '__pycache__')
-        for filename in sorted(filenames):
-            source = os.path.join(dirpath, filename)
-            pairs.append((source, os.path.relpath(source, top)))
-    return pairs
-
-
-def inputs_digest(name, upstream):
-    """sha256 over everything that decides the vendor tree's content."""
-    h = hashlib.sha256()
-    paths = [os.path.join(ROOT, 'patches', name, 'UPSTREAM'), os.path.join(ROOT, 'patches', name, 'series')]
-    paths += read_series(name)
-    paths += [source for source, _ in overlay_files(name, upstream)]
-    if 'extract' in upstream:
-        paths.append(os.path.join(ROOT, 'tools', 'extract_notebook.py'))
-    for path in paths:
-        h.update(os.path.relpath(path, ROOT).encode() + b'\0')
-        with open(path, 'rb') as f:
-            h.update(f.read())
-    return h.hexdigest()
-
-
-def patch_header(path):
-    """(author name, author email, commit message) of a format-patch file, as `git mailinfo` reads them."""
-    with open(path, 'rb') as patch, tempfile.TemporaryDirectory() as tmp:
-        info = subprocess.run(['git', 'mailinfo', '-k', os.path.join(tmp, 'msg'), os.path.join(tmp, 'diff')],
-                              stdin=patch, stdout=subprocess.PIPE, text=True, check=True).stdout
-        with open(os.path.join(tmp, 'msg')) as f:
-            body = f.read().strip()
-    fields = dict(line.split(': ', 1) for line in info.splitlines() if ': ' in line)
-    subject = fields.get('Subject', os.path.basename(path)).replace('[PATCH]', '').strip()
-    message = f'{subject}\n\n{body}' if body else subject
-    return fields.get('Author', 'vendor'), fields.get('Email', 'vendor@localhost'), message
+from tools import ROOT
+from tools.vendoring import notebook
+from tools.vendoring.upstream import (VendorError, git, inputs_digest, patch_header, read_series, read_upstream,
+                                      overlay_files, vendor_dir)
 
 
 def state_of(dest, upstream, digest):
@@ -157,7 +65,7 @@ def prepare_base(dest, upstream):
     """Make dest the tree the patches apply to.
 
     A code upstream: its clone, checked out at the pinned commit. A notebook upstream (`extract:`):
-    a new repository whose first commit is the module tools/extract_notebook.py makes from the
+    a new repository whose first commit is the module tools/vendoring/notebook.py makes from the
     notebook at the pinned commit, read from a clone in vendor/.upstream/ (never checked out).
     """
     if 'extract' not in upstream:
@@ -171,20 +79,18 @@ def prepare_base(dest, upstream):
     if not os.path.exists(source):
         clone(upstream['url'], source)
     require_commit(source, upstream)
-    notebook, module = [part.strip() for part in upstream['extract'].split('->')]
+    notebook_path, module = [part.strip() for part in upstream['extract'].split('->')]
     shutil.rmtree(dest, ignore_errors=True) # rebuilt from scratch: it only ever holds generated files
     os.makedirs(dest)
     git(dest, 'init', '-q')
-    with tempfile.TemporaryDirectory() as tmp:
-        notebook_copy = os.path.join(tmp, os.path.basename(notebook))
-        with open(notebook_copy, 'w') as f:
-            f.write(git(source, 'show', f'{upstream["commit"]}:{notebook}'))
-        result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'extract_notebook.py'), notebook_copy, os.path.join(dest, module)],
-                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise VendorError(f'cannot extract {module} from {notebook}: {result.stdout.strip().splitlines()[-1]}')
+    try:
+        text = notebook.extract(json.loads(git(source, 'show', f'{upstream["commit"]}:{notebook_path}')), notebook_path)
+    except (ValueError, KeyError, SyntaxError) as err:
+        raise VendorError(f'cannot extract {module} from {notebook_path}: {err}') from None
+    with open(os.path.join(dest, module), 'w') as f:
+        f.write(text)
     git(dest, 'add', module)
-    git(dest, 'commit', '-q', '-m', f'Extract {module} from {notebook}\n\n{upstream["url"]} at {upstream["commit"]},\nby tools/extract_notebook.py.\n\nUpstream-Commit: {upstream["commit"]}')
+    git(dest, 'commit', '-q', '-m', f'Extract {module} from {notebook_path}\n\n{upstream["url"]} at {upstream["commit"]},\nby tools/vendoring/notebook.py.\n\nUpstream-Commit: {upstream["commit"]}')
 
 
 def is_base(dest, upstream):
@@ -233,6 +139,22 @@ def build_pristine(upstream):
     print(f'{rel}: pristine {upstream["commit"][:7]}')
 
 
+def install(upstream):
+    """Put vendor/<dir> on the running environment's import path, as `pip install -e` would, so that
+    the upstream's own scripts import its package from any folder. A .pth file rather than pip: pip
+    would write build files into the vendor tree, which must stay clean. It names the folder, so a
+    rebuilt tree needs no second install."""
+    if sys.prefix == sys.base_prefix:
+        print(f'vendor/{upstream["dir"]}: not installed (not running in a virtual environment); use PYTHONPATH')
+        return
+    path = os.path.join(sysconfig.get_paths()['purelib'], f'vendor-{upstream["dir"]}.pth')
+    line = vendor_dir(upstream) + '\n'
+    if not os.path.exists(path) or open(path).read() != line:
+        with open(path, 'w') as f:
+            f.write(line)
+        print(f'vendor/{upstream["dir"]}: on the import path of {sys.prefix}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('names', nargs='+', metavar='UPSTREAM', help='upstream names, as under patches/')
@@ -254,6 +176,8 @@ def main():
                 if state == 'stale':
                     print(f'vendor/{upstream["dir"]}: patches or overlay changed; rebuilding the clean tree')
                 build(name, upstream, dest, digest)
+            if upstream.get('install') == 'editable':
+                install(upstream)
             if args.pristine:
                 build_pristine(upstream)
     except VendorError as err:

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """CPU micro-benchmark: one DDPM++ attention UNetBlock with UC-LoRA against the same block without.
 
-    python tools/bench_edm.py [--batch 16] [--repeats 10] [--threads 2]
+    python -m tools.bench.edm_attention [--batch 16] [--repeats 10] [--threads 2]
 
 Both blocks have the CIFAR-10 shape of the paper's rows (256 channels at 16x16, embedding 512,
 18 bases of rank 4, MLP 128,64) and the same base weights; each timing is forward + backward, the
@@ -10,16 +9,13 @@ median over --repeats runs after a warm-up, measured alternately in one process.
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'vendor', 'edm'))
+from tools.vendoring.upstream import import_vendor_tree
 
 
 def attention_block():
@@ -44,8 +40,7 @@ def main():
     args = parser.parse_args()
     if min(args.batch, args.repeats, args.threads) < 1:
         parser.error('--batch, --repeats and --threads must be at least 1')
-    if not os.path.isdir(os.path.join(ROOT, 'vendor', 'edm')):
-        sys.exit('bench_edm: vendor/edm is missing; run `make vendor` first')
+    import_vendor_tree('edm', 'bench')
     from training import lora_edm
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """Extract nano diffusion's model and DDPM code from Dataflowr's notebook into a Python module.
 
-    python tools/extract_notebook.py Module18/ddpm_nano_sol.ipynb nano_diffusion.py
+    python -m tools.vendoring.notebook Module18/ddpm_nano_sol.ipynb nano_diffusion.py
+
+(tools.vendoring.build calls extract() on the notebook at the pinned commit.)
 
 Keeps, verbatim and in notebook order, the top-level definitions listed in KEEP; leaves out
 plotting, the dataset download and the notebook's own top-level training and sampling runs. The
@@ -19,7 +20,7 @@ KEEP = ['device', 'sinusoidal_embedding', 'MyConv', 'MyTinyBlock', 'MyTinyUp', '
 
 HEADER = '''"""Nano diffusion (DDPM on MNIST), extracted from Dataflowr's notebook {notebook}.
 
-Written by tools/extract_notebook.py: the notebook's definitions of
+Written by tools/vendoring/notebook.py: the notebook's definitions of
 {names}, verbatim.
 Not extracted: plotting, the MNIST download and the notebook's top-level runs.
 Dataflowr notebooks: https://github.com/dataflowr/notebooks (Apache-2.0).
@@ -42,9 +43,8 @@ def defined_names(node):
     return []
 
 
-def extract(notebook_path):
-    with open(notebook_path) as f:
-        notebook = json.load(f)
+def extract(notebook, notebook_path):
+    """The module's text from a notebook's parsed JSON; notebook_path names it in the header and errors."""
     found = {}
     for cell in notebook['cells']:
         if cell['cell_type'] != 'code':
@@ -64,11 +64,12 @@ def extract(notebook_path):
 
 def main():
     if len(sys.argv) != 3:
-        sys.exit('usage: extract_notebook.py NOTEBOOK.ipynb OUT.py')
+        sys.exit('usage: python -m tools.vendoring.notebook NOTEBOOK.ipynb OUT.py')
     try:
-        module = extract(sys.argv[1])
+        with open(sys.argv[1]) as f:
+            module = extract(json.load(f), sys.argv[1])
     except (OSError, ValueError, KeyError, SyntaxError) as err:
-        sys.exit(f'extract_notebook: {err}')
+        sys.exit(f'notebook: {err}')
     with open(sys.argv[2], 'w') as f:
         f.write(module)
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Paper Fig. 3 on a CPU: nano diffusion on real MNIST with each conditioning, at one equal budget.
 
-    python tools/nano_compare.py [--epochs 25] [--seeds 0 1] [--samples 128] [--out runs/nano-compare]
+    python -m tools.paper.nano_compare [--epochs 25] [--seeds 0 1] [--samples 128] [--out runs/nano-compare]
 
 Runs vendor/dataflowr/nano.py for: the notebook's scale-and-shift ("shift", with the sinusoidal fix),
 shift with the notebook's original embedding (the fix's effect), TimeLoRA with the interpolation
@@ -21,15 +20,12 @@ import sys
 import numpy as np
 import PIL.Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools import ROOT
+from tools.paper.rows import NANO_ROWS
+from tools.vendoring.upstream import import_vendor_tree
+
 NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
-METHODS = [
-    ('shift', 'scale-and-shift (fixed embedding)', ['--cond', 'shift']),
-    ('shift-notebook-embedding', "scale-and-shift (notebook's embedding)", ['--cond', 'shift', '--embedding', 'notebook']),
-    ('timelora-interp', 'TimeLoRA, interpolation init', ['--cond', 'timelora', '--omega-init', 'interp']),
-    ('timelora-random', 'TimeLoRA, random init', ['--cond', 'timelora', '--omega-init', 'random']),
-    ('uclora', 'UC-LoRA', ['--cond', 'uclora']),
-]
+METHODS = [(row.variant, row.label, list(row.variant_flags)) for row in NANO_ROWS] # (run name, label, nano.py flags)
 
 
 def run(method_flags, out, args, seed):
@@ -94,7 +90,7 @@ def figure(results, args, path):
 def real_digit_floor(args, draws=5):
     """The proxy FID of real training digits, as many as the samples, against the held-out ones: the
     best a method can score with this many samples, and (its spread) the noise of the measure."""
-    sys.path.insert(0, NANO)
+    import_vendor_tree('dataflowr', 'nano_compare')
     import nano
     import nano_metrics
     images, labels = nano.load_digits(args.data)
@@ -135,7 +131,7 @@ def main():
     parser.add_argument('--epochs', type=int, default=25, help='epochs for every method (the paper: 100)')
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--lr', type=float, default=1e-3)
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0], help='one run a seed and method; spread is reported')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='one run a seed and method; spread is reported')
     parser.add_argument('--samples', type=int, default=128, help='samples a run for the proxy FID')
     parser.add_argument('--data', default='mnist5k')
     parser.add_argument('--train-digits', type=int, help='train on the first N training digits only (quick checks)')
@@ -154,7 +150,7 @@ def main():
              f'Budget a run: {args.epochs} epochs = {first["optimizer_steps"]} optimizer steps of {args.batch_size} digits '
              f'({first["images_seen"]} digits seen), lr {args.lr}; {args.samples} samples of the 1000-step sampler; seeds {args.seeds}.',
              f'Proxy FID: {first["proxy_fid_note"]} (classifier test accuracy {first["classifier_test_accuracy"]:.3f} '
-             f'on {first["held_out_digits"]} held-out digits). Command: `python tools/nano_compare.py --epochs {args.epochs} '
+             f'on {first["held_out_digits"]} held-out digits). Command: `python -m tools.paper.nano_compare --epochs {args.epochs} '
              f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples} --out {os.path.relpath(args.out, ROOT)}`.', '',
              'Two views of the same samples: de-normalised (x + 1) * 127.5, clamped; and each digit rescaled from its own '
              'minimum to its own maximum, as the notebook\'s plt.imshow shows them (MyTinyUNet cannot see the mean of its '

@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Download a dataset archive, or take one the user supplies, and verify its checksum.
 
-    python tools/fetch_data.py cifar10 --dest=PATH        # download CIFAR-10 (python version), check MD5
-    python tools/fetch_data.py mnist --dest=FOLDER        # download the four MNIST files, check MD5s
-    python tools/fetch_data.py ffhq --source=PATH         # FFHQ: check your own copy (it needs a Google login)
-    python tools/fetch_data.py imagenet64 --source=PART1 --source=PART2   # likewise (it needs an ImageNet login)
+    python -m tools.data.fetch cifar10 --dest=PATH        # download CIFAR-10 (python version), check MD5
+    python -m tools.data.fetch mnist --dest=FOLDER        # download the four MNIST files, check MD5s
+    python -m tools.data.fetch ffhq --source=PATH         # FFHQ: check your own copy (it needs a Google login)
+    python -m tools.data.fetch imagenet64 --source=PART1 --source=PART2   # likewise (it needs an ImageNet login)
 
 An existing --dest with the right checksum is kept; a partial download resumes; a wrong checksum is an
 error that names the file. Progress goes to stderr.

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Write image folders in the layout improved-diffusion reads, and back from its sample files.
 
-    python tools/image_folder.py cifar10 ARCHIVE OUT          # cifar-10-python.tar.gz -> OUT/<class>_<index>.png
-    python tools/image_folder.py imagenet64 ZIP [ZIP ...] OUT # Imagenet64_train_part*_npz.zip -> OUT/<label>_<index>.png
-    python tools/image_folder.py npz SAMPLES.npz OUT          # image_sample.py output -> OUT/<index>.png (for fid.py)
+    python -m tools.data.image_folder cifar10 ARCHIVE OUT          # cifar-10-python.tar.gz -> OUT/<class>_<index>.png
+    python -m tools.data.image_folder imagenet64 ZIP [ZIP ...] OUT # Imagenet64_train_part*_npz.zip -> OUT/<label>_<index>.png
+    python -m tools.data.image_folder npz SAMPLES.npz OUT          # image_sample.py output -> OUT/<index>.png (for fid.py)
 
 improved-diffusion's load_data() reads every image below a folder and, with --class_cond, takes the
 class from the file name up to the first "_" (its own datasets/cifar10.py writes such names, but
@@ -46,11 +45,13 @@ def write_images(batches, count, out):
 
 
 def cifar10_batches(archive):
+    """CIFAR-10's five training batches, images numbered in archive order."""
+    first = 0
     with tarfile.open(archive, 'r:gz') as tar:
         for batch in range(1, 6):
             data = pickle.load(tar.extractfile(f'cifar-10-batches-py/data_batch_{batch}'), encoding='bytes')
-            first = (batch - 1) * 10000
             names = [f'{CIFAR10_CLASSES[label]}_{first + i:05d}.png' for i, label in enumerate(data[b'labels'])]
+            first += len(names)
             yield data[b'data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), names
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write the patch commits of an edited vendor/<name> back to patches/<name>/, named as in its series.
 
 Workflow: edit vendor/<name>, fold each change into the commit of the patch it belongs to
@@ -10,13 +9,13 @@ A new patch: add its file name to patches/<name>/series first, at the position o
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vendor import ROOT, VendorError, git, read_series, read_upstream, vendor_dir
+from tools import ROOT
+from tools.vendoring.upstream import VendorError, git, read_series, read_upstream, vendor_dir
 
 
 def main():
     if len(sys.argv) != 2:
-        sys.exit(__doc__.split('\n')[0] + '\nusage: export_patches.py UPSTREAM')
+        sys.exit(__doc__.split('\n')[0] + '\nusage: python -m tools.vendoring.export UPSTREAM')
     name = sys.argv[1]
     try:
         upstream = read_upstream(name)
@@ -41,7 +40,7 @@ def main():
                 f.write(text + '\n')
             print(f'wrote {os.path.relpath(path, ROOT)}')
     except VendorError as err:
-        sys.exit(f'export_patches: {err}')
+        sys.exit(f'export: {err}')
 
 
 if __name__ == '__main__':

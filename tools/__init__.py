@@ -1,0 +1,17 @@
+"""The project's own code, grouped by concern; run each script from the repository root as a module.
+
+    vendoring/  fetch, patch and overlay the upstreams into vendor/ (build), write patches back
+                (export), show what changes (audit), turn the nano-diffusion notebook into a module
+    data/       datasets: download and verify, image folders for improved-diffusion, synthetic data
+    paper/      the table of paper rows (rows.py) and what reads it: the row drivers, parameter counts,
+                the nano-diffusion comparison
+    bench/      benchmarks
+    images.py   image grids and pixel conversions shared by every tool
+
+`make` runs them as `python -m tools.<concern>.<script>`; so can you, from the repository root, with
+the project's environment (`.venv/bin/python`, where `make setup` installs this package).
+"""
+
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,1 @@
+"""Benchmarks: LoRA overheads measured as ratios, side by side in one run."""

@@ -1,0 +1,104 @@
+"""Parameter counts of the paper's rows, built from the real networks in vendor/.
+
+    python -m tools.paper.params            # table: paper count, ours, difference, match
+    python -m tools.paper.params --json     # the same rows as JSON
+
+The paper's counts come from the table of paper rows (tools/paper/rows.py); ours from constructing
+the patched upstream network with the flags of that row, as the upstream's training script would.
+"""
+
+import argparse
+import json
+
+from tools.paper.rows import flag_value, rows
+from tools.vendoring.upstream import import_vendor_tree
+
+# The network keyword arguments that EDM's train.py builds for --arch=ddpmpp --precond=edm; the
+# flags below change them as train.py does.
+EDM_DDPMPP = dict(class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
+    encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1,1], model_channels=128,
+    channel_mult=[2,2,2], img_channels=3)
+EDM_LORA_FLAGS = {'--lora': ('lora', str), '--lora-bases': ('lora_bases', int), '--lora-rank': ('lora_rank', int)}
+
+
+def edm_network_kwargs(row):
+    """What train.py passes to the network for this row's flags (EDM's defaults for the rest)."""
+    flags = row.flags
+    if flag_value(flags, '--arch', 'ddpmpp') != 'ddpmpp' or flag_value(flags, '--precond', 'edm') != 'edm':
+        raise ValueError(f'{row.name}: only --arch=ddpmpp --precond=edm rows are counted')
+    kwargs = dict(EDM_DDPMPP, img_resolution=row.recipe.resolution, dropout=float(flag_value(flags, '--dropout', 0.13)))
+    kwargs['augment_dim'] = 9 if float(flag_value(flags, '--augment', 0.12)) > 0 else 0
+    if flag_value(flags, '--cres') is not None:
+        kwargs['channel_mult'] = [int(c) for c in flag_value(flags, '--cres').split(',')]
+    if flag_value(flags, '--cond', '0') == '1':
+        kwargs['label_dim'] = 10 # every conditional row of the paper is CIFAR-10
+    for flag, (name, kind) in EDM_LORA_FLAGS.items():
+        if flag_value(flags, flag) is not None:
+            kwargs[name] = kind(flag_value(flags, flag))
+    if flag_value(flags, '--conv-cond') is not None:
+        kwargs['conv_cond'] = flag_value(flags, '--conv-cond') == 'True'
+    return kwargs
+
+
+def edm_count(row):
+    """Trainable parameters of the EDM network of a row."""
+    import_vendor_tree('edm', 'params')
+    import dnnlib
+    import torch
+    with torch.device('meta'): # shapes only: no memory, no random numbers
+        net = dnnlib.util.construct_class_by_name(**edm_network_kwargs(row))
+    return sum(p.numel() for p in net.parameters())
+
+
+def iddpm_count(row):
+    """Trainable parameters of the model that image_train.py builds from this row's flags (parsed by its own parser)."""
+    import_vendor_tree('improved-diffusion', 'params')
+    import torch
+    from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+    args = parser.parse_args([str(flag) for flag in row.flags])
+    with torch.device('meta'):
+        model, _ = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    return sum(p.numel() for p in model.parameters())
+
+
+COUNTERS = {'edm': edm_count, 'iddpm': iddpm_count}
+
+
+def counted_rows():
+    """(table, row) for every row with a parameter count in the paper, table by table."""
+    for upstream in COUNTERS:
+        for table in ['Table 1', 'Table 2']:
+            counted = [row for row in rows(upstream=upstream, table=table) if row.paper_params is not None]
+            if table == 'Table 2': # the paper's order: 9, 18, 36 bases at rank 4, then ranks 2 and 8
+                counted.sort(key=lambda row: (row.lora_rank != 4, row.lora_rank, row.lora_bases))
+            for row in counted:
+                yield table, row
+
+
+def results():
+    for table, row in counted_rows():
+        ours = COUNTERS[row.upstream](row)
+        yield dict(upstream=row.upstream, table=table, row=row.title(table), paper=row.paper_params, ours=ours,
+                   difference=ours - row.paper_params, match=ours == row.paper_params, note=row.note if ours != row.paper_params else None)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    args = parser.parse_args()
+    table = list(results())
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    print(f'{"upstream":8s} {"table":7s} {"row":36s} {"paper":>12s} {"ours":>12s} {"diff":>8s}  match')
+    for r in table:
+        print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:36s} {r["paper"]:12,d} {r["ours"]:12,d} {r["difference"]:+8,d}  '
+              f'{"yes" if r["match"] else "NO: " + (r["note"] or "unexplained")}')
+    matched = sum(r['match'] for r in table)
+    print(f'\n{matched} of {len(table)} rows match the paper exactly.')
+
+
+if __name__ == '__main__':
+    main()

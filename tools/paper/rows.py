@@ -1,0 +1,219 @@
+"""The table of paper rows: every setting of the paper's Tables 1, 2 and 3 and of Fig. 3, written once.
+
+A Recipe is one upstream trained on one dataset: what its rows share (the upstream's flags, data,
+sampler, FID reference). A Row is one conditioning of a recipe: its variant flags, LoRA sizes and
+what the paper reports. Everything that runs, counts or reports a paper row reads this module: the
+drivers (tools.paper.edm, tools.paper.iddpm, tools.paper.nano_compare), `make params`
+(tools.paper.params) and the tests.
+
+Sources: the paper's tables and Appendix A (A.2 IDDPM, A.3 EDM, A.4 TimeLoRA, A.5 UC-LoRA), EDM's
+and improved-diffusion's READMEs for the recipes. "EDM (vp)" is EDM's own recipe (--precond=edm,
+its default) with the DDPM++ network (--arch=ddpmpp), as in EDM's published *-vp.pkl models.
+"""
+
+from dataclasses import dataclass
+
+EDM_CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm'
+
+
+@dataclass(frozen=True)
+class Recipe:
+    upstream: str               # 'edm', 'iddpm' or 'dataflowr': the tree in vendor/ that runs it
+    dataset: str                # the drivers' name for it, e.g. 'cifar10-uncond'
+    title: str                  # as the paper's tables name it
+    flags: tuple                # the upstream's training flags (improved-diffusion: its model flags)
+    resolution: int             # image width and height
+    data: str = None            # the dataset, relative to the repository root
+    make_data: str = None       # the make command that writes it
+    fid_ref: str = None         # reference statistics for EDM's fid.py
+    fid_images: int = 0         # images generated and scored for FID
+    pretrained: str = None      # EDM's published network of this recipe (VARIANT=pretrained)
+    iterations: int = None      # improved-diffusion trains until stopped: the paper's iteration count
+    train_flags: tuple = ()     # improved-diffusion: flags of image_train.py only (batch: the global one)
+
+
+@dataclass(frozen=True)
+class Row:
+    recipe: Recipe
+    variant: str                # the drivers' VARIANT, e.g. 'with-lora'
+    tables: tuple               # the paper's tables (or figure) that report this row
+    label: str                  # the conditioning, as the paper's tables name it
+    variant_flags: tuple        # added to the recipe's flags; None: not available in this project yet
+    nfe: int = None             # network evaluations per sample (Table 1's NFE column)
+    lora_bases: int = None      # LoRA bases a layer (class bases for ClassLoRA: the classes)
+    lora_rank: int = None
+    paper_params: int = None    # trainable parameters, as the paper reports them
+    paper_fid: float = None
+    rules_params: int = None    # where the paper's count does not follow from its own text: what the text gives
+    note: str = None            # what is known about such a difference, or about the row
+
+    @property
+    def upstream(self):
+        return self.recipe.upstream
+
+    @property
+    def dataset(self):
+        return self.recipe.dataset
+
+    @property
+    def name(self):
+        return f'{self.upstream}-{self.dataset}-{self.variant}'
+
+    def title(self, table):
+        """How `table` names the row: Table 2 by its LoRA sizes, the others by the conditioning."""
+        conditioning = f'{self.lora_bases} bases, rank {self.lora_rank}' if table == 'Table 2' else self.label
+        return f'{self.recipe.title}, {conditioning}'
+
+    @property
+    def flags(self):
+        return list(self.recipe.flags) + list(self.variant_flags)
+
+
+def flag_value(flags, name, default=None):
+    """The value of `name` in a flag list, in either spelling: ['--x=1'] or ['--x', 1]."""
+    flags = [str(flag) for flag in flags]
+    value = default
+    for index, flag in enumerate(flags):
+        if flag.startswith(name + '='):
+            value = flag.split('=', 1)[1]
+        elif flag == name and index + 1 < len(flags):
+            value = flags[index + 1]
+    return value
+
+#----------------------------------------------------------------------------
+# EDM (paper Table 1, 2, 3; Appendix A.3): EDM's defaults otherwise (lr 1e-3, dropout 0.13,
+# augment 0.12, 200 Mimg, EMA half-life 0.5 Mimg). Sampling: EDM's Heun sampler at the paper's NFE.
+
+EDM_CIFAR10_UNCOND = Recipe(upstream='edm', dataset='cifar10-uncond', title='CIFAR-10 uncond', resolution=32,
+    flags=('--cond=0', '--arch=ddpmpp', '--batch=512'),
+    data='datasets/cifar10-32x32.zip', make_data='data-cifar10', fid_ref=f'{EDM_CDN}/fid-refs/cifar10-32x32.npz', fid_images=50000,
+    pretrained=f'{EDM_CDN}/pretrained/edm-cifar10-32x32-uncond-vp.pkl')
+EDM_CIFAR10_COND = Recipe(upstream='edm', dataset='cifar10-cond', title='CIFAR-10 cond', resolution=32,
+    flags=('--cond=1', '--arch=ddpmpp', '--batch=512'),
+    data='datasets/cifar10-32x32.zip', make_data='data-cifar10', fid_ref=f'{EDM_CDN}/fid-refs/cifar10-32x32.npz', fid_images=50000,
+    pretrained=f'{EDM_CDN}/pretrained/edm-cifar10-32x32-cond-vp.pkl')
+EDM_FFHQ64 = Recipe(upstream='edm', dataset='ffhq64', title='FFHQ64 uncond', resolution=64,
+    flags=('--cond=0', '--arch=ddpmpp', '--batch=256', '--cres=1,2,2,2', '--lr=2e-4', '--dropout=0.05', '--augment=0.15'),
+    data='datasets/ffhq-64x64.zip', make_data='data-ffhq FFHQ_ZIP=...', fid_ref=f'{EDM_CDN}/fid-refs/ffhq-64x64.npz', fid_images=50000,
+    pretrained=f'{EDM_CDN}/pretrained/edm-ffhq-64x64-uncond-vp.pkl')
+
+
+def uc_lora(bases, rank=4, *extra):
+    """train.py flags of UC-LoRA on every attention layer (paper Section 4.1; MLP 128,64 and the bias term by default)."""
+    return ('--lora=uc', f'--lora-bases={bases}', f'--lora-rank={rank}', *extra)
+
+
+def edm_rows(recipe, nfe, bases, params, fids, pretrained_fid, notes={}, rules_params={}):
+    """Table 1's four EDM variants of a recipe; params and fids: (baseline, only LoRA, with LoRA)."""
+    table, cifar10 = ('Table 1',), recipe.title.startswith('CIFAR-10')
+    return [
+        Row(recipe, 'baseline', table, 'baseline', (), nfe, None, None, params[0], fids[0]),
+        Row(recipe, 'only-lora', table + (('Table 3',) if cifar10 else ()), 'only LoRA', uc_lora(bases, 4, '--conv-cond=False'), nfe, bases, 4, params[1], fids[1],
+            rules_params.get('only-lora'), notes.get('only-lora')),
+        Row(recipe, 'with-lora', table + (('Table 2',) if recipe.dataset == 'cifar10-uncond' else ()), 'with LoRA', uc_lora(bases), nfe, bases, 4,
+            params[2], fids[2], rules_params.get('with-lora'), notes.get('with-lora')),
+        Row(recipe, 'pretrained', table, 'with LoRA, pretrained base', uc_lora(bases, 4, f'--transfer={recipe.pretrained}'), nfe, bases, 4,
+            None, pretrained_fid, note="the base starts from EDM's published network (train.py --transfer); same network as with LoRA"),
+    ]
+
+
+def adaln_row(recipe, fid):
+    """Table 3: adaLN on the attention layers instead of LoRA, the convolutions' scale-and-shift removed."""
+    return Row(recipe, 'adaln', ('Table 3',), 'adaLN on attention, only', None, 35, paper_fid=fid,
+               note='adaLN conditioning of the attention layers is not in the patches yet; the paper gives no parameter count')
+
+
+EDM_ROWS = [
+    *edm_rows(EDM_CIFAR10_UNCOND, 35, 18, (55733891, 53411675, 57745499), (1.97, 1.99, 1.96), 1.91),
+    *edm_rows(EDM_CIFAR10_COND, 35, 18, (55735299, 53413083, 57746907), (1.79, 1.82, 1.75), None),
+    *edm_rows(EDM_FFHQ64, 79, 20, (61805571, 58935795, 63941631), (2.39, 2.46, 2.37), 2.31,
+        rules_params={'only-lora': 58819827, 'with-lora': 63941619},
+        notes={'only-lora': 'the paper count is 115,968 above what its own rules give; not explained',
+               'with-lora': '12 = one scalar per adapted layer (a trainable LoRA scale?) not in the paper text'}),
+    # Table 2: CIFAR-10 uncond with LoRA at other sizes (18 bases, rank 4 is the with-lora row above).
+    Row(EDM_CIFAR10_UNCOND, 'bases-9', ('Table 2',), 'with LoRA', uc_lora(9), 35, 9, 4, 57185519, 1.99),
+    Row(EDM_CIFAR10_UNCOND, 'bases-36', ('Table 2',), 'with LoRA', uc_lora(36), 35, 36, 4, 58865459, 1.95),
+    Row(EDM_CIFAR10_UNCOND, 'rank-2', ('Table 2',), 'with LoRA', uc_lora(18, 2), 35, 18, 2, 57192539, 1.93),
+    Row(EDM_CIFAR10_UNCOND, 'rank-8', ('Table 2',), 'with LoRA', uc_lora(18, 8), 35, 18, 8, 58851419, 1.96),
+    adaln_row(EDM_CIFAR10_UNCOND, 2.16),
+    adaln_row(EDM_CIFAR10_COND, 2.0),
+]
+
+#----------------------------------------------------------------------------
+# improved-diffusion (paper Table 1; Appendix A.2, A.4): its README's flags, Adam lr 1e-4, a global
+# batch of 128, EMA 0.9999; sampling from the EMA weights at the full number of steps (NFE = T).
+# The LoRA rows use T = 4001 so that 11 bases sit exactly every 400 steps.
+
+IDDPM_TRAIN = ('--lr', 1e-4, '--batch_size', 128)
+IDDPM_CIFAR10_MODEL = ('--image_size', 32, '--num_channels', 128, '--num_res_blocks', 3, '--learn_sigma', True, '--dropout', 0.3,
+                       '--noise_schedule', 'cosine')
+IDDPM_CIFAR10_UNCOND = Recipe(upstream='iddpm', dataset='cifar10-uncond', title='CIFAR-10 uncond', resolution=32,
+    flags=IDDPM_CIFAR10_MODEL, train_flags=IDDPM_TRAIN, iterations=500000,
+    data='datasets/cifar10-train', make_data='data-cifar10-folder', fid_ref=f'{EDM_CDN}/fid-refs/cifar10-32x32.npz', fid_images=50000)
+IDDPM_CIFAR10_COND = Recipe(upstream='iddpm', dataset='cifar10-cond', title='CIFAR-10 cond', resolution=32,
+    flags=IDDPM_CIFAR10_MODEL + ('--class_cond', True, '--num_classes', 10), train_flags=IDDPM_TRAIN, iterations=500000,
+    data='datasets/cifar10-train', make_data='data-cifar10-folder', fid_ref=f'{EDM_CDN}/fid-refs/cifar10-32x32.npz', fid_images=50000)
+IDDPM_IMAGENET64 = Recipe(upstream='iddpm', dataset='imagenet64', title='ImageNet64 uncond', resolution=64,
+    flags=('--image_size', 64, '--num_channels', 128, '--num_res_blocks', 3, '--learn_sigma', True, '--dropout', 0.0,
+           '--noise_schedule', 'cosine'), train_flags=IDDPM_TRAIN, iterations=1500000,
+    data='datasets/imagenet64-train', make_data='data-imagenet64 IMAGENET64_ZIPS=...', fid_ref=f'{EDM_CDN}/fid-refs/imagenet-64x64.npz', fid_images=50000)
+
+
+def time_lora(class_lora, *extra):
+    """Flags of TimeLoRA (and ClassLoRA: one rank-4 basis per class) on every attention layer."""
+    return ('--diffusion_steps', 4001, '--time_lora', True, '--lora_bases', 11, '--lora_rank', 4,
+            *(('--class_lora', True) if class_lora else ()), *extra)
+
+
+def iddpm_rows(recipe, params, fids, notes={}, rules_params={}):
+    """Table 1's three improved-diffusion variants of a recipe; params and fids: (baseline, only LoRA, with LoRA)."""
+    class_lora = '--class_cond' in recipe.flags
+    table = ('Table 1',)
+    return [
+        Row(recipe, 'baseline', table, 'baseline', ('--diffusion_steps', 4000), 4000, None, None, params[0], fids[0]),
+        Row(recipe, 'only-lora', table, 'only LoRA', time_lora(class_lora, '--conv_cond', False), 4001, 11, 4, params[1], fids[1],
+            rules_params.get('only-lora'), notes.get('only-lora')),
+        Row(recipe, 'with-lora', table, 'with LoRA', time_lora(class_lora), 4001, 11, 4, params[2], fids[2],
+            rules_params.get('with-lora'), notes.get('with-lora')),
+    ]
+
+
+IDDPM_ROWS = [
+    *iddpm_rows(IDDPM_CIFAR10_UNCOND, (52546438, 47591440, 54880528), (3.69, 3.64, 3.37)),
+    *iddpm_rows(IDDPM_CIFAR10_COND, (52551558, 48513040, 55807248), (3.38, 2.91, 3.12)),
+    *iddpm_rows(IDDPM_IMAGENET64, (121063942, 113602960, 139278224), (19.2, 18.2, 18.1),
+        rules_params={'with-lora': 124175248},
+        notes={'with-lora': 'the paper count is 15,102,976 above what its own rules give; not explained'}),
+]
+
+#----------------------------------------------------------------------------
+# Nano diffusion (paper Section 5.2, Fig. 3 and 4): the paper reports curves and samples, no numbers.
+# Our sizes: 10 bases (t = 0, 111, ..., 999), rank 4, UC-LoRA MLP 64,32 (the paper leaves them open).
+# Sampling: the notebook's 1000-step DDPM sampler.
+
+NANO_MNIST = Recipe(upstream='dataflowr', dataset='mnist', title='MNIST', resolution=32, flags=())
+
+NANO_ROWS = [
+    Row(NANO_MNIST, 'shift', ('Fig. 3',), 'scale-and-shift (fixed embedding)', ('--cond', 'shift'), 1000),
+    Row(NANO_MNIST, 'shift-notebook-embedding', ('Fig. 3',), "scale-and-shift (notebook's embedding)",
+        ('--cond', 'shift', '--embedding', 'notebook'), 1000, note='the sinusoidal embedding of the notebook, to measure its fix (Appendix A.1)'),
+    Row(NANO_MNIST, 'timelora-interp', ('Fig. 3',), 'TimeLoRA, interpolation init', ('--cond', 'timelora', '--omega-init', 'interp'), 1000, 10, 4),
+    Row(NANO_MNIST, 'timelora-random', ('Fig. 3',), 'TimeLoRA, random init', ('--cond', 'timelora', '--omega-init', 'random'), 1000, 10, 4),
+    Row(NANO_MNIST, 'uclora', ('Fig. 3',), 'UC-LoRA', ('--cond', 'uclora'), 1000, 10, 4),
+]
+
+ROWS = EDM_ROWS + IDDPM_ROWS + NANO_ROWS
+
+
+def rows(upstream=None, table=None, runnable=None):
+    """The rows of an upstream and/or a table; runnable=True: only those this project can run."""
+    return [row for row in ROWS if (upstream is None or row.upstream == upstream) and (table is None or table in row.tables)
+            and (runnable is None or (row.variant_flags is not None) == runnable)]
+
+
+def find(upstream, dataset, variant):
+    """The row the drivers run for `make <target> VARIANT=<variant>`; KeyError if there is none."""
+    for row in ROWS:
+        if (row.upstream, row.dataset, row.variant) == (upstream, dataset, variant):
+            return row
+    raise KeyError(f'no {upstream} row {dataset} {variant}')

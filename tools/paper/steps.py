@@ -1,0 +1,129 @@
+"""The steps every paper-row driver takes (tools.paper.edm, tools.paper.iddpm): parse the row, run
+each upstream command in its vendor tree, find the newest checkpoint, show samples, score FID."""
+
+import argparse
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from tools import ROOT
+from tools.images import save_grid
+from tools.paper.rows import find, rows
+
+
+def parse_row(doc, upstream, gpus_help, train_flags_help):
+    """The command line both drivers share: a dataset, its variant, processes, smoke / dry runs.
+    Returns (parser, args, row of the table of paper rows)."""
+    runnable = rows(upstream=upstream, runnable=True)
+    parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+    parser.add_argument('dataset', choices=sorted({row.dataset for row in runnable}), help='dataset and conditioning of the paper row')
+    parser.add_argument('--variant', choices=sorted({row.variant for row in runnable}), default='with-lora', help='paper row type')
+    parser.add_argument('--gpus', type=int, default=1, help=gpus_help)
+    parser.add_argument('--smoke', action='store_true', help='tiny CPU run on synthetic data')
+    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')
+    parser.add_argument('--train-flags', default='', help=train_flags_help)
+    parser.add_argument('--dry-run', action='store_true', help='print the commands (e.g. to launch them on several nodes) without running them')
+    args = parser.parse_args()
+    if args.gpus < 1:
+        parser.error('--gpus must be at least 1')
+    try:
+        row = find(upstream, args.dataset, args.variant)
+    except KeyError:
+        variants = [r.variant for r in runnable if r.dataset == args.dataset]
+        parser.error(f'{args.dataset} has no variant {args.variant} (choose from {", ".join(variants)})')
+    tree = vendor_tree(upstream)
+    if not os.path.isdir(os.path.join(ROOT, 'vendor', tree)):
+        sys.exit(f'{upstream}: vendor/{tree} is missing; run `make vendor` first')
+    return parser, args, row
+
+
+def vendor_tree(upstream):
+    return {'edm': 'edm', 'iddpm': 'improved-diffusion'}[upstream]
+
+
+def run_dir(args, row):
+    """runs/<upstream>-<dataset>-<variant>[-smoke], created."""
+    path = os.path.join(args.runs, row.name + ('-smoke' if args.smoke else ''))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def dataset_path(args, row):
+    """The row's dataset; a missing one is an error that names the make target writing it."""
+    path = os.path.join(ROOT, row.recipe.data)
+    if not os.path.exists(path) and not args.dry_run:
+        sys.exit(f'{row.upstream}: {row.recipe.data} is missing; run `make {row.recipe.make_data}` first')
+    return path
+
+
+def synthetic_images(folder, count, resolution):
+    """A synthetic image folder (tools.data.synthetic) for smoke runs, written once."""
+    if not os.path.isdir(folder):
+        subprocess.run([sys.executable, '-m', 'tools.data.synthetic', '--out', folder, '--count', str(count), '--resolution', str(resolution)],
+                       cwd=ROOT, check=True)
+    return folder
+
+
+def run_step(command, tree, dry_run=False, env=None, stop_when=None):
+    """Run `command` in vendor/<tree> (on its PYTHONPATH), echoing and returning its output.
+
+    stop_when: a function called after each output line; when it returns True, the step has done
+    its work (improved-diffusion trains until it is killed) and its process group is stopped.
+    """
+    cwd = os.path.join(ROOT, 'vendor', tree)
+    print(f'\n[vendor/{tree}]$ {shlex.join(str(c) for c in command)}', flush=True)
+    if dry_run:
+        return ''
+    process = subprocess.Popen([str(c) for c in command], cwd=cwd, env=dict(os.environ, PYTHONPATH=cwd, **(env or {})),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    for line in process.stdout:
+        print(line, end='', flush=True)
+        output.append(line)
+        if stop_when is not None and stop_when():
+            os.killpg(process.pid, 15)
+            process.wait()
+            return ''.join(output)
+    if process.wait() != 0:
+        sys.exit(f'step failed ({process.returncode}): {shlex.join(str(c) for c in command)}')
+    return ''.join(output)
+
+
+def number_in_name(path):
+    """The last number in a file name: network-snapshot-000200.pkl -> 200, model500000.pt -> 500000."""
+    return int(re.findall(r'(\d+)\D*$', os.path.basename(path))[0])
+
+
+def newest(pattern):
+    """The file matching pattern with the largest number in its name, or None."""
+    paths = glob.glob(pattern)
+    return max(paths, key=number_in_name) if paths else None
+
+
+def show_samples(images, out_path, count=16):
+    """A PNG grid of the first `count` samples ([N, H, W, 3] uint8)."""
+    save_grid(images[:count], out_path)
+    print(f'\nsample grid: {os.path.relpath(out_path, ROOT)}')
+
+
+def fid(run_dir, images, row, note, launcher, dry_run=False):
+    """FID of an image folder by EDM's fid.py against the row's reference statistics.
+
+    Computed once: the score and `note` (what was scored) stay in run_dir/fid.txt."""
+    command = [*launcher, 'fid.py', 'calc', f'--images={images}', f'--ref={row.recipe.fid_ref}', f'--num={row.recipe.fid_images}']
+    fid_file = os.path.join(run_dir, 'fid.txt')
+    if dry_run or not os.path.exists(fid_file):
+        output = run_step(command, 'edm', dry_run=dry_run)
+        if dry_run:
+            return
+        with open(fid_file, 'w') as f:
+            f.write(f'{output.strip().splitlines()[-1]}  # {note}\n')
+    with open(fid_file) as f:
+        print(f'FID: {f.read().strip()}')
+
+
+def smoke_has_no_fid():
+    print('FID: skipped in smoke runs (fid.py downloads Inception-v3; the tests cover its plumbing)')
