@@ -154,3 +154,119 @@ def test_non_compositional_time_lora_uses_each_samples_own_step(num_dims, kernel
     expected = lora.ComposedLoRAConv.forward(layer, x, torch.cat([one_hot] + ([c] if num_classes else []), dim=1))
     got = layer(x, t, c)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+#----------------------------------------------------------------------------
+# adopt_base() refuses any base layer whose convolution base_forward() would not reproduce.
+
+class EDMLikeConv2d(torch.nn.Module):
+    """Stand-in for EDM's training.networks.Conv2d (not imported here): weight, bias, up, down, and a
+    forward of conv2d(x, w, padding=kernel // 2) plus bias when neither up nor down."""
+
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.up, self.down, self.fused_resample = in_channels, out_channels, up, down, False
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel)) if kernel else None
+        self.bias = torch.nn.Parameter(torch.randn(out_channels)) if kernel and bias else None
+
+    def forward(self, x):
+        assert not (self.up or self.down)
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2)
+
+
+class NoWeight(torch.nn.Module):
+    pass
+
+
+def lora_like(base, kernel=None, base_bias=None, num_dims=None):
+    """A LoRA layer shaped after base's weight (so only the property under test can be refused)."""
+    shape = base.weight.shape if getattr(base, 'weight', None) is not None else (10, 6, 3, 3)
+    return lora.ComposedLoRAConv(in_channels=shape[1], out_channels=shape[0], kernel=kernel or shape[-1],
+        num_dims=num_dims or len(shape) - 2, bases=2, rank=2,
+        base_bias=(getattr(base, 'bias', None) is not None) if base_bias is None else base_bias)
+
+
+REFUSED = [
+    ('stride 2d',       lambda: torch.nn.Conv2d(6, 10, 3, stride=2, padding=1),            None, r'stride \(2, 2\); LoRA layers reproduce stride 1 only'),
+    ('stride 1d',       lambda: torch.nn.Conv1d(6, 10, 1, stride=2),                       None, r'stride \(2,\); LoRA layers reproduce stride 1 only'),
+    ('dilation',        lambda: torch.nn.Conv2d(6, 10, 3, padding=1, dilation=2),          None, r'dilation \(2, 2\); LoRA layers reproduce dilation 1 only'),
+    ('groups',          lambda: torch.nn.Conv2d(6, 10, 1, groups=2),                       None, r'groups 2; LoRA layers reproduce groups 1 only'),
+    ('depthwise',       lambda: torch.nn.Conv1d(6, 6, 1, groups=6),                        None, r'groups 6; LoRA layers reproduce groups 1 only'),
+    ('padding 0',       lambda: torch.nn.Conv2d(6, 10, 3),                                 None, r'padding \(0, 0\) with kernel \(3, 3\); LoRA layers reproduce padding kernel // 2 = \(1, 1\) only'),
+    ('padding 2',       lambda: torch.nn.Conv2d(6, 10, 3, padding=2),                      None, r'padding \(2, 2\) with kernel \(3, 3\)'),
+    ('padding mixed',   lambda: torch.nn.Conv2d(6, 10, 3, padding=(1, 0)),                 None, r'padding \(1, 0\) with kernel \(3, 3\)'),
+    ('padding 1 k1',    lambda: torch.nn.Conv1d(6, 10, 1, padding=1),                      None, r'padding \(1,\) with kernel \(1,\)'),
+    ('padding valid',   lambda: torch.nn.Conv2d(6, 10, 3, padding='valid'),                None, r"padding 'valid' with kernel \(3, 3\)"),
+    ('padding same k2', lambda: torch.nn.Conv2d(6, 10, 2, padding='same'),                 None, r"padding 'same' with kernel \(2, 2\); LoRA layers reproduce padding kernel // 2 = \(1, 1\) only"),
+    ('padding_mode',    lambda: torch.nn.Conv2d(6, 10, 3, padding=1, padding_mode='reflect'), None, r"padding_mode 'reflect'; LoRA layers reproduce padding_mode 'zeros' only"),
+    ('circular',        lambda: torch.nn.Conv1d(6, 10, 1, padding_mode='circular'),        None, r"padding_mode 'circular'"),
+    ('transposed',      lambda: torch.nn.ConvTranspose2d(6, 10, 1),                        None, r'transposed convolution'),
+    ('edm up',          lambda: EDMLikeConv2d(6, 10, 3, up=True),                          None, r'up=True \(resampling\); LoRA layers reproduce a plain convolution only'),
+    ('edm down',        lambda: EDMLikeConv2d(6, 10, 1, down=True),                        None, r'down=True \(resampling\)'),
+    ('kernel',          lambda: torch.nn.Conv2d(6, 10, 3, padding=1),                      dict(kernel=1), r'kernel \(3, 3\); LoRA layer has kernel \(1, 1\)'),
+    ('1d base, 2d lora', lambda: torch.nn.Conv1d(6, 10, 1),                                dict(num_dims=2), r'is not a Conv2d weight'),
+    ('channels',        lambda: torch.nn.Conv2d(6, 11, 1),                                 None, None), # LoRA layer built 6 -> 10 below
+    ('bias missing',    lambda: torch.nn.Conv2d(6, 10, 1, bias=False),                     dict(base_bias=True), r'base layer has no bias; LoRA layer was built with base_bias=True'),
+    ('bias extra',      lambda: torch.nn.Conv1d(6, 10, 1),                                 dict(base_bias=False), r'base layer has a bias; LoRA layer was built with base_bias=False'),
+    ('no weight',       lambda: NoWeight(),                                                None, r'base layer NoWeight has no weight'),
+    ('edm kernel 0',    lambda: EDMLikeConv2d(6, 10, 0),                                   None, r'base layer EDMLikeConv2d has no weight'),
+]
+
+
+@pytest.mark.parametrize('make_base,lora_kwargs,message', [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_adopt_base_refuses_what_base_forward_would_not_reproduce(make_base, lora_kwargs, message):
+    torch.manual_seed(7)
+    base = make_base()
+    if message is None: # channels: a LoRA layer for another output width
+        layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=1, num_dims=2, bases=2, rank=2)
+        message = r'base layer weight \[11, 6, 1, 1\] does not match LoRA layer \[10, 6, 1, 1\] \(channels\)'
+    else:
+        layer = lora_like(base, **(lora_kwargs or {}))
+    placeholder = layer.weight
+    with pytest.raises(ValueError, match=message) as error:
+        layer.adopt_base(base)
+    assert '\n' not in str(error.value), 'one line'
+    assert str(error.value) == layer.why_not_reproducible(base)
+    assert layer.weight is placeholder, 'nothing adopted'
+
+
+ACCEPTED = [
+    ('conv1d k1',       lambda: torch.nn.Conv1d(6, 10, 1)),                      # IDDPM's conv_nd(1, ...) qkv / proj_out
+    ('conv1d k1 nobias', lambda: torch.nn.Conv1d(6, 10, 1, bias=False)),
+    ('conv2d k3 p1',    lambda: torch.nn.Conv2d(6, 10, 3, padding=1)),           # nano diffusion's MyConv
+    ('conv2d k3 same',  lambda: torch.nn.Conv2d(6, 10, 3, padding='same')),
+    ('conv2d k1 valid', lambda: torch.nn.Conv2d(6, 10, 1, padding='valid')),
+    ('conv2d k5 p2',    lambda: torch.nn.Conv2d(6, 10, 5, padding=2, stride=1, dilation=1, groups=1)),
+    ('edm k1',          lambda: EDMLikeConv2d(6, 10, 1)),                        # EDM's qkv / proj
+    ('edm k3',          lambda: EDMLikeConv2d(6, 10, 3)),
+    ('edm k3 nobias',   lambda: EDMLikeConv2d(6, 10, 3, bias=False)),
+]
+
+
+@pytest.mark.parametrize('make_base', [r[1] for r in ACCEPTED], ids=[r[0] for r in ACCEPTED])
+def test_adopt_base_accepts_reproducible_layers_and_reproduces_them(make_base):
+    torch.manual_seed(8)
+    base = make_base()
+    layer = lora_like(base)
+    assert layer.why_not_reproducible(base) is None
+    assert layer.adopt_base(base) is layer
+    assert layer.weight is base.weight and layer.bias is base.bias, 'the base parameter objects, not copies'
+    x = torch.randn(3, 6, *[9] * (base.weight.ndim - 2))
+    with torch.no_grad():
+        expected, got = base(x), layer.base_forward(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_refusals_would_have_been_wrong():
+    # The refused properties matter: with the base parameters forced in, base_forward() differs.
+    torch.manual_seed(9)
+    for base in [torch.nn.Conv2d(6, 10, 3, padding=1, padding_mode='reflect'), torch.nn.Conv2d(6, 10, 3, padding=1, dilation=2),
+                 torch.nn.Conv2d(6, 10, 3, padding='same', dilation=2)]:
+        layer = lora_like(base)
+        layer.weight, layer.bias = base.weight, base.bias
+        x = torch.randn(2, 6, 9, 9)
+        with torch.no_grad():
+            expected, got = base(x), layer.base_forward(x)
+        assert got.shape != expected.shape or (got - expected).abs().max() > 1e-3 * expected.abs().max()
+        assert layer.why_not_reproducible(base) is not None

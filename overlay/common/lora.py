@@ -31,6 +31,13 @@ except ImportError:
         return cls
 
 #----------------------------------------------------------------------------
+# A convolution argument (stride, dilation, padding) as a tuple: torch stores tuples, but an int
+# means the same value along every dimension.
+
+def _as_tuple(value, num_dims=1):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * num_dims
+
+#----------------------------------------------------------------------------
 # A convolution (1D or 2D) plus m rank-r LoRA bases, mixed per sample by given weights.
 
 @persistent_class
@@ -73,12 +80,76 @@ class ComposedLoRAConv(torch.nn.Module):
         self.lora_bias = torch.nn.Parameter(torch.zeros(bases * rank, out_channels)) if lora_bias else None
 
     def adopt_base(self, base):
-        """Take over the base layer's parameter objects (not copies): same values, same names."""
-        if base.weight.shape != self.weight.shape or (base.bias is None) != (self.bias is None):
-            raise ValueError(f'base layer {list(base.weight.shape)} does not match LoRA layer {list(self.weight.shape)}')
+        """Take over the base layer's parameter objects (not copies): same values, same names.
+
+        Refuses (ValueError, one line) a base layer whose output base_forward() would not reproduce.
+        """
+        reason = self.why_not_reproducible(base)
+        if reason is not None:
+            raise ValueError(reason)
         self.weight = base.weight
         self.bias = base.bias
         return self
+
+    def why_not_reproducible(self, base):
+        """Why base_forward() would not compute what `base` computes, in one line; None if it would.
+
+        base_forward() is a plain convolution with stride 1, no dilation, one group, zero padding of
+        kernel // 2 on every side, plus bias. The base layers it reproduces: torch.nn.Conv1d/Conv2d so
+        configured, and EDM's training.networks.Conv2d without up/down (conv2d with padding
+        kernel // 2). Properties a layer does not have count as the plain ones.
+        """
+        # The weight: present and of this layer's kind (Conv1d or Conv2d).
+        weight = getattr(base, 'weight', None)
+        if not isinstance(weight, torch.Tensor):
+            return f'base layer {type(base).__name__} has no weight; LoRA layers adopt a convolution\'s weight and bias'
+        if weight.ndim != self.weight.ndim:
+            return f'base layer weight {list(weight.shape)} is not a Conv{self.weight.ndim - 2}d weight like the LoRA layer\'s {list(self.weight.shape)}'
+        base_kernel = tuple(weight.shape[2:])
+
+        # What torch.nn.ConvNd configures (tuples, or a string for padding).
+        if getattr(base, 'transposed', False):
+            return 'base layer is a transposed convolution; LoRA layers reproduce plain convolutions only'
+        for name in ['stride', 'dilation']:
+            value = getattr(base, name, 1)
+            if any(v != 1 for v in _as_tuple(value)):
+                return f'base layer has {name} {value}; LoRA layers reproduce {name} 1 only'
+        groups = getattr(base, 'groups', 1)
+        if groups != 1:
+            return f'base layer has groups {groups}; LoRA layers reproduce groups 1 only'
+        padding_mode = getattr(base, 'padding_mode', 'zeros')
+        if padding_mode != 'zeros':
+            return f'base layer has padding_mode {padding_mode!r}; LoRA layers reproduce padding_mode \'zeros\' only'
+        padding = getattr(base, 'padding', None) # None: implicit kernel // 2, as EDM's Conv2d
+        wanted = tuple(k // 2 for k in base_kernel)
+        if padding == 'same': # torch pads k - 1 in all, the extra pixel of an even kernel on the far side
+            effective = wanted if all(k % 2 == 1 for k in base_kernel) else None
+        elif padding == 'valid':
+            effective = (0,) * len(base_kernel)
+        elif padding is None:
+            effective = wanted
+        else:
+            effective = _as_tuple(padding, len(base_kernel))
+        if effective != wanted:
+            return f'base layer has padding {padding!r} with kernel {base_kernel}; LoRA layers reproduce padding kernel // 2 = {wanted} only'
+
+        # What EDM's Conv2d configures: resampling before or after the convolution.
+        for name in ['up', 'down']:
+            if getattr(base, name, False):
+                return f'base layer has {name}=True (resampling); LoRA layers reproduce a plain convolution only'
+
+        # Shapes: kernel, channels, bias.
+        if base_kernel != tuple(self.weight.shape[2:]):
+            return f'base layer has kernel {base_kernel}; LoRA layer has kernel {tuple(self.weight.shape[2:])}'
+        if weight.shape != self.weight.shape:
+            return f'base layer weight {list(weight.shape)} does not match LoRA layer {list(self.weight.shape)} (channels)'
+        base_bias = getattr(base, 'bias', None)
+        if (base_bias is None) != (self.bias is None):
+            return 'base layer has a bias; LoRA layer was built with base_bias=False' if self.bias is None else \
+                'base layer has no bias; LoRA layer was built with base_bias=True'
+        if base_bias is not None and base_bias.shape != self.bias.shape:
+            return f'base layer bias {list(base_bias.shape)} does not match LoRA layer {list(self.bias.shape)}'
+        return None
 
     def forward(self, x, weights):
         return self.base_forward(x) + self.composed_delta(x, weights)
