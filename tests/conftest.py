@@ -34,12 +34,27 @@ def tool(module, *args, cwd=ROOT):
     return subprocess.run([sys.executable, '-m', f'tools.{module}', *[str(a) for a in args]], cwd=cwd, text=True, capture_output=True)
 
 
-def net_dump(tree, helper, kwargs, out, seed):
-    """Run tests/helpers/<helper> in `tree`: build a network from kwargs with `seed`, evaluate it, load what it saved."""
+def net_dumps(helper, builds, out_dir, seed):
+    """Build and evaluate networks with tests/helpers/<helper>, one process a tree, the trees side by side.
+
+    builds: {tree: {tag: kwargs}}. Every network starts from `seed`. Returns {tree: {tag: dump}},
+    each dump with the parameter names, the state dict and the outputs the helper computed."""
     import json
     import torch
-    run_in(tree, [os.path.join(HELPERS, helper), json.dumps(kwargs), seed, out])
-    return torch.load(out)
+    processes = {}
+    for tree, configs in builds.items():
+        tree_dir = os.path.join(out_dir, os.path.basename(os.path.dirname(tree)) + '-' + os.path.basename(tree))
+        os.makedirs(tree_dir, exist_ok=True)
+        command = [sys.executable, os.path.join(HELPERS, helper), json.dumps(configs), str(seed), tree_dir]
+        processes[tree] = (tree_dir, subprocess.Popen(command, cwd=tree, env=dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS='1'),
+                                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    dumps = {}
+    for tree, (tree_dir, process) in processes.items():
+        output = process.communicate()[0]
+        if process.returncode != 0:
+            pytest.fail(f'{helper} failed ({process.returncode}) in {tree}:\n{output[-6000:]}')
+        dumps[tree] = {tag: torch.load(os.path.join(tree_dir, f'{tag}.pt')) for tag in builds[tree]}
+    return dumps
 
 
 def assert_same_network(patched, pristine):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import EDM, PRISTINE_EDM, assert_same_network, net_dump
+from conftest import EDM, PRISTINE_EDM, assert_same_network, net_dumps
 
 # Small versions of each architecture, plus the real CIFAR-10 DDPM++ network of the paper.
 CONFIGS = {
@@ -19,24 +19,32 @@ CONFIGS = {
         model_type='DhariwalUNet', model_channels=64, channel_mult=[1,2], attn_resolutions=[16,8]),
 }
 LORA = dict(lora='uc', lora_bases=5, lora_rank=3, lora_mlp=[32,16])
+# Both spellings of "off": the defaults, and the explicit kwargs train.py records.
+OFF = {'defaults': {}, 'explicit': dict(lora='none', lora_rank=4, lora_bases=18, lora_mlp=[128,64], conv_cond=True)}
+SMALL = 'ddpmpp-tiny-vp'
+SMALL_VARIANTS = {'only-lora': dict(conv_cond=False, **LORA), 'without-bias': dict(lora_bias=False, **LORA)}
 
 
-def dump(tree, kwargs, tmp_path, tag, seed=7):
-    return net_dump(tree, 'edm_net_dump.py', kwargs, tmp_path / f'{tag}.pt', seed)
+@pytest.fixture(scope='module')
+def dumps(tmp_path_factory):
+    """Every network of this module, built once from seed 7: pristine[config], patched[config, tag]."""
+    patched = {(config, tag): dict(kwargs, **extra) for config, kwargs in CONFIGS.items() for tag, extra in dict(OFF, lora=LORA).items()}
+    patched.update({(SMALL, tag): dict(CONFIGS[SMALL], **extra) for tag, extra in SMALL_VARIANTS.items()})
+    built = net_dumps('edm_net_dump.py', {PRISTINE_EDM: CONFIGS, EDM: {'--'.join(key): kwargs for key, kwargs in patched.items()}},
+                      tmp_path_factory.mktemp('edm-dumps'), seed=7)
+    return built[PRISTINE_EDM], {tuple(tag.split('--')): dump for tag, dump in built[EDM].items()}
 
 
 @pytest.mark.parametrize('config', CONFIGS)
-def test_lora_off_is_bit_identical_to_pristine(config, tmp_path):
-    pristine = dump(PRISTINE_EDM, CONFIGS[config], tmp_path, 'pristine')
-    # Both spellings of "off": the defaults, and the explicit kwargs train.py records.
-    for tag, extra in [('defaults', {}), ('explicit', dict(lora='none', lora_rank=4, lora_bases=18, lora_mlp=[128,64], conv_cond=True))]:
-        assert_same_network(dump(EDM, dict(CONFIGS[config], **extra), tmp_path, tag), pristine)
+def test_lora_off_is_bit_identical_to_pristine(config, dumps):
+    pristine, patched = dumps
+    for tag in OFF:
+        assert_same_network(patched[config, tag], pristine[config])
 
 
 @pytest.mark.parametrize('config', CONFIGS)
-def test_uc_lora_at_init_computes_the_baseline(config, tmp_path):
-    pristine = dump(PRISTINE_EDM, CONFIGS[config], tmp_path, 'pristine')
-    lora = dump(EDM, dict(CONFIGS[config], **LORA), tmp_path, 'lora')
+def test_uc_lora_at_init_computes_the_baseline(config, dumps):
+    pristine, lora = dumps[0][config], dumps[1][config, 'lora']
 
     # Base parameters keep their upstream names and, drawn first, the pristine values for the seed.
     for name, value in pristine['state'].items():
@@ -52,10 +60,8 @@ def test_uc_lora_at_init_computes_the_baseline(config, tmp_path):
         assert (lora[output] - pristine[output]).abs().max() <= 1e-5 * scale
 
 
-def test_only_lora_removes_every_affine_and_nothing_else(tmp_path):
-    config = CONFIGS['ddpmpp-tiny-vp']
-    baseline = dump(EDM, config, tmp_path, 'baseline')
-    only_lora = dump(EDM, dict(config, conv_cond=False, **LORA), tmp_path, 'only-lora')
+def test_only_lora_removes_every_affine_and_nothing_else(dumps):
+    baseline, only_lora = dumps[1][SMALL, 'defaults'], dumps[1][SMALL, 'only-lora']
     removed = set(baseline['names']) - set(only_lora['names'])
     assert removed and all('.affine.' in name for name in removed)
     assert not any('.affine.' in name for name in only_lora['names'])
@@ -63,10 +69,8 @@ def test_only_lora_removes_every_affine_and_nothing_else(tmp_path):
     assert torch.isfinite(only_lora['output']).all()
 
 
-def test_the_bias_term_is_an_option(tmp_path):
-    config = CONFIGS['ddpmpp-tiny-vp']
-    with_bias = dump(EDM, dict(config, **LORA), tmp_path, 'with-bias')
-    without = dump(EDM, dict(config, lora_bias=False, **LORA), tmp_path, 'without-bias')
+def test_the_bias_term_is_an_option(dumps):
+    with_bias, without = dumps[1][SMALL, 'lora'], dumps[1][SMALL, 'without-bias']
     dropped = set(with_bias['names']) - set(without['names'])
     assert dropped and all(name.endswith('.lora_bias') for name in dropped)
     assert not set(without['names']) - set(with_bias['names'])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import IDDPM, PRISTINE_IDDPM, assert_same_network, net_dump
+from conftest import IDDPM, PRISTINE_IDDPM, assert_same_network, net_dumps
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=True, diffusion_steps=4001, noise_schedule='cosine')
 CONFIGS = {
@@ -12,26 +12,34 @@ CONFIGS = {
     'tiny-cond-checkpoint': dict(TINY, class_cond=True, use_checkpoint=True, rescale_timesteps=False, use_scale_shift_norm=False),
 }
 LORA = dict(time_lora=True, lora_bases=11, lora_rank=4)
+# Both spellings of "off": the defaults, and every LoRA flag given at its off value.
+OFF = {'defaults': {}, 'explicit': dict(time_lora=False, class_lora=False, lora_rank=4, lora_bases=11, lora_table_init='interp', conv_cond=True, num_classes=1000)}
+ONLY_LORA_BASE = dict(TINY, class_cond=True, num_classes=10)
 
 
-def dump(tree, flags, tmp_path, tag, seed=3):
-    return net_dump(tree, 'iddpm_net_dump.py', flags, tmp_path / f'{tag}.pt', seed)
+@pytest.fixture(scope='module')
+def dumps(tmp_path_factory):
+    """Every model of this module, built once from seed 3: pristine[config], patched[config, tag]."""
+    patched = {(config, tag): dict(flags, **extra) for config, flags in CONFIGS.items() for tag, extra in OFF.items()}
+    for config in ['tiny-uncond', 'tiny-cond-checkpoint']:
+        patched[config, 'lora'] = dict(CONFIGS[config], **LORA, class_lora=bool(CONFIGS[config].get('class_cond')))
+    patched['tiny-cond-10', 'defaults'] = ONLY_LORA_BASE
+    patched['tiny-cond-10', 'only-lora'] = dict(ONLY_LORA_BASE, **LORA, class_lora=True, conv_cond=False)
+    built = net_dumps('iddpm_net_dump.py', {PRISTINE_IDDPM: CONFIGS, IDDPM: {'--'.join(key): flags for key, flags in patched.items()}},
+                      tmp_path_factory.mktemp('iddpm-dumps'), seed=3)
+    return built[PRISTINE_IDDPM], {tuple(tag.split('--')): dump for tag, dump in built[IDDPM].items()}
 
 
 @pytest.mark.parametrize('config', CONFIGS)
-def test_lora_off_is_bit_identical_to_pristine(config, tmp_path):
-    pristine = dump(PRISTINE_IDDPM, CONFIGS[config], tmp_path, 'pristine')
-    explicit_off = dict(time_lora=False, class_lora=False, lora_rank=4, lora_bases=11, lora_table_init='interp', conv_cond=True, num_classes=1000)
-    for tag, extra in [('defaults', {}), ('explicit', explicit_off)]:
-        assert_same_network(dump(IDDPM, dict(CONFIGS[config], **extra), tmp_path, tag), pristine)
+def test_lora_off_is_bit_identical_to_pristine(config, dumps):
+    pristine, patched = dumps
+    for tag in OFF:
+        assert_same_network(patched[config, tag], pristine[config])
 
 
 @pytest.mark.parametrize('config', ['tiny-uncond', 'tiny-cond-checkpoint'])
-def test_time_and_class_lora_at_init_compute_the_baseline(config, tmp_path):
-    flags = CONFIGS[config]
-    lora = dict(LORA, class_lora=bool(flags.get('class_cond')))
-    pristine = dump(PRISTINE_IDDPM, flags, tmp_path, 'pristine')
-    patched = dump(IDDPM, dict(flags, **lora), tmp_path, 'lora')
+def test_time_and_class_lora_at_init_compute_the_baseline(config, dumps):
+    pristine, patched = dumps[0][config], dumps[1][config, 'lora']
     for name, value in pristine['state'].items(): # same names, same values: LoRA is added last
         assert torch.equal(patched['state'][name], value), name
     added = [name for name in patched['names'] if name not in pristine['state']]
@@ -41,10 +49,8 @@ def test_time_and_class_lora_at_init_compute_the_baseline(config, tmp_path):
     assert (patched['output'] - pristine['output']).abs().max() <= 1e-5 * scale
 
 
-def test_only_lora_removes_the_embeddings_and_emb_layers(tmp_path):
-    flags = dict(TINY, class_cond=True, num_classes=10)
-    baseline = dump(IDDPM, flags, tmp_path, 'baseline')
-    only_lora = dump(IDDPM, dict(flags, **LORA, class_lora=True, conv_cond=False), tmp_path, 'only-lora')
+def test_only_lora_removes_the_embeddings_and_emb_layers(dumps):
+    baseline, only_lora = dumps[1]['tiny-cond-10', 'defaults'], dumps[1]['tiny-cond-10', 'only-lora']
     removed = set(baseline['names']) - set(only_lora['names'])
     assert removed and all(name.startswith(('time_embed.', 'label_emb.')) or '.emb_layers.' in name for name in removed)
     assert any(name.startswith('time_embed.') for name in removed) and any(name.startswith('label_emb.') for name in removed)
