@@ -48,7 +48,7 @@ $(VENV)/.installed: requirements.txt
 
 vendor: vendor-edm vendor-iddpm vendor-dataflowr
 vendor-%: setup
-	$(PY) -m tools.vendoring.build $* --pristine $(if $(REBUILD),--rebuild)
+	$(PY) -m tools.vendoring.build $* --pristine --install $(if $(REBUILD),--rebuild)
 
 patches: setup
 	$(PY) -m tools.vendoring.export $(U)

@@ -110,3 +110,29 @@ def test_install_puts_the_tree_on_the_environments_path(monkeypatch, tmp_path):
     upstream = read_upstream('iddpm')
     build.install(upstream)
     assert (tmp_path / 'vendor-improved-diffusion.pth').read_text() == os.path.join(ROOT, 'vendor', 'improved-diffusion') + '\n'
+
+
+def test_export_writes_back_every_series_unchanged(project):
+    """make patches on freshly built trees reproduces each committed patch file byte for byte, so all
+    of them carry the one header that tools/vendoring/export.py writes."""
+    for name in ['edm', 'iddpm', 'dataflowr']:
+        assert vendor(project, name).returncode == 0
+        result = tool('vendoring.export', name, cwd=project)
+        assert result.returncode == 0, result.stderr
+        for path in sorted((project / 'patches' / name).glob('*.patch')):
+            text = path.read_text()
+            assert text == open(os.path.join(ROOT, 'patches', name, path.name)).read(), f'{name}/{path.name} changed on export'
+            assert text.startswith('From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n'
+                                   'From: LoRA conditioning project <noreply@example.org>\n'
+                                   'Date: Sat, 1 Jan 2000 00:00:00 +0000\nSubject: ') and '[PATCH' not in text.split('\n\n')[0]
+
+
+def test_export_header_ignores_who_made_the_commit_and_when():
+    from tools.vendoring.export import uniform_header
+    text = ('From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n'
+            'From: =?UTF-8?q?Someone=20Else?=\n <someone@example.com>\nDate: Thu, 26 Nov 2026 22:06:21 +0000\n'
+            'Subject: Do it\n\nBody.\nDate: in the body stays\n---\n')
+    assert uniform_header(text) == (
+        'From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n'
+        'From: LoRA conditioning project <noreply@example.org>\nDate: Sat, 1 Jan 2000 00:00:00 +0000\n'
+        'Subject: Do it\n\nBody.\nDate: in the body stays\n---\n')

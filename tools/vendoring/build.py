@@ -8,9 +8,9 @@ The inputs of each upstream are described in tools/vendoring/upstream.py. Each p
 commit in vendor/<dir> and the overlay a last commit whose message records the pinned commit and
 a digest of all inputs. A second run with the same inputs changes nothing. The script refuses (one
 line, exit 1) when vendor/<dir> has local edits or sits at another commit; a clean tree built from
-older inputs is rebuilt in place, since nothing can be lost. An upstream marked `install: editable`
-is installed into the running environment once (pip install -e), so that its own scripts import
-it from anywhere.
+older inputs is rebuilt in place, since nothing can be lost. With --install (as `make vendor` runs
+it), an upstream marked `install: editable` is put on the running environment's import path, as
+`pip install -e` would, so that its own scripts import it from any folder.
 """
 
 import argparse
@@ -160,6 +160,7 @@ def main():
     parser.add_argument('names', nargs='+', metavar='UPSTREAM', help='upstream names, as under patches/')
     parser.add_argument('--rebuild', action='store_true', help='delete vendor/<name> (local edits included) and build it again')
     parser.add_argument('--pristine', action='store_true', help='also provide vendor/pristine/<name>, the unpatched pinned commit (tests compare against it)')
+    parser.add_argument('--install', action='store_true', help='put upstreams marked `install: editable` on the running environment\'s import path')
     args = parser.parse_args()
     try:
         for name in args.names:
@@ -176,7 +177,7 @@ def main():
                 if state == 'stale':
                     print(f'vendor/{upstream["dir"]}: patches or overlay changed; rebuilding the clean tree')
                 build(name, upstream, dest, digest)
-            if upstream.get('install') == 'editable':
+            if args.install and upstream.get('install') == 'editable':
                 install(upstream)
             if args.pristine:
                 build_pristine(upstream)
