@@ -99,7 +99,7 @@ def test_transfer_copies_the_base_and_keeps_the_lora_init(edm_dataset, tmp_path)
     assert all(torch.count_nonzero(started['net'][name]) > 0 for name in added if name.endswith('lora_A'))
 
 
-@pytest.mark.parametrize('flags,message', [
+BAD_FLAGS = [
     (['--lora=lorax'], "Invalid value for '--lora'"),
     (['--lora=uc', '--lora-rank=0'], "Invalid value for '--lora-rank'"),
     (['--lora=uc', '--lora-bases=-3'], "Invalid value for '--lora-bases'"),
@@ -108,8 +108,30 @@ def test_transfer_copies_the_base_and_keeps_the_lora_init(edm_dataset, tmp_path)
     (['--lora=uc', '--arch=adm', '--cbase=32', '--cres=1'], 'DhariwalUNet has no attention layers'), # 32 channels < one 64-channel head
     (['--conv-cond=False'], '--conv-cond=False needs --lora'),
     (['--conv-cond=maybe'], "Invalid value for '--conv-cond'"),
-])
-def test_bad_flags_are_usage_errors(flags, message, edm_dataset, tmp_path):
+]
+
+
+@pytest.fixture
+def edm_train(monkeypatch):
+    """EDM's train.py, imported into this process, with its process-wide set-up (start method,
+    process group) made harmless: the options are checked before training would need either."""
+    monkeypatch.syspath_prepend(EDM)
+    import train
+    from torch_utils import distributed
+    monkeypatch.setattr(train.torch.multiprocessing, 'set_start_method', lambda method: None)
+    monkeypatch.setattr(distributed, 'init', lambda: None)
+    return train
+
+
+@pytest.mark.parametrize('flags,message', BAD_FLAGS)
+def test_bad_flags_are_usage_errors(flags, message, edm_train, edm_dataset, tmp_path):
+    from click.testing import CliRunner
+    result = CliRunner().invoke(edm_train.main, [f'--outdir={tmp_path}', f'--data={edm_dataset}', '--dry-run', *flags])
+    assert result.exit_code == 2, result.output
+    assert message.replace("'", '') in result.output.replace("'", '')
+
+
+def test_a_bad_flag_on_the_command_line_is_one_usage_message(edm_dataset, tmp_path):
+    flags, message = BAD_FLAGS[0] # rejected by click before train.py starts its process group
     result = run_in(EDM, ['train.py', f'--outdir={tmp_path}', f'--data={edm_dataset}', '--dry-run', *flags], expect_ok=False)
-    assert result.returncode == 2, result.stdout
-    assert message.replace("'", '') in result.stdout.replace("'", '') and 'Traceback' not in result.stdout
+    assert result.returncode == 2 and message.replace("'", '') in result.stdout.replace("'", '') and 'Traceback' not in result.stdout

@@ -25,7 +25,7 @@ def server(tmp_path):
 
 
 def fetch(monkeypatch, *argv):
-    monkeypatch.setattr(sys, 'argv', ['fetch_data.py', *argv])
+    monkeypatch.setattr(sys, 'argv', ['fetch.py', *argv])
     fetch_data.main()
 
 

@@ -1,5 +1,6 @@
 """End to end on CPU: improved-diffusion's own scripts with TimeLoRA + ClassLoRA, at tiny size."""
 
+import importlib.util
 import os
 import sys
 
@@ -84,7 +85,7 @@ def test_two_mpi_ranks_end_with_identical_parameters(images, tmp_path):
         assert torch.equal(rank1['model'][name], value), name
 
 
-@pytest.mark.parametrize('flags,message', [
+BAD_FLAGS = [
     (['--lora_rank', 0], '--lora_rank, --lora_bases and --num_classes must be at least 1'),
     (['--lora_bases', 'many'], "argument --lora_bases: invalid int value: 'many'"),
     (['--lora_table_init', 'zeros'], '--lora_table_init must be one of interp, random'),
@@ -92,9 +93,25 @@ def test_two_mpi_ranks_end_with_identical_parameters(images, tmp_path):
     (['--time_lora', False, '--conv_cond', False], '--conv_cond False needs --time_lora True'),
     (['--class_lora', False, '--conv_cond', False], '--conv_cond False with --class_cond True needs --class_lora True'),
     (['--time_lora', 'maybe'], "argument --time_lora: boolean value expected"),
-])
-def test_bad_flags_are_argparse_errors(flags, message, images, tmp_path):
-    for script in [['scripts/image_train.py', '--data_dir', images], ['scripts/image_sample.py']]:
-        result = run_in(IDDPM, [*script, *MODEL, *flags], expect_ok=False, env=dict(OPENAI_LOGDIR=str(tmp_path)))
-        assert result.returncode == 2, result.stdout
-        assert message in result.stdout and 'Traceback' not in result.stdout
+]
+SCRIPTS = {'image_train.py': ['--data_dir', 'unused'], 'image_sample.py': []}
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('flags,message', BAD_FLAGS)
+def test_bad_flags_are_argparse_errors(script, flags, message, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(IDDPM)
+    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(IDDPM, 'scripts', script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, 'argv', [script, *SCRIPTS[script], *[str(flag) for flag in MODEL + flags]])
+    with pytest.raises(SystemExit) as exit:
+        module.main()
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_flag_on_the_command_line_is_one_usage_message(tmp_path):
+    flags, message = BAD_FLAGS[0]
+    for script, extra in SCRIPTS.items():
+        result = run_in(IDDPM, [f'scripts/{script}', *extra, *MODEL, *flags], expect_ok=False, env=dict(OPENAI_LOGDIR=str(tmp_path)))
+        assert result.returncode == 2 and message in result.stdout and 'Traceback' not in result.stdout

@@ -92,24 +92,24 @@ def main():
                     download(url, dest)
                     if digest(dest, 'md5') != md5:
                         os.replace(dest, dest + '.bad')
-                        sys.exit(f'fetch_data: {url} did not match MD5 {md5}; kept as {dest}.bad')
+                        sys.exit(f'fetch: {url} did not match MD5 {md5}; kept as {dest}.bad')
                 print(f'{dest}: MD5 {md5} verified')
             return
         sources = [source for source in args.source if source]
         if not sources:
-            sys.exit(f'fetch_data: {args.dataset} needs a login to download; get it from {archive["where"]} and pass its path')
+            sys.exit(f'fetch: {args.dataset} needs a login to download; get it from {archive["where"]} and pass its path')
         if args.sha256 and len(args.sha256) != len(sources):
-            sys.exit(f'fetch_data: {len(sources)} archives but {len(args.sha256)} checksums')
+            sys.exit(f'fetch: {len(sources)} archives but {len(args.sha256)} checksums')
         for index, source in enumerate(sources):
             if not os.path.isfile(source):
-                sys.exit(f'fetch_data: {source} is not a file')
+                sys.exit(f'fetch: {source} is not a file')
             sha256 = digest(source, 'sha256')
             expected = args.sha256[index].lower() if args.sha256 else None
             if expected and sha256 != expected:
-                sys.exit(f'fetch_data: {source} has SHA-256 {sha256}, not the expected {expected}')
+                sys.exit(f'fetch: {source} has SHA-256 {sha256}, not the expected {expected}')
             print(f'{source}: SHA-256 {sha256} {"verified" if expected else "(no expected value given: keep it as your record)"}')
     except OSError as err:
-        sys.exit(f'fetch_data: {err}')
+        sys.exit(f'fetch: {err}')
 
 
 if __name__ == '__main__':
