@@ -1,6 +1,7 @@
 """Shared paths and helpers. `make test` builds vendor/ first; a missing tree is an error, not a skip."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -19,9 +20,18 @@ PRISTINE_NANO = os.path.join(ROOT, 'vendor', 'pristine', 'dataflowr')
 HELPERS = os.path.join(ROOT, 'tests', 'helpers')
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
 def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
-    """Run a Python script with `tree` as working directory and only `tree` on PYTHONPATH."""
-    full_env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS='1', **(env or {}))
+    """Run a Python script with `tree` as working directory and only `tree` on PYTHONPATH.
+
+    EDM's scripts start a process group on MASTER_PORT (29500 by default): each run gets a free
+    port, so that two test runs on one machine do not join each other's group and hang."""
+    full_env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS='1', MASTER_PORT=free_port(), **(env or {}))
     command = (launcher or [sys.executable]) + [str(a) for a in args]
     result = subprocess.run(command, cwd=tree, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     if expect_ok and result.returncode != 0:
