@@ -44,27 +44,28 @@ def tool(module, *args, cwd=ROOT):
     return subprocess.run([sys.executable, '-m', f'tools.{module}', *[str(a) for a in args]], cwd=cwd, text=True, capture_output=True)
 
 
-def net_dumps(helper, builds, out_dir, seed):
-    """Build and evaluate networks with tests/helpers/<helper>, one process a tree, the trees side by side.
-
-    builds: {tree: {tag: kwargs}}. Every network starts from `seed`. Returns {tree: {tag: dump}},
+def net_dumps(helper, pristine_tree, pristine_configs, tree, configs, out_dir, seed):
+    """Build and evaluate networks with tests/helpers/<helper>: pristine_configs {config: kwargs} in
+    the pristine tree, configs {(config, tag): kwargs} in the patched one, one process a tree, both
+    side by side, every network from `seed`. Returns (pristine {config: dump}, patched {(config, tag): dump}),
     each dump with the parameter names, the state dict and the outputs the helper computed."""
     import json
     import torch
+    builds = {pristine_tree: pristine_configs, tree: {'--'.join(key): kwargs for key, kwargs in configs.items()}}
     processes = {}
-    for tree, configs in builds.items():
-        tree_dir = os.path.join(out_dir, os.path.basename(os.path.dirname(tree)) + '-' + os.path.basename(tree))
-        os.makedirs(tree_dir, exist_ok=True)
-        command = [sys.executable, os.path.join(HELPERS, helper), json.dumps(configs), str(seed), tree_dir]
-        processes[tree] = (tree_dir, subprocess.Popen(command, cwd=tree, env=dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS='1'),
-                                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for top, built in builds.items():
+        top_dir = os.path.join(out_dir, 'pristine' if top == pristine_tree else 'patched')
+        os.makedirs(top_dir, exist_ok=True)
+        command = [sys.executable, os.path.join(HELPERS, helper), json.dumps(built), str(seed), top_dir]
+        processes[top] = (top_dir, subprocess.Popen(command, cwd=top, env=dict(os.environ, PYTHONPATH=top, OMP_NUM_THREADS='1'),
+                                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     dumps = {}
-    for tree, (tree_dir, process) in processes.items():
+    for top, (top_dir, process) in processes.items():
         output = process.communicate()[0]
         if process.returncode != 0:
-            pytest.fail(f'{helper} failed ({process.returncode}) in {tree}:\n{output[-6000:]}')
-        dumps[tree] = {tag: torch.load(os.path.join(tree_dir, f'{tag}.pt')) for tag in builds[tree]}
-    return dumps
+            pytest.fail(f'{helper} failed ({process.returncode}) in {top}:\n{output[-6000:]}')
+        dumps[top] = {tag: torch.load(os.path.join(top_dir, f'{tag}.pt')) for tag in builds[top]}
+    return dumps[pristine_tree], {tuple(tag.split('--')): dump for tag, dump in dumps[tree].items()}
 
 
 def assert_same_network(patched, pristine):
@@ -77,6 +78,13 @@ def assert_same_network(patched, pristine):
     for key in pristine:
         if key.startswith('output'):
             assert torch.equal(patched[key], pristine[key]), key
+
+
+def assert_lora_off_is_pristine(dumps, config, spellings):
+    """Each spelling of "LoRA off" builds the pristine network of `config`; dumps as net_dumps returns them."""
+    pristine, patched = dumps
+    for tag in spellings:
+        assert_same_network(patched[config, tag], pristine[config])
 
 
 @pytest.fixture(scope='session', autouse=True)

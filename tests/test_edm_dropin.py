@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import EDM, PRISTINE_EDM, assert_same_network, net_dumps
+from conftest import EDM, PRISTINE_EDM, assert_lora_off_is_pristine, net_dumps
 
 # Small versions of each architecture, plus the real CIFAR-10 DDPM++ network of the paper.
 CONFIGS = {
@@ -30,16 +30,12 @@ def dumps(tmp_path_factory):
     """Every network of this module, built once from seed 7: pristine[config], patched[config, tag]."""
     patched = {(config, tag): dict(kwargs, **extra) for config, kwargs in CONFIGS.items() for tag, extra in dict(OFF, lora=LORA).items()}
     patched.update({(SMALL, tag): dict(CONFIGS[SMALL], **extra) for tag, extra in SMALL_VARIANTS.items()})
-    built = net_dumps('edm_net_dump.py', {PRISTINE_EDM: CONFIGS, EDM: {'--'.join(key): kwargs for key, kwargs in patched.items()}},
-                      tmp_path_factory.mktemp('edm-dumps'), seed=7)
-    return built[PRISTINE_EDM], {tuple(tag.split('--')): dump for tag, dump in built[EDM].items()}
+    return net_dumps('edm_net_dump.py', PRISTINE_EDM, CONFIGS, EDM, patched, tmp_path_factory.mktemp('edm-dumps'), seed=7)
 
 
 @pytest.mark.parametrize('config', CONFIGS)
 def test_lora_off_is_bit_identical_to_pristine(config, dumps):
-    pristine, patched = dumps
-    for tag in OFF:
-        assert_same_network(patched[config, tag], pristine[config])
+    assert_lora_off_is_pristine(dumps, config, OFF)
 
 
 @pytest.mark.parametrize('config', CONFIGS)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import IDDPM, PRISTINE_IDDPM, assert_same_network, net_dumps
+from conftest import IDDPM, PRISTINE_IDDPM, assert_lora_off_is_pristine, net_dumps
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=True, diffusion_steps=4001, noise_schedule='cosine')
 CONFIGS = {
@@ -25,16 +25,12 @@ def dumps(tmp_path_factory):
         patched[config, 'lora'] = dict(CONFIGS[config], **LORA, class_lora=bool(CONFIGS[config].get('class_cond')))
     patched['tiny-cond-10', 'defaults'] = ONLY_LORA_BASE
     patched['tiny-cond-10', 'only-lora'] = dict(ONLY_LORA_BASE, **LORA, class_lora=True, conv_cond=False)
-    built = net_dumps('iddpm_net_dump.py', {PRISTINE_IDDPM: CONFIGS, IDDPM: {'--'.join(key): flags for key, flags in patched.items()}},
-                      tmp_path_factory.mktemp('iddpm-dumps'), seed=3)
-    return built[PRISTINE_IDDPM], {tuple(tag.split('--')): dump for tag, dump in built[IDDPM].items()}
+    return net_dumps('iddpm_net_dump.py', PRISTINE_IDDPM, CONFIGS, IDDPM, patched, tmp_path_factory.mktemp('iddpm-dumps'), seed=3)
 
 
 @pytest.mark.parametrize('config', CONFIGS)
 def test_lora_off_is_bit_identical_to_pristine(config, dumps):
-    pristine, patched = dumps
-    for tag in OFF:
-        assert_same_network(patched[config, tag], pristine[config])
+    assert_lora_off_is_pristine(dumps, config, OFF)
 
 
 @pytest.mark.parametrize('config', ['tiny-uncond', 'tiny-cond-checkpoint'])
