@@ -16,12 +16,12 @@ def to_uint8(images, low=-1.0, high=1.0):
 def save_grid(images, path, columns=None, scale=4):
     """Write images [N, H, W] or [N, H, W, C] (uint8) as one PNG grid, each image enlarged `scale` times.
 
-    columns: images a row (default: a square grid)."""
+    columns: images a row (default: the squarest grid that leaves no cell empty)."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
     count, height, width, channels = images.shape
-    columns = columns or int(np.ceil(np.sqrt(count)))
+    columns = columns or next(c for c in range(int(np.ceil(np.sqrt(count))), count + 1) if count % c == 0)
     rows = int(np.ceil(count / columns))
     grid = np.zeros([rows * height, columns * width, channels], dtype=np.uint8)
     for i, image in enumerate(images):
