@@ -1,4 +1,5 @@
-"""Nano diffusion: the module extracted from Dataflowr's notebook, and the sinusoidal-embedding fix."""
+"""Nano diffusion: the module extracted from Dataflowr's notebook, and the sinusoidal-embedding fix
+(which keeps the notebook's original beside it, as notebook_sinusoidal_embedding)."""
 
 import ast
 import os
@@ -31,8 +32,9 @@ def test_extraction_is_stable_and_keeps_only_the_model_and_ddpm_code(tmp_path):
     assert first == second
     assert first == open(os.path.join(PRISTINE_NANO, 'nano_diffusion.py')).read(), 'vendor/pristine/dataflowr holds the extraction'
     names = [node.name for node in ast.parse(first).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
-    assert names == ['sinusoidal_embedding', 'MyConv', 'MyTinyBlock', 'MyTinyUp', 'MyTinyUNet', 'DDPM', 'training_loop', 'generate_image']
-    for left_out in ['import torchvision', 'import matplotlib', 'plt.', 'def show_images', 'MNIST(', 'num_epochs = 50']:
+    assert names == ['sinusoidal_embedding', 'MyConv', 'MyTinyBlock', 'MyTinyUp', 'MyTinyUNet', 'DDPM']
+    for left_out in ['import torchvision', 'import matplotlib', 'plt.', 'def show_images', 'MNIST(', 'num_epochs = 50',
+                     'def training_loop', 'def generate_image', 'from tqdm', 'tqdm(']:
         assert left_out not in first
 
 
@@ -62,8 +64,8 @@ def vaswani(n, d):
     return embedding
 
 
-def embedding_of(tree, n, d, out):
-    script = f'import sys, numpy, nano_diffusion as nd; numpy.save(sys.argv[1], nd.sinusoidal_embedding({n}, {d}).double().numpy())'
+def embedding_of(tree, n, d, out, function='sinusoidal_embedding'):
+    script = f'import sys, numpy, nano_diffusion as nd; numpy.save(sys.argv[1], nd.{function}({n}, {d}).double().numpy())'
     subprocess.run([sys.executable, '-c', script, out], cwd=tree, env=dict(os.environ, PYTHONPATH=tree), check=True)
     return np.load(out)
 
@@ -75,3 +77,5 @@ def test_fixed_embedding_is_sinusoidal_and_the_original_is_not(n, d, tmp_path):
     original = embedding_of(PRISTINE_NANO, n, d, tmp_path / 'original.npy')
     assert np.abs(original - expected).max() > 0.5
     assert np.allclose(original[1], 1), "the original's step 1 is all ones: cos(sin(0))"
+    kept = embedding_of(NANO, n, d, tmp_path / 'kept.npy', function='notebook_sinusoidal_embedding')
+    assert np.array_equal(kept, original), "the patched module keeps the notebook's embedding (nano.py --embedding notebook)"

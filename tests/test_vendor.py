@@ -101,6 +101,10 @@ def test_notebook_upstream_is_its_extracted_module_plus_patches(project):
     assert (tree / 'lora.py').exists() and (tree / 'nano_diffusion.py').read_text() != (pristine / 'nano_diffusion.py').read_text()
     again = vendor(project, 'dataflowr', '--pristine')
     assert again.returncode == 0 and 'up to date' in again.stdout
+    exported = tool('vendoring.export', 'dataflowr', cwd=project) # 0002 ends with a context line holding one space
+    assert exported.returncode == 0, exported.stderr
+    for patch in read_series('dataflowr'):
+        assert (project / 'patches' / 'dataflowr' / os.path.basename(patch)).read_text() == open(patch).read(), 'export writes the patches back unchanged'
 
 
 def test_install_puts_the_tree_on_the_environments_path(monkeypatch, tmp_path):

@@ -4,10 +4,14 @@
 
 (tools.vendoring.build calls extract() on the notebook at the pinned commit.)
 
-Keeps, verbatim and in notebook order, the top-level definitions listed in KEEP; leaves out
-plotting, the dataset download and the notebook's own top-level training and sampling runs. The
-output depends only on the notebook's text, so the same notebook always gives the same module
-(the patches in patches/dataflowr apply to it). An expected definition that is missing is an error.
+Keeps, verbatim and in notebook order, the top-level definitions listed in KEEP: the model
+(sinusoidal_embedding, MyConv, MyTinyBlock, MyTinyUp, MyTinyUNet) and the DDPM process, whose
+add_noise, reverse and step are all that a training or sampling step needs. Leaves out plotting,
+the dataset download, the notebook's training_loop and generate_image (they take a DataLoader and
+collect frames for plots; overlay/dataflowr/nano.py has its own resumable, seeded loops over the
+same DDPM methods) and the notebook's top-level runs. The output depends only on the notebook's
+text, so the same notebook always gives the same module (the patches in patches/dataflowr apply
+to it). An expected definition that is missing is an error.
 """
 
 import ast
@@ -15,23 +19,21 @@ import json
 import sys
 import textwrap
 
-KEEP = ['device', 'sinusoidal_embedding', 'MyConv', 'MyTinyBlock', 'MyTinyUp', 'MyTinyUNet', 'DDPM',
-        'training_loop', 'generate_image']
+KEEP = ['device', 'sinusoidal_embedding', 'MyConv', 'MyTinyBlock', 'MyTinyUp', 'MyTinyUNet', 'DDPM']
 
 HEADER = '''"""Nano diffusion (DDPM on MNIST), extracted from Dataflowr's notebook {notebook}.
 
 Written by tools/vendoring/notebook.py: the notebook's definitions of
 {names}, verbatim.
-Not extracted: plotting, the MNIST download and the notebook's top-level runs.
+Not extracted: plotting, the MNIST download, training_loop, generate_image and the notebook's
+top-level runs.
 Dataflowr notebooks: https://github.com/dataflowr/notebooks (Apache-2.0).
 """
 
-# The notebook's imports that these definitions use (it also imports torchvision, matplotlib and
-# numpy, for data and plots; tqdm.notebook becomes plain tqdm outside a notebook).
+# The notebook's imports that these definitions use (it also imports torch.nn.functional and tqdm,
+# for its training loop and sampler, and torchvision, matplotlib and numpy, for data and plots).
 import torch
 from torch import nn
-from torch.nn import functional as F
-from tqdm import tqdm
 '''
 
 
