@@ -1,5 +1,8 @@
-"""The nano diffusion CLI (overlay/dataflowr/nano.py) on real MNIST digits, at tiny budgets."""
+"""The nano diffusion CLI (overlay/dataflowr/nano.py) on real MNIST digits, at tiny budgets, and
+what it is built from: nano_data.py (digits, the conversion to the model's range), nano_metrics.py
+(the rescaled view, the mean drift, the Fig. 4 similarity) and tools/images.py (pixels, grids)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -11,6 +14,12 @@ import pytest
 import torch
 
 from conftest import NANO
+from tools.images import to_uint8
+
+sys.path.insert(0, NANO)
+import nano_data  # noqa: E402
+import nano_diffusion as nd  # noqa: E402
+import nano_metrics  # noqa: E402
 
 TINY = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
 
@@ -44,18 +53,39 @@ def test_a_run_writes_denormalised_pngs_and_metrics(tmp_path):
     assert metrics['classifier_test_accuracy'] > 0.9, 'the proxy FID classifier recognises real held-out digits'
     assert 'not Inception FID' in metrics['proxy_fid_note']
     grid = np.asarray(PIL.Image.open(tmp_path / 'samples.png'))
-    assert grid.dtype == np.uint8 and grid.shape == (64, 16 * 64)
+    assert grid.dtype == np.uint8 and grid.shape == (64, 16 * 64), 'one row of 16 digits, drawn 2x'
+    samples = torch.load(tmp_path / 'samples.pt')['samples']
+    drawn = grid[::2, :8 * 64:2].reshape(32, 8, 32).transpose(1, 0, 2)
+    assert np.array_equal(drawn, to_uint8(samples)[:, 0]) and not grid[:, 8 * 64:].any(), 'the 8 samples, de-normalised, then empty'
     assert PIL.Image.open(tmp_path / 'loss.png').size[0] > 100
 
 
-def test_denormalisation_maps_the_model_range_to_pixels():
-    sys.path.insert(0, NANO)
-    import nano as cli
-    pixels = cli.to_pixels(torch.tensor([-1.0, -0.5, 0.0, 1.0, 1.7]))
-    assert pixels.tolist() == [0, 64, 128, 255, 255]
+def test_the_model_range_and_pixels_convert_both_ways():
+    assert to_uint8(torch.tensor([-1.0, -0.5, 0.0, 1.0, 1.7])).tolist() == [0, 64, 128, 255, 255]
+    every_value = np.arange(256, dtype=np.uint8).reshape(8, 32) # 32 pixels wide: not resized
+    x = nano_data.to_model_range(np.stack([every_value] * 4).reshape(1, 32, 32))
+    assert x.shape == (1, 1, 32, 32) and x.min() == -1 and x.max() == 1
+    assert np.array_equal(to_uint8(x)[0, 0], np.stack([every_value] * 4).reshape(32, 32)), 'uint8 -> model range -> uint8 is exact'
     digits = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
-    x = cli.to_model_range(digits)
-    assert x.shape == (2, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    resized = nano_data.to_model_range(digits)
+    assert resized.shape == (2, 1, 32, 32) and resized.min() >= -1 and resized.max() <= 1
+    assert abs(resized[0].mean() - (digits[0].mean() / 127.5 - 1)) < 0.05, 'a 28-pixel digit is resized, not cropped or padded'
+
+
+def test_the_official_files_load_and_100_digits_a_class_are_held_out(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (1030, 28, 28), dtype=np.uint8)
+    labels = np.arange(1030) % 10
+    with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(bytes(16) + images.tobytes())
+    with gzip.open(tmp_path / 'train-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write(bytes(8) + labels.astype(np.uint8).tobytes())
+    loaded, loaded_labels = nano_data.load_digits(str(tmp_path))
+    assert np.array_equal(loaded, images) and np.array_equal(loaded_labels, labels)
+    (train, train_labels), (held_out, held_out_labels) = nano_data.split(loaded, loaded_labels)
+    assert np.bincount(held_out_labels).tolist() == [100] * 10 and np.array_equal(held_out, images[:1000]), 'the first 100 of each class'
+    assert np.array_equal(train, images[1000:]) and np.array_equal(train_labels, labels[1000:])
+    with pytest.raises(nano_data.DataError, match='no such folder'):
+        nano_data.load_digits(str(tmp_path / 'missing'))
 
 
 @pytest.mark.parametrize('args,message', [
@@ -71,16 +101,14 @@ def test_bad_input_is_one_line(args, message, tmp_path):
 
 
 def test_rescaled_view_stretches_each_sample_and_ignores_its_mean():
-    sys.path.insert(0, NANO)
-    import nano as cli
-    import nano_metrics
     torch.manual_seed(0)
     x = torch.randn(3, 1, 32, 32)
-    pixels = cli.to_pixels_rescaled(x)
+    pixels = nano_metrics.rescaled_pixels(x)
+    assert pixels.dtype == torch.uint8 and pixels.shape == x.shape
     assert pixels.amin(dim=(1, 2, 3)).tolist() == [0, 0, 0] and pixels.amax(dim=(1, 2, 3)).tolist() == [255, 255, 255]
     shifted = x + torch.tensor([8.0, -8.0, 0.5]).reshape(3, 1, 1, 1) # drifts far beyond any N(0, 1) pixel
-    assert (cli.to_pixels_rescaled(shifted).int() - pixels.int()).abs().max() <= 1
-    assert cli.to_pixels(shifted[:2]).float().std(dim=(1, 2, 3)).max() == 0, 'de-normalised, a drifted sample is one colour'
+    assert (nano_metrics.rescaled_pixels(shifted).int() - pixels.int()).abs().max() <= 1
+    assert to_uint8(shifted[:2]).std(axis=(1, 2, 3)).max() == 0, 'de-normalised, a drifted sample is one colour'
     real = torch.full((4, 1, 32, 32), -0.8) + 0.1 * torch.arange(4).reshape(4, 1, 1, 1) # means -0.8 ... -0.5
     drift = nano_metrics.mean_drift(torch.cat([real[:3], real[:1] + 2.0, real[:1] - 1.0]), real)
     assert drift['off_range_share'] == 0.4
@@ -95,21 +123,17 @@ def test_rescoring_reuses_the_samples(tmp_path):
     assert 0 <= first['off_range_share'] <= 1 and 'proxy_fid_rescaled' in first
 
 
-def test_omega_similarity_of_the_timelora_tables_at_init(tmp_path):
+def test_omega_similarity_reads_the_trained_network_and_the_initial_one(tmp_path):
+    # TimeLoRA's two initial tables stand in for a trained network and its initialisation, which differ.
     # Interpolation: near steps share their two bases, steps 500 apart share none (bases are 111 apart).
     # Random N(0, 1) rows: near steps are no more alike than far ones.
-    sys.path.insert(0, NANO)
-    import nano as cli
-    import nano_diffusion as nd
-    for init, near_low, near_high, far_exact in [('interp', 0.8, 1.0, 0.0), ('random', -0.2, 0.2, None)]:
-        torch.manual_seed(0)
-        net = nd.MyTinyUNet(cond='timelora', omega_init=init)
-        result = cli.omega_similarity(net, net, str(tmp_path / f'{init}.png'), init)
-        assert near_low < result['omega_similarity_near'] < near_high, result
-        assert result['omega_similarity_near'] == result['omega_similarity_near_at_init']
-        if far_exact is not None:
-            assert result['omega_similarity_far'] == far_exact
-        else:
-            assert abs(result['omega_similarity_far']) < 0.2
-        saved = np.load(tmp_path / f'{init}.npz')
-        assert saved['layers'].shape == (21, 100, 100) and np.allclose(np.diagonal(saved['mean']), 1, atol=1e-5)
+    torch.manual_seed(0)
+    interpolated = nd.MyTinyUNet(cond='timelora', omega_init='interp')
+    random = nd.MyTinyUNet(cond='timelora', omega_init='random')
+    result = nano_metrics.omega_similarity(random, interpolated, str(tmp_path / 'omega.png'), 'timelora')
+    assert abs(result['omega_similarity_near']) < 0.2 and abs(result['omega_similarity_far']) < 0.2, result
+    assert 0.8 < result['omega_similarity_near_at_init'] < 1.0 and result['omega_similarity_far_at_init'] == 0.0, result
+    saved = np.load(tmp_path / 'omega.npz')
+    assert saved['layers'].shape == (21, 100, 100) and np.allclose(np.diagonal(saved['mean']), 1, atol=1e-5)
+    assert np.allclose(saved['mean'], saved['layers'].mean(0)) and np.abs(saved['mean'] - saved['mean_at_init']).max() > 0.5
+    assert PIL.Image.open(tmp_path / 'omega.png').size[0] > 500

@@ -1,4 +1,5 @@
-"""Sample quality of nano diffusion on MNIST: a proxy FID and the share of each digit.
+"""What nano diffusion's samples and LoRA layers are scored by: a proxy FID and the share of each
+digit, the mean drift, and the Fig. 4 similarity of composition weights between time steps.
 
 The proxy FID is a Frechet distance between generated digits and held-out real digits in the
 64-dimensional feature space of a small CNN classifier trained here on the training digits: a
@@ -7,30 +8,15 @@ classifier's test accuracy on the held-out digits is reported beside it, and its
 the share of each digit class among the samples (a collapse to a few digits shows there).
 """
 
-import gzip
 import os
 
 import numpy as np
-import PIL.Image
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-
-def read_mnist_idx(folder):
-    """The official MNIST training files (idx format, gzipped) -> (images [N, 28, 28] uint8, labels [N])."""
-    with gzip.open(os.path.join(folder, 'train-images-idx3-ubyte.gz')) as f:
-        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(os.path.join(folder, 'train-labels-idx1-ubyte.gz')) as f:
-        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
-    return images, labels
-
-
-def as_input(images):
-    """uint8 [N, H, W] (28 or 32 pixels) -> float [N, 1, 32, 32] in [-1, 1], as nano diffusion sees digits."""
-    if images.shape[1] != 32:
-        images = np.stack([np.asarray(PIL.Image.fromarray(image).resize((32, 32), PIL.Image.BILINEAR)) for image in images])
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1)[:, None]
+import nano_lora
+from nano_data import to_model_range
 
 
 class DigitClassifier(torch.nn.Module):
@@ -54,7 +40,7 @@ def train_classifier(images, labels, epochs=8, seed=0):
     torch.manual_seed(seed)
     net = DigitClassifier()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x, y = as_input(images), torch.from_numpy(labels)
+    x, y = to_model_range(images), torch.from_numpy(labels)
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
         for start in range(0, len(x), 64):
@@ -66,6 +52,17 @@ def train_classifier(images, labels, epochs=8, seed=0):
     return net.eval()
 
 
+def load_or_train_classifier(path, train_images, train_labels):
+    """The proxy FID's classifier kept at `path`, trained on the training digits (and saved there) if missing."""
+    if os.path.exists(path):
+        classifier = DigitClassifier()
+        classifier.load_state_dict(torch.load(path))
+        return classifier.eval()
+    classifier = train_classifier(train_images, train_labels)
+    torch.save(classifier.state_dict(), path)
+    return classifier
+
+
 def frechet_distance(a, b):
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets [N, D]."""
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -74,29 +71,29 @@ def frechet_distance(a, b):
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a + s_b - 2 * np.real(root)))
 
 
+def digit_shares(predicted):
+    """The share of each digit 0-9 among the predicted classes, rounded to 3 decimals."""
+    return [round(float(share), 3) for share in np.bincount(predicted, minlength=10) / len(predicted)]
+
+
 def evaluate(sample_sets, train_images, train_labels, held_out_images, held_out_labels, classifier_cache):
-    """Metrics of each set of generated digits (uint8 [N, 32, 32]) against the held-out real ones,
-    a dict a set; the classifier is loaded (or trained) and the real digits embedded once for all."""
-    if os.path.exists(classifier_cache):
-        classifier = DigitClassifier()
-        classifier.load_state_dict(torch.load(classifier_cache))
-        classifier.eval()
-    else:
-        classifier = train_classifier(train_images, train_labels)
-        torch.save(classifier.state_dict(), classifier_cache)
+    """Metrics of each set of generated digits (uint8 [N, 32, 32], or real 28-pixel ones) against the
+    held-out real ones, a dict a set; the classifier is loaded (or trained) and the real digits
+    embedded once for all."""
+    classifier = load_or_train_classifier(classifier_cache, train_images, train_labels)
     with torch.no_grad():
-        real = classifier.embed(as_input(held_out_images))
+        real = classifier.embed(to_model_range(held_out_images))
         accuracy = (classifier.head(real).argmax(1).numpy() == held_out_labels).mean()
     metrics = []
     for sample_pixels in sample_sets:
         with torch.no_grad():
-            generated = classifier.embed(as_input(sample_pixels))
+            generated = classifier.embed(to_model_range(sample_pixels))
             predicted = classifier.head(generated).argmax(1).numpy()
         metrics.append(dict(
             proxy_fid=round(frechet_distance(generated.double().numpy(), real.double().numpy()), 3),
             proxy_fid_note='Frechet distance in a small MNIST classifier\'s 64-d features, generated vs held-out digits; not Inception FID',
             classifier_test_accuracy=round(float(accuracy), 4),
-            class_shares=[round(float(share), 3) for share in np.bincount(predicted, minlength=10) / len(predicted)],
+            class_shares=digit_shares(predicted),
             held_out_digits=len(held_out_labels),
         ))
     return metrics
@@ -117,3 +114,68 @@ def mean_drift(samples, real):
         sample_mean_std=round(float(sample_means.std()), 3),
         real_mean_std=round(float(real_means.std()), 3),
     )
+
+
+def rescaled_pixels(samples):
+    """Each sample (model range, [N, 1, 32, 32]) stretched from its own minimum to its own maximum ->
+    uint8, as the notebook's plt.imshow shows it: the view of the shapes whatever the mean drift
+    (tools.images.to_uint8 gives the de-normalised view, where a drifted sample is one colour)."""
+    low = samples.amin(dim=(1, 2, 3), keepdim=True)
+    high = samples.amax(dim=(1, 2, 3), keepdim=True)
+    return ((samples - low) / (high - low).clamp_min(1e-8) * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- Fig. 4 / Fig. 7
+
+SIMILARITY_STEPS = torch.arange(0, 1000, 10)
+NEAR, FAR = 50, 500 # near steps: 0 < |t - t'| <= 50; far ones: |t - t'| >= 500
+
+
+def similarity_between_steps(network, steps=SIMILARITY_STEPS):
+    """Each LoRA layer's cosine similarity of its composition weights between the given time steps, [layers, S, S]."""
+    with torch.no_grad():
+        weights = nano_lora.composition_weights(network, steps)
+    return torch.stack([F.normalize(w, dim=1) @ F.normalize(w, dim=1).T for w in weights])
+
+
+def near_and_far(similarity, steps=SIMILARITY_STEPS):
+    """How alike near steps and far ones are in a [S, S] similarity (mean over the pairs)."""
+    gap = (steps[:, None] - steps[None, :]).abs().numpy()
+    return float(similarity[(gap > 0) & (gap <= NEAR)].mean()), float(similarity[gap >= FAR].mean())
+
+
+def omega_similarity(network, initial_network, out_path, title):
+    """Fig. 4 / Fig. 7: cosine similarity of the composition weights between time steps, per LoRA layer
+    and averaged, as a PNG and (for the comparison's figure) an .npz; returns how alike near steps
+    and far ones are, after training (`network`) and at initialisation (`initial_network`): is the
+    diagonal learned, or kept from the start?"""
+    layers = similarity_between_steps(network)
+    mean, mean_at_init = layers.mean(0).numpy(), similarity_between_steps(initial_network).mean(0).numpy()
+    (near, far), (near_at_init, far_at_init) = near_and_far(mean), near_and_far(mean_at_init)
+    np.savez(out_path.replace('.png', '.npz'), steps=SIMILARITY_STEPS.numpy(), mean=mean, layers=layers.numpy(), mean_at_init=mean_at_init)
+    plot_omega_similarity(mean, layers.numpy(), out_path, title,
+                          f'near {near:.2f}, far {far:.2f}; at initialisation {near_at_init:.2f}, {far_at_init:.2f}')
+    return dict(omega_similarity_near=round(near, 3), omega_similarity_far=round(far, 3),
+                omega_similarity_near_at_init=round(near_at_init, 3), omega_similarity_far_at_init=round(far_at_init, 3))
+
+
+def plot_omega_similarity(mean, layers, out_path, title, summary):
+    """The heatmaps: the mean over layers, large, and each layer's (3 rows of 7, in network order b1 ... b_out)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(16, 6))
+    left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.7], wspace=0.15)
+    ax = fig.add_subplot(left)
+    image = ax.imshow(mean, vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
+    ax.set(title=f'{title}: mean over {len(layers)} layers', xlabel="t'", ylabel='t')
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    grid = right.subgridspec(3, 7, hspace=0.35, wspace=0.1)
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(grid[i // 7, i % 7])
+        ax.imshow(layer, vmin=-1, vmax=1, cmap='RdBu_r')
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f'layer {i + 1}', fontsize=7)
+    fig.suptitle(f'cosine similarity of composition weights between time steps ({summary})')
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)

@@ -91,10 +91,10 @@ def real_digit_floor(args, draws=5):
     """The proxy FID of real training digits, as many as the samples, against the held-out ones: the
     best a method can score with this many samples, and (its spread) the noise of the measure."""
     import_vendor_tree('dataflowr', 'nano_compare')
-    import nano
+    import nano_data
     import nano_metrics
-    images, labels = nano.load_digits(args.data)
-    (train_images, train_labels), (held_out_images, held_out_labels) = nano.split(images, labels)
+    images, labels = nano_data.load_digits(args.data)
+    (train_images, train_labels), (held_out_images, held_out_labels) = nano_data.split(images, labels)
     rng = np.random.default_rng(0)
     sets = [train_images[rng.choice(len(train_images), args.samples, replace=False)] for _ in range(draws)]
     metrics = nano_metrics.evaluate(sets, train_images, train_labels, held_out_images, held_out_labels,
