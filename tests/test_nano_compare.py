@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import PIL.Image
 
 from conftest import ROOT
+from tools.images import save_grid, tile, untile
 
 
 def test_comparison_writes_its_table_and_figures_and_reuses_finished_runs(tmp_path):
@@ -27,3 +29,15 @@ def test_comparison_writes_its_table_and_figures_and_reuses_finished_runs(tmp_pa
         assert PIL.Image.open(tmp_path / png).size[0] > 500
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and 'nano.py' not in again.stdout, 'finished runs are reused, not run again'
+
+
+def test_the_sample_panels_are_the_first_digits_of_a_runs_grid(tmp_path):
+    # compare.png re-tiles each run's samples.png (16 digits a row, drawn 2x) 8 a row; nothing else writes grids.
+    digits = np.random.default_rng(0).integers(0, 256, (20, 32, 32), dtype=np.uint8)
+    save_grid(digits, tmp_path / 'samples.png', columns=16, scale=2)
+    grid = np.asarray(PIL.Image.open(tmp_path / 'samples.png'))
+    assert grid.shape == (2 * 64, 16 * 64)
+    first = untile(grid, 64, 64, 16)
+    assert np.array_equal(first[:, ::2, ::2], digits[:16])
+    panel = tile(first, 8)
+    assert panel.shape == (2 * 64, 8 * 64) and np.array_equal(panel[64:, :64], first[8])

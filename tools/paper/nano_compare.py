@@ -6,9 +6,9 @@ Runs vendor/dataflowr/nano.py for: the notebook's scale-and-shift ("shift", with
 shift with the notebook's original embedding (the fix's effect), TimeLoRA with the interpolation
 table, TimeLoRA with a random table, and UC-LoRA; same data, epochs, batch, learning rate, seeds and
 digit classifier. Writes results.md (table), results.json, compare.png (proxy FID per method,
-loss curves, sample grids) and omega_similarity.png (Fig. 4: the LoRA methods' heatmaps side by
-side), beside each run's own folder with its per-layer heatmaps (Fig. 7). Rerunning resumes
-unfinished runs and reuses finished ones.
+loss curves, and a row of samples a method) and omega_similarity.png (Fig. 4: the LoRA methods'
+heatmaps side by side), beside each run's own folder with its per-layer heatmaps (Fig. 7).
+Rerunning resumes unfinished runs and reuses finished ones.
 """
 
 import argparse
@@ -21,11 +21,18 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
+from tools.images import tile, untile
 from tools.paper.rows import NANO_ROWS
 from tools.vendoring.upstream import import_vendor_tree
 
 NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
 METHODS = [(row.variant, row.label, list(row.variant_flags)) for row in NANO_ROWS] # (run name, label, nano.py flags)
+
+
+def two_places(value):
+    """A similarity with 2 decimals, and 0.00 for what rounds to it (not -0.00)."""
+    text = f'{value:.2f}'
+    return '0.00' if text == '-0.00' else text
 
 
 def run(method_flags, out, args, seed):
@@ -50,39 +57,49 @@ def run(method_flags, out, args, seed):
 
 
 def figure(results, args, path):
+    """compare.png: proxy FID per method and the loss curves on top, then one row a method with its
+    first samples (first seed) large enough to read, de-normalised beside rescaled per digit."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import torch
-    fig = plt.figure(figsize=(16, 12))
-    ax = fig.add_subplot(3, 2, 1)
+    from matplotlib.ticker import MaxNLocator
+    columns = min(8, args.samples) # the digits shown a method and view: its first 8 or 16 samples, 8 a row
+    rows_shown = min(2, args.samples // columns)
+    panel_height = 0.8 * rows_shown + 0.4 # inches: digits 0.8 high (8 a row fill half the width), a title or a gap above
+    fig = plt.figure(figsize=(16, 5.5 + panel_height * len(METHODS)), layout='constrained')
+    top, bottom = fig.add_gridspec(2, 1, height_ratios=[5.5, panel_height * len(METHODS)])
+    ax_bars, ax_loss = top.subgridspec(1, 2).subplots()
     labels = [label for _, label, _ in METHODS]
     rows = np.arange(len(METHODS))
     for offset, (key, view, color) in enumerate([('proxy_fid', 'de-normalised', 'tab:blue'), ('proxy_fid_rescaled', 'rescaled per digit', 'tab:orange')]):
         fids = [[m[key] for m in results[name]] for name, _, _ in METHODS]
-        ax.barh(rows + 0.4 * offset, [np.mean(f) for f in fids], height=0.4, xerr=[np.std(f) for f in fids], color=color, label=view)
-    ax.set_yticks(rows + 0.2, labels)
-    ax.invert_yaxis()
-    ax.legend(fontsize=8)
-    ax.set(xlabel='proxy FID (lower is better; bars: mean, whiskers: std over seeds)',
-           title=f'{args.epochs} epochs, {len(args.seeds)} seed(s), {args.samples} samples')
-    ax = fig.add_subplot(3, 2, 2)
+        ax_bars.barh(rows + 0.4 * offset, [np.mean(f) for f in fids], height=0.4, xerr=[np.std(f) for f in fids], color=color, label=view)
+    ax_bars.set_yticks(rows + 0.2, labels)
+    ax_bars.invert_yaxis()
+    ax_bars.set(xlabel='proxy FID (lower is better; bars: mean, whiskers: std over seeds)',
+                title=f'{args.epochs} epochs, {len(args.seeds)} seed(s), {args.samples} samples')
+    ax_bars.legend(loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9) # below the axis, off the bars
     for name, label, _ in METHODS:
         checkpoint = torch.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'checkpoint.pt'), weights_only=False)
         losses = np.array(checkpoint['losses'])
         window = max(1, len(losses) // args.epochs)
-        ax.plot(np.convolve(losses, np.ones(window) / window, mode='valid'), label=label)
-    ax.set(xlabel='optimizer step', ylabel='training loss (mean over an epoch)', yscale='log')
-    ax.legend(fontsize=8)
-    for row, (png, view) in enumerate([('samples.png', 'de-normalised'), ('samples-rescaled.png', 'rescaled per digit')]):
-        for i, (name, label, _) in enumerate(METHODS):
-            ax = fig.add_subplot(3, len(METHODS), (row + 1) * len(METHODS) + i + 1)
+        ax_loss.plot(np.arange(window, len(losses) + 1), np.convolve(losses, np.ones(window) / window, mode='valid'), label=label)
+    ax_loss.set(xlabel='optimizer step', ylabel='training loss (mean over the epoch before)', yscale='log', title='training loss (first seed)')
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.legend(fontsize=8)
+    panels = bottom.subgridspec(len(METHODS), 2)
+    for i, (name, label, _) in enumerate(METHODS):
+        for j, (png, view) in enumerate([('samples.png', 'de-normalised'), ('samples-rescaled.png', 'rescaled per digit')]):
+            ax = fig.add_subplot(panels[i, j])
             grid = np.asarray(PIL.Image.open(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', png)))
-            ax.imshow(grid[:, :grid.shape[1] // 2], cmap='gray', vmin=0, vmax=255) # the first 8 columns of digits
-            ax.set_title(f'{label}\n{view}, seed {args.seeds[0]}', fontsize=8)
-            ax.axis('off')
-    fig.tight_layout()
-    fig.subplots_adjust(left=0.2) # room for the method names
+            digits = untile(grid, 64, 64, rows_shown * columns) # 32-pixel digits drawn 2x, 16 a row
+            ax.imshow(tile(digits, columns), cmap='gray', vmin=0, vmax=255, interpolation='nearest')
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f'{view} (first {rows_shown * columns} samples, seed {args.seeds[0]})', fontsize=10)
+            if j == 0:
+                ax.set_ylabel(label, rotation=0, ha='right', va='center', fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -117,7 +134,7 @@ def heatmaps(results, args, path):
             ax = axes[row, column]
             image = ax.imshow(saved[key], vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
             suffix = '' if row == 0 else '_at_init'
-            ax.set(title=f'{label}, {when}\nnear {first["omega_similarity_near" + suffix]:.2f}, far {first["omega_similarity_far" + suffix]:.2f}',
+            ax.set(title=f'{label}, {when}\nnear {two_places(first["omega_similarity_near" + suffix])}, far {two_places(first["omega_similarity_far" + suffix])}',
                    xlabel="t'", ylabel='t')
     fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02)
     fig.suptitle(f'cosine similarity of composition weights between time steps, mean over layers (seed {args.seeds[0]}; '
@@ -166,8 +183,9 @@ def main():
         runs = results[name]
         fids, rescaled = [m['proxy_fid'] for m in runs], [m['proxy_fid_rescaled'] for m in runs]
         shares = np.mean([m['class_shares_rescaled'] for m in runs], axis=0)
-        similarity = ', '.join(f'{m["omega_similarity_near"]:.2f} / {m["omega_similarity_far"]:.2f} '
-                               f'({m["omega_similarity_near_at_init"]:.2f} / {m["omega_similarity_far_at_init"]:.2f})' for m in runs) if runs[0]['cond'] != 'shift' else '-'
+        similarity = ', '.join(f'{two_places(m["omega_similarity_near"])} / {two_places(m["omega_similarity_far"])} '
+                               f'({two_places(m["omega_similarity_near_at_init"])} / {two_places(m["omega_similarity_far_at_init"])})'
+                               for m in runs) if runs[0]['cond'] != 'shift' else '-'
         lines.append(f'| {label} | {np.mean(fids):.1f} ± {np.std(fids):.1f} | {", ".join(f"{f:.1f}" for f in fids)} | '
                      f'{np.mean(rescaled):.1f} ± {np.std(rescaled):.1f} | {", ".join(f"{f:.1f}" for f in rescaled)} | '
                      f'{np.mean([m["off_range_share"] for m in runs]):.2f} | '
