@@ -176,6 +176,8 @@ def main():
             else:
                 if state == 'stale':
                     print(f'vendor/{upstream["dir"]}: patches or overlay changed; rebuilding the clean tree')
+                    if 'extract' in upstream: # its pristine tree is made by the extraction, which may have changed too
+                        shutil.rmtree(vendor_dir(upstream, pristine=True), ignore_errors=True)
                 build(name, upstream, dest, digest)
             if args.install and upstream.get('install') == 'editable':
                 install(upstream)
