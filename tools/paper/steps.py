@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 from tools import ROOT
+from tools.data.synthetic import write_folder
 from tools.images import save_grid
 from tools.paper.rows import find, rows
+from tools.vendoring.upstream import read_upstream
 
 
 def parse_row(doc, upstream, gpus_help, train_flags_help):
@@ -34,14 +36,10 @@ def parse_row(doc, upstream, gpus_help, train_flags_help):
     except KeyError:
         variants = [r.variant for r in runnable if r.dataset == args.dataset]
         parser.error(f'{args.dataset} has no variant {args.variant} (choose from {", ".join(variants)})')
-    tree = vendor_tree(upstream)
+    tree = read_upstream(upstream)['dir']
     if not os.path.isdir(os.path.join(ROOT, 'vendor', tree)):
         sys.exit(f'{upstream}: vendor/{tree} is missing; run `make vendor` first')
     return parser, args, row
-
-
-def vendor_tree(upstream):
-    return {'edm': 'edm', 'iddpm': 'improved-diffusion'}[upstream]
 
 
 def run_dir(args, row):
@@ -62,8 +60,8 @@ def dataset_path(args, row):
 def synthetic_images(folder, count, resolution):
     """A synthetic image folder (tools.data.synthetic) for smoke runs, written once."""
     if not os.path.isdir(folder):
-        subprocess.run([sys.executable, '-m', 'tools.data.synthetic', '--out', folder, '--count', str(count), '--resolution', str(resolution)],
-                       cwd=ROOT, check=True)
+        write_folder(folder, count=count, resolution=resolution)
+        print(f'wrote {count} images of {resolution}x{resolution} to {folder}')
     return folder
 
 
