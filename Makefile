@@ -55,8 +55,10 @@ patches: setup
 
 # ---------------------------------------------------------------------------- checks
 
+# One pytest-xdist worker a core, each taking whole modules (their shared fixtures built once) in the
+# order tests/conftest.py gives them: the longest first.
 test: vendor
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 params: vendor-edm vendor-iddpm
 	$(PY) -m tools.paper.params

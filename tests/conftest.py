@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
-from tools.data.synthetic import write_folder
+# `make test` runs one pytest-xdist worker a core: one thread each (torch's default of a thread a core
+# in every worker oversubscribes the cores and makes small tests many times slower). Set before torch starts.
+os.environ['OMP_NUM_THREADS'] = '1'
+
+from tools.data.synthetic import write_folder  # noqa: E402
 
 from tools import ROOT
 
@@ -42,6 +46,15 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
 def tool(module, *args, cwd=ROOT):
     """Run one of the project's scripts as `make` does: python -m tools.<module> ARGS, from the repository root."""
     return subprocess.run([sys.executable, '-m', f'tools.{module}', *[str(a) for a in args]], cwd=cwd, text=True, capture_output=True)
+
+
+def nano(*args, expect_ok=True):
+    """Run vendor/dataflowr/nano.py ARGS in its tree, on one thread (its tiny test batches gain nothing from more)."""
+    result = subprocess.run([sys.executable, 'nano.py', *[str(a) for a in args]], cwd=NANO, text=True, capture_output=True,
+                            env=dict(os.environ, PYTHONPATH=NANO, OMP_NUM_THREADS='1'))
+    if expect_ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def net_dumps(helper, pristine_tree, pristine_configs, tree, configs, out_dir, seed):
@@ -85,6 +98,16 @@ def assert_lora_off_is_pristine(dumps, config, spellings):
     pristine, patched = dumps
     for tag in spellings:
         assert_same_network(patched[config, tag], pristine[config])
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'first: start this module first (the longest)')
+
+
+def pytest_collection_modifyitems(items):
+    """The module marked first at the head, the rest in their usual order: pytest-xdist hands whole modules
+    to its workers in this order, so the longest starts at once and the workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker('first') is None)
 
 
 @pytest.fixture(scope='session', autouse=True)

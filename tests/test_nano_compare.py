@@ -1,33 +1,83 @@
-"""tools/paper/nano_compare.py end to end at a tiny budget: every method runs, and the table and figures appear."""
+"""tools/paper/nano_compare.py end to end at a tiny budget: every method runs, and the table and figures appear;
+what one nano.py run writes (its PNGs, metrics.json), and scoring it again, read from the comparison's runs."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import PIL.Image
+import pytest
+import torch
 
-from conftest import ROOT
-from tools.images import save_grid, tile, untile
+from conftest import ROOT, nano
+from tools.images import save_grid, tile, to_uint8, untile
+
+pytestmark = pytest.mark.first # the longest module of `make test`
 
 
-def test_comparison_writes_its_table_and_figures_and_reuses_finished_runs(tmp_path):
-    command = [sys.executable, '-m', 'tools.paper.nano_compare', '--epochs', '2', '--batch-size', '16',
-               '--train-digits', '32', '--samples', '2', '--seeds', '0', '--out', str(tmp_path)]
-    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert first.returncode == 0, first.stdout + first.stderr
-    table = (tmp_path / 'results.md').read_text()
+# Every method at a tiny budget: 32 digits, 2 epochs of 2 steps, 2 samples; one seed. One comparison
+# serves every test of this module (each nano.py run pays the 1000-step sampler).
+COMPARE = ['--epochs', '2', '--batch-size', '16', '--train-digits', '32', '--samples', '2', '--seeds', '0']
+
+
+def compare(out):
+    command = [sys.executable, '-m', 'tools.paper.nano_compare', *COMPARE, '--out', str(out)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+@pytest.fixture(scope='module')
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp('nano-compare')
+    result = compare(out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def test_comparison_writes_its_table_and_figures(compared):
+    table = (compared / 'results.md').read_text()
     for label in ['scale-and-shift (fixed embedding)', "scale-and-shift (notebook's embedding)", 'TimeLoRA, interpolation init',
                   'TimeLoRA, random init', 'UC-LoRA']:
         assert f'| {label} |' in table
     assert '2 epochs = 4 optimizer steps' in table and '| real training digits (2 a draw, 5 draws' in table
-    results = json.loads((tmp_path / 'results.json').read_text())
+    results = json.loads((compared / 'results.json').read_text())
     assert len(results['real_digit_floor']) == 5 and results['shift'][0]['epochs'] == 2 and results['uclora'][0]['optimizer_steps'] == 4
     assert 'omega_similarity_near' in results['timelora-random'][0] and 'omega_similarity_near' not in results['shift'][0]
     for png in ['compare.png', 'omega_similarity.png']:
-        assert PIL.Image.open(tmp_path / png).size[0] > 500
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        assert PIL.Image.open(compared / png).size[0] > 500
+
+
+def test_a_run_writes_denormalised_pngs_and_metrics(compared):
+    run = compared / 'uclora-seed0'
+    metrics = json.loads((run / 'metrics.json').read_text())
+    assert metrics['optimizer_steps'] == 4 and metrics['images_seen'] == 64 and metrics['samples'] == 2
+    assert len(metrics['class_shares']) == 10 and abs(sum(metrics['class_shares']) - 1) < 0.01
+    assert metrics['classifier_test_accuracy'] > 0.9, 'the proxy FID classifier recognises real held-out digits'
+    assert 'not Inception FID' in metrics['proxy_fid_note']
+    grid = np.asarray(PIL.Image.open(run / 'samples.png'))
+    assert grid.dtype == np.uint8 and grid.shape == (64, 16 * 64), 'one row of 16 digits, drawn 2x'
+    samples = torch.load(run / 'samples.pt')['samples']
+    drawn = grid[::2, :2 * 64:2].reshape(32, 2, 32).transpose(1, 0, 2)
+    assert np.array_equal(drawn, to_uint8(samples)[:, 0]) and not grid[:, 2 * 64:].any(), 'the 2 samples, de-normalised, then empty'
+    assert PIL.Image.open(run / 'loss.png').size[0] > 100
+
+
+def test_rescoring_reuses_the_samples(compared, tmp_path):
+    run = tmp_path / 'shift'
+    shutil.copytree(compared / 'shift-seed0', run)
+    first = json.loads((run / 'metrics.json').read_text())
+    again = nano('--cond', 'shift', '--epochs', 2, '--batch-size', 16, '--train-digits', 32, '--samples', 2, '--out', run,
+                 '--classifier', compared / 'digit-classifier.pt')
+    assert 'after epoch 2' in again.stdout and 'reusing the 2 samples' in again.stdout and 'sampled' not in again.stdout
+    assert json.loads((run / 'metrics.json').read_text())['proxy_fid'] == first['proxy_fid']
+    assert np.asarray(PIL.Image.open(run / 'samples-rescaled.png')).shape == (64, 16 * 64)
+    assert 0 <= first['off_range_share'] <= 1 and 'proxy_fid_rescaled' in first
+
+
+def test_finished_runs_are_reused(compared):
+    again = compare(compared)
     assert again.returncode == 0 and 'nano.py' not in again.stdout, 'finished runs are reused, not run again'
 
 

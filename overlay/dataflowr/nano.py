@@ -131,7 +131,7 @@ def sample(model, count, seed, batch=256):
     torch.manual_seed(seed)
     model.eval()
     samples = []
-    with torch.no_grad():
+    with torch.inference_mode(): # no autograd bookkeeping at all: the same numbers as no_grad, in less time
         for start in range(0, count, batch):
             n = min(batch, count - start)
             x = torch.randn(n, 1, 32, 32)
