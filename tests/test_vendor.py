@@ -107,6 +107,20 @@ def test_notebook_upstream_is_its_extracted_module_plus_patches(project):
         assert (project / 'patches' / 'dataflowr' / os.path.basename(patch)).read_text() == open(patch).read(), 'export writes the patches back unchanged'
 
 
+def test_a_changed_extraction_makes_the_notebooks_pristine_tree_again(project):
+    assert vendor(project, 'dataflowr', '--pristine').returncode == 0
+    pristine = project / 'vendor' / 'pristine' / 'dataflowr' / 'nano_diffusion.py'
+    pristine.write_text(pristine.read_text() + '# as an older extraction wrote it\n')
+    extraction = project / 'tools' / 'vendoring' / 'notebook.py'
+    original = extraction.read_text()
+    extraction.write_text(original + '\n# changed\n')
+    result = vendor(project, 'dataflowr', '--pristine')
+    assert result.returncode == 0 and 'rebuilding' in result.stdout, result.stdout + result.stderr
+    assert 'older extraction' not in pristine.read_text(), 'the pristine tree comes from the extraction too'
+    extraction.write_text(original)
+    assert vendor(project, 'dataflowr', '--pristine').returncode == 0
+
+
 def test_install_puts_the_tree_on_the_environments_path(monkeypatch, tmp_path):
     from tools.vendoring import build
     monkeypatch.setattr(build.sysconfig, 'get_paths', lambda: dict(purelib=str(tmp_path)))
