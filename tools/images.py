@@ -13,19 +13,20 @@ def to_uint8(images, low=-1.0, high=1.0):
     return np.rint((np.clip(images, low, high) - low) * (255 / (high - low))).astype(np.uint8)
 
 
-def tile(images, columns=None):
+def tile(images, columns=None, gap=0):
     """Images [N, H, W] or [N, H, W, C] (uint8) side by side in one array, `columns` a row (default:
-    the squarest grid that leaves no place empty), left to right then top to bottom; unused places stay black."""
+    the squarest grid that leaves no place empty), left to right then top to bottom; unused places stay
+    black. gap: pixels of white between neighbouring images (0: edge to edge, as untile() reads them)."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
     count, height, width, channels = images.shape
     columns = columns or next(c for c in range(int(np.ceil(np.sqrt(count))), count + 1) if count % c == 0)
     rows = int(np.ceil(count / columns))
-    grid = np.zeros([rows * height, columns * width, channels], dtype=np.uint8)
-    for i, image in enumerate(images):
-        top, left = (i // columns) * height, (i % columns) * width
-        grid[top:top + height, left:left + width] = image
+    grid = np.full([rows * (height + gap) - gap, columns * (width + gap) - gap, channels], 255 if gap else 0, dtype=np.uint8)
+    for i in range(rows * columns):
+        top, left = (i // columns) * (height + gap), (i % columns) * (width + gap)
+        grid[top:top + height, left:left + width] = images[i] if i < count else 0
     return grid[..., 0] if channels == 1 else grid
 
 
@@ -36,10 +37,31 @@ def untile(grid, height, width, count):
     return images.reshape(rows * columns, height, width, *grid.shape[2:])[:count]
 
 
-def save_grid(images, path, columns=None, scale=4):
+def save_grid(images, path, columns=None, scale=4, gap=0, caption=None):
     """Write images [N, H, W] or [N, H, W, C] (uint8) as one PNG grid (tile()), each image enlarged `scale` times.
 
-    columns: images a row (default: the squarest grid that leaves no cell empty)."""
-    grid = tile(images, columns)
+    columns: images a row (default: the squarest grid that leaves no cell empty). gap: white pixels
+    between images, before enlarging. caption: text written above the grid, wrapped to its width."""
+    grid = tile(images, columns, gap)
     picture = PIL.Image.fromarray(grid)
-    picture.resize([grid.shape[1] * scale, grid.shape[0] * scale], PIL.Image.NEAREST).save(path)
+    picture = picture.resize([grid.shape[1] * scale, grid.shape[0] * scale], PIL.Image.NEAREST)
+    if caption:
+        picture = with_caption(picture, caption)
+    picture.save(path)
+
+
+def with_caption(picture, caption, font_size=14, margin=6):
+    """The picture below `caption`, in black on white, wrapped to the picture's width (at least 320 pixels)."""
+    import textwrap
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=font_size)
+    width = max(picture.width, 320)
+    characters = max(10, int((width - 2 * margin) / font.getlength('n'))) # an average letter is about as wide as an n
+    lines = [line for paragraph in caption.split('\n') for line in textwrap.wrap(paragraph, characters) or ['']]
+    line_height = font_size + 4
+    captioned = PIL.Image.new(picture.mode, [width, picture.height + len(lines) * line_height + 2 * margin], 'white')
+    draw = ImageDraw.Draw(captioned)
+    for i, line in enumerate(lines):
+        draw.text((margin, margin + i * line_height), line, fill='black', font=font)
+    captioned.paste(picture, ((width - picture.width) // 2, len(lines) * line_height + 2 * margin))
+    return captioned

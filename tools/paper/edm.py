@@ -79,7 +79,8 @@ def main():
             open(os.path.join(samples, 'done'), 'w').close()
     if not args.dry_run:
         paths = sorted(glob.glob(os.path.join(samples, '**', '*.png'), recursive=True))[:16]
-        show_samples(np.stack([np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths]), os.path.join(folder, 'samples.png'))
+        show_samples(np.stack([np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths]), os.path.join(folder, 'samples.png'),
+                     f'{row.name}: seeds 0-{len(paths) - 1} of {os.path.basename(snapshot)}, EDM\'s Heun sampler, NFE {2 * steps - 1}', args.smoke)
 
     # FID against EDM's published reference statistics.
     if args.smoke:

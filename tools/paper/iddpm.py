@@ -78,7 +78,8 @@ def main():
     pngs = os.path.join(samples_dir, 'png')
     if not args.dry_run:
         npz = glob.glob(os.path.join(samples_dir, 'samples_*.npz'))[0]
-        show_samples(np.load(npz)['arr_0'], os.path.join(folder, 'samples.png'))
+        show_samples(np.load(npz)['arr_0'], os.path.join(folder, 'samples.png'),
+                     f'{row.name}: the first samples of {os.path.basename(ema)}, all {flag_value(model_flags, "--diffusion_steps")} steps', args.smoke)
         if not args.smoke:
             subprocess.run([sys.executable, '-m', 'tools.data.image_folder', 'npz', npz, pngs], cwd=ROOT, check=True)
 

@@ -101,9 +101,16 @@ def newest(pattern):
     return max(paths, key=number_in_name) if paths else None
 
 
-def show_samples(images, out_path, count=16):
-    """A PNG grid of the first `count` samples ([N, H, W, 3] uint8)."""
-    save_grid(images[:count], out_path)
+SMOKE_CAPTION = ('Smoke run: a few training steps on synthetic images, so these samples are noise by design '
+                 '(it checks that every step runs, not what the model learns).')
+
+
+def show_samples(images, out_path, caption, smoke=False, count=16):
+    """A PNG grid of the first `count` samples ([N, H, W, 3] uint8), 128 pixels each, a white line
+    between them, and `caption` above (what was sampled; for smoke runs, why it is noise)."""
+    images = images[:count]
+    caption = f'{caption}\n{SMOKE_CAPTION}' if smoke else caption
+    save_grid(images, out_path, scale=max(1, 128 // images.shape[1]), gap=1, caption=caption)
     print(f'\nsample grid: {os.path.relpath(out_path, ROOT)}')
 
 
