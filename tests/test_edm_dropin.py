@@ -20,9 +20,10 @@ CONFIGS = {
 }
 LORA = dict(lora='uc', lora_bases=5, lora_rank=3, lora_mlp=[32,16])
 # Both spellings of "off": the defaults, and the explicit kwargs train.py records.
-OFF = {'defaults': {}, 'explicit': dict(lora='none', lora_rank=4, lora_bases=18, lora_mlp=[128,64], conv_cond=True)}
+OFF = {'defaults': {}, 'explicit': dict(lora='none', lora_rank=4, lora_bases=18, lora_mlp=[128,64], lora_bias=True, lora_scale='fixed', conv_cond=True)}
 SMALL = 'ddpmpp-tiny-vp'
-SMALL_VARIANTS = {'only-lora': dict(conv_cond=False, **LORA), 'without-bias': dict(lora_bias=False, **LORA)}
+SMALL_VARIANTS = {'only-lora': dict(conv_cond=False, **LORA), 'without-bias': dict(lora_bias=False, **LORA),
+                  'trainable-scale': dict(lora_scale='trainable', **LORA)}
 
 
 @pytest.fixture(scope='module')
@@ -70,3 +71,12 @@ def test_the_bias_term_is_an_option(dumps):
     dropped = set(with_bias['names']) - set(without['names'])
     assert dropped and all(name.endswith('.lora_bias') for name in dropped)
     assert not set(without['names']) - set(with_bias['names'])
+
+
+def test_a_trainable_scale_is_one_scalar_an_adapted_layer_and_starts_as_the_baseline(dumps):
+    fixed, scaled = dumps[1][SMALL, 'lora'], dumps[1][SMALL, 'trainable-scale']
+    added = set(scaled['names']) - set(fixed['names'])
+    assert added and all(name.endswith(('.qkv.lora_scale', '.proj.lora_scale')) for name in added)
+    assert len(added) == sum(name.endswith('.qkv.lora_A') for name in fixed['names']) * 2
+    assert all(scaled['state'][name].item() == 1.0 for name in added)
+    assert torch.equal(scaled['output'], fixed['output'])

@@ -109,6 +109,7 @@ BAD_FLAGS = [
     (['--lora=uc', '--arch=adm', '--cbase=32', '--cres=1'], 'DhariwalUNet has no attention layers'), # 32 channels < one 64-channel head
     (['--conv-cond=False'], '--conv-cond=False needs --lora'),
     (['--conv-cond=maybe'], "Invalid value for '--conv-cond'"),
+    (['--lora=uc', '--lora-scale=learned'], "Invalid value for '--lora-scale'"),
 ]
 
 

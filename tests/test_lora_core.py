@@ -71,6 +71,24 @@ def test_output_is_linear_in_the_composition_weights():
     assert (combined - (0.3 * delta(w1) - 1.7 * delta(w2))).abs().max() <= 1e-5 * combined.abs().max()
 
 
+def test_a_trainable_scale_multiplies_the_whole_update_and_learns():
+    torch.manual_seed(2)
+    fixed, base = make_layer(2, 3)
+    scaled = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=3, num_dims=2, bases=4, rank=3, trainable_scale=True)
+    scaled.adopt_base(base)
+    scaled.load_state_dict(fixed.state_dict(), strict=False)
+    assert fixed.lora_scale is None and scaled.lora_scale.shape == () and scaled.lora_scale.item() == 1.0
+    assert [name for name, _ in scaled.named_parameters()][-1] == 'lora_scale', 'one scalar, after the LoRA terms'
+    x, weights = torch.randn(3, 6, 5, 5), torch.randn(3, 4)
+    assert torch.equal(scaled(x, weights), fixed(x, weights)), 'initialised to 1: the fixed layer'
+    with torch.no_grad():
+        scaled.lora_scale.fill_(-0.4)
+    expected = base(x) - 0.4 * (fixed(x, weights) - base(x))
+    assert (scaled(x, weights) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    scaled(x, weights).square().sum().backward()
+    assert scaled.lora_scale.grad is not None and scaled.lora_scale.grad != 0
+
+
 @pytest.mark.parametrize('num_dims,kernel', [(2, 1), (2, 3), (1, 1)])
 def test_zero_init_is_exactly_the_base_layer(num_dims, kernel):
     torch.manual_seed(2)

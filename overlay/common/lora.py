@@ -50,6 +50,7 @@ class ComposedLoRAConv(torch.nn.Module):
         [lora_A] [m*r, C_in, *kernel]: the down-projections A_1..A_m, stacked.
         [lora_B] [C_out, m*r]: the up-projections B_1..B_m, side by side.
         [lora_bias] [m*r, C_out] or None: the bias terms E_1..E_m, stacked.
+        [lora_scale] [] or None: a trainable scalar on the whole LoRA update, initialised to 1 (None: 1).
     forward(x, weights): x [N, C_in, *spatial], weights [N, m] or [1, m] (one condition for the whole
         batch, as EDM's samplers pass a single noise level) -> [N, C_out, *spatial].
     """
@@ -63,6 +64,7 @@ class ComposedLoRAConv(torch.nn.Module):
         rank,                   # Rank r of each basis.
         base_bias   = True,     # Does the base convolution have a bias?
         lora_bias   = True,     # Add the per-basis bias term E?
+        trainable_scale = False, # A trainable scalar on the LoRA update (initialised to 1) instead of a fixed 1?
     ):
         if bases < 1 or rank < 1:
             raise ValueError(f'LoRA needs bases >= 1 and rank >= 1, got bases={bases}, rank={rank}')
@@ -78,6 +80,7 @@ class ComposedLoRAConv(torch.nn.Module):
         self.lora_A = torch.nn.Parameter(torch.randn(bases * rank, in_channels, *kernel_shape) / rank)
         self.lora_B = torch.nn.Parameter(torch.zeros(out_channels, bases * rank))
         self.lora_bias = torch.nn.Parameter(torch.zeros(bases * rank, out_channels)) if lora_bias else None
+        self.lora_scale = torch.nn.Parameter(torch.ones([])) if trainable_scale else None
 
     def adopt_base(self, base):
         """Take over the base layer's parameter objects (not copies): same values, same names.
@@ -152,7 +155,10 @@ class ComposedLoRAConv(torch.nn.Module):
         return None
 
     def forward(self, x, weights):
-        return self.base_forward(x) + self.composed_delta(x, weights)
+        delta = self.composed_delta(x, weights)
+        if self.lora_scale is not None:
+            delta = delta * self.lora_scale.to(x.dtype)
+        return self.base_forward(x) + delta
 
     def base_forward(self, x):
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
@@ -229,9 +235,10 @@ class UCLoRAConv(ComposedLoRAConv):
         mlp_widths  = [128,64], # Hidden widths of the composition MLP.
         base_bias   = True,     # Does the base convolution have a bias?
         lora_bias   = True,     # Add the per-basis bias term E?
+        trainable_scale = False, # A trainable scalar on the LoRA update (initialised to 1) instead of a fixed 1?
     ):
         super().__init__(in_channels=in_channels, out_channels=out_channels, kernel=kernel, num_dims=num_dims,
-            bases=bases, rank=rank, base_bias=base_bias, lora_bias=lora_bias)
+            bases=bases, rank=rank, base_bias=base_bias, lora_bias=lora_bias, trainable_scale=trainable_scale)
         self.lora_mlp = CompositionMLP(in_features=emb_channels, hidden_widths=mlp_widths, out_features=bases)
 
     def forward(self, x, emb):

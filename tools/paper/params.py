@@ -18,7 +18,8 @@ from tools.vendoring.upstream import import_vendor_tree
 EDM_DDPMPP = dict(class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
     encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1,1], model_channels=128,
     channel_mult=[2,2,2], img_channels=3)
-EDM_LORA_FLAGS = {'--lora': ('lora', str), '--lora-bases': ('lora_bases', int), '--lora-rank': ('lora_rank', int)}
+EDM_LORA_FLAGS = {'--lora': ('lora', str), '--lora-bases': ('lora_bases', int), '--lora-rank': ('lora_rank', int),
+                  '--lora-mlp': ('lora_mlp', lambda widths: [int(w) for w in widths.split(',')]), '--lora-scale': ('lora_scale', str)}
 
 
 def edm_network_kwargs(row):
@@ -81,7 +82,7 @@ def results():
     for table, row in counted_rows():
         ours = COUNTERS[row.upstream](row)
         yield dict(upstream=row.upstream, table=table, row=row.title(table), paper=row.paper_params, ours=ours,
-                   difference=ours - row.paper_params, match=ours == row.paper_params, note=row.note if ours != row.paper_params else None)
+                   difference=ours - row.paper_params, match=ours == row.paper_params, note=row.note if row.rules_params else None)
 
 
 def main():
@@ -95,7 +96,7 @@ def main():
     print(f'{"upstream":8s} {"table":7s} {"row":36s} {"paper":>12s} {"ours":>12s} {"diff":>8s}  match')
     for r in table:
         print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:36s} {r["paper"]:12,d} {r["ours"]:12,d} {r["difference"]:+8,d}  '
-              f'{"yes" if r["match"] else "NO: " + (r["note"] or "unexplained")}')
+              f'{"yes" if r["match"] else "NO"}{": " + r["note"] if r["note"] else ""}')
     matched = sum(r['match'] for r in table)
     print(f'\n{matched} of {len(table)} rows match the paper exactly.')
 

@@ -45,7 +45,7 @@ class Row:
     paper_params: int = None    # trainable parameters, as the paper reports them
     paper_fid: float = None
     rules_params: int = None    # where the paper's count does not follow from its own text: what the text gives
-    note: str = None            # what is known about such a difference, or about the row
+    note: str = None            # what is known about such a difference (settings inferred from the count), or about the row
 
     @property
     def upstream(self):
@@ -103,16 +103,18 @@ def uc_lora(bases, rank=4, *extra):
     return ('--lora=uc', f'--lora-bases={bases}', f'--lora-rank={rank}', *extra)
 
 
-def edm_rows(recipe, nfe, bases, params, fids, pretrained_fid, notes={}, rules_params={}):
-    """Table 1's four EDM variants of a recipe; params and fids: (baseline, only LoRA, with LoRA)."""
+def edm_rows(recipe, nfe, bases, params, fids, pretrained_fid, notes={}, rules_params={}, inferred={}):
+    """Table 1's four EDM variants of a recipe; params and fids: (baseline, only LoRA, with LoRA).
+    inferred: {variant: flags} that the paper's text does not state but its parameter count implies."""
     table, cifar10 = ('Table 1',), recipe.title.startswith('CIFAR-10')
+    only_lora, with_lora = (*inferred.get('only-lora', ()), '--conv-cond=False'), inferred.get('with-lora', ())
     return [
         Row(recipe, 'baseline', table, 'baseline', (), nfe, None, None, params[0], fids[0]),
-        Row(recipe, 'only-lora', table + (('Table 3',) if cifar10 else ()), 'only LoRA', uc_lora(bases, 4, '--conv-cond=False'), nfe, bases, 4, params[1], fids[1],
+        Row(recipe, 'only-lora', table + (('Table 3',) if cifar10 else ()), 'only LoRA', uc_lora(bases, 4, *only_lora), nfe, bases, 4, params[1], fids[1],
             rules_params.get('only-lora'), notes.get('only-lora')),
-        Row(recipe, 'with-lora', table + (('Table 2',) if recipe.dataset == 'cifar10-uncond' else ()), 'with LoRA', uc_lora(bases), nfe, bases, 4,
+        Row(recipe, 'with-lora', table + (('Table 2',) if recipe.dataset == 'cifar10-uncond' else ()), 'with LoRA', uc_lora(bases, 4, *with_lora), nfe, bases, 4,
             params[2], fids[2], rules_params.get('with-lora'), notes.get('with-lora')),
-        Row(recipe, 'pretrained', table, 'with LoRA, pretrained base', uc_lora(bases, 4, f'--transfer={recipe.pretrained}'), nfe, bases, 4,
+        Row(recipe, 'pretrained', table, 'with LoRA, pretrained base', uc_lora(bases, 4, *with_lora, f'--transfer={recipe.pretrained}'), nfe, bases, 4,
             None, pretrained_fid, note="the base starts from EDM's published network (train.py --transfer); same network as with LoRA"),
     ]
 
@@ -127,9 +129,11 @@ EDM_ROWS = [
     *edm_rows(EDM_CIFAR10_UNCOND, 35, 18, (55733891, 53411675, 57745499), (1.97, 1.99, 1.96), 1.91),
     *edm_rows(EDM_CIFAR10_COND, 35, 18, (55735299, 53413083, 57746907), (1.79, 1.82, 1.75), None),
     *edm_rows(EDM_FFHQ64, 79, 20, (61805571, 58935795, 63941631), (2.39, 2.46, 2.37), 2.31,
+        # The paper's text gives 12 and 115,968 parameters fewer; these settings, inferred from its counts, give them exactly.
+        inferred={'only-lora': ('--lora-mlp=128,128',), 'with-lora': ('--lora-scale=trainable',)},
         rules_params={'only-lora': 58819827, 'with-lora': 63941619},
-        notes={'only-lora': 'the paper count is 115,968 above what its own rules give; not explained',
-               'with-lora': '12 = one scalar per adapted layer (a trainable LoRA scale?) not in the paper text'}),
+        notes={'only-lora': 'inferred from the count: composition MLPs 128,128 (the text: 128,64, 115,968 fewer)',
+               'with-lora': 'inferred from the count: a trainable LoRA scale a layer (the text: none, 12 fewer)'}),
     # Table 2: CIFAR-10 uncond with LoRA at other sizes (18 bases, rank 4 is the with-lora row above).
     Row(EDM_CIFAR10_UNCOND, 'bases-9', ('Table 2',), 'with LoRA', uc_lora(9), 35, 9, 4, 57185519, 1.99),
     Row(EDM_CIFAR10_UNCOND, 'bases-36', ('Table 2',), 'with LoRA', uc_lora(36), 35, 36, 4, 58865459, 1.95),
