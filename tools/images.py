@@ -57,7 +57,7 @@ def with_caption(picture, caption, font_size=14, margin=6):
     font = ImageFont.load_default(size=font_size)
     width = max(picture.width, 320)
     characters = max(10, int((width - 2 * margin) / font.getlength('n'))) # an average letter is about as wide as an n
-    lines = [line for paragraph in caption.split('\n') for line in textwrap.wrap(paragraph, characters) or ['']]
+    lines = [line for paragraph in caption.split('\n') for line in textwrap.wrap(paragraph, characters, break_on_hyphens=False) or ['']] # file names stay whole
     line_height = font_size + 4
     captioned = PIL.Image.new(picture.mode, [width, picture.height + len(lines) * line_height + 2 * margin], 'white')
     draw = ImageDraw.Draw(captioned)
