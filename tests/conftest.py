@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-# `make test` runs one pytest-xdist worker a core: one thread each (torch's default of a thread a core
-# in every worker oversubscribes the cores and makes small tests many times slower). Set before torch starts.
+# `make test` runs one pytest-xdist worker a core: one thread each, for the workers and every process
+# they start (torch's default of a thread a core in every one oversubscribes the cores and makes small
+# tests many times slower; tiny test batches gain nothing from more threads). Set before torch starts.
 os.environ['OMP_NUM_THREADS'] = '1'
 
 from tools.data.synthetic import write_folder  # noqa: E402
@@ -35,7 +36,7 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
 
     EDM's scripts start a process group on MASTER_PORT (29500 by default): each run gets a free
     port, so that two test runs on one machine do not join each other's group and hang."""
-    full_env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS='1', MASTER_PORT=free_port(), **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=tree, MASTER_PORT=free_port(), **(env or {}))
     command = (launcher or [sys.executable]) + [str(a) for a in args]
     result = subprocess.run(command, cwd=tree, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     if expect_ok and result.returncode != 0:
@@ -49,9 +50,9 @@ def tool(module, *args, cwd=ROOT):
 
 
 def nano(*args, expect_ok=True):
-    """Run vendor/dataflowr/nano.py ARGS in its tree, on one thread (its tiny test batches gain nothing from more)."""
+    """Run vendor/dataflowr/nano.py ARGS in its tree."""
     result = subprocess.run([sys.executable, 'nano.py', *[str(a) for a in args]], cwd=NANO, text=True, capture_output=True,
-                            env=dict(os.environ, PYTHONPATH=NANO, OMP_NUM_THREADS='1'))
+                            env=dict(os.environ, PYTHONPATH=NANO))
     if expect_ok:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -70,7 +71,7 @@ def net_dumps(helper, pristine_tree, pristine_configs, tree, configs, out_dir, s
         top_dir = os.path.join(out_dir, 'pristine' if top == pristine_tree else 'patched')
         os.makedirs(top_dir, exist_ok=True)
         command = [sys.executable, os.path.join(HELPERS, helper), json.dumps(built), str(seed), top_dir]
-        processes[top] = (top_dir, subprocess.Popen(command, cwd=top, env=dict(os.environ, PYTHONPATH=top, OMP_NUM_THREADS='1'),
+        processes[top] = (top_dir, subprocess.Popen(command, cwd=top, env=dict(os.environ, PYTHONPATH=top),
                                                     text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     dumps = {}
     for top, (top_dir, process) in processes.items():

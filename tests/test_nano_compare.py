@@ -2,7 +2,6 @@
 what one nano.py run writes (its PNGs, metrics.json), and scoring it again, read from the comparison's runs."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ COMPARE = ['--epochs', '2', '--batch-size', '16', '--train-digits', '32', '--sam
 
 def compare(out):
     command = [sys.executable, '-m', 'tools.paper.nano_compare', *COMPARE, '--out', str(out)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope='module')

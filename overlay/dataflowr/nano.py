@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+try: # first: nano_data needs it too
+    from tools.images import save_grid, to_uint8
+except ImportError:
+    sys.exit("nano: needs the project's tools package on the path (make setup installs it into .venv)")
+
 import nano_data
 import nano_diffusion as nd
 import nano_lora
 import nano_metrics
-
-try:
-    from tools.images import save_grid, to_uint8
-except ImportError:
-    sys.exit("nano: needs the project's tools package on the path (make setup installs it into .venv)")
 
 # Options a checkpoint may be resumed with other values of (the rest must match).
 FREE_ON_RESUME = ('epochs', 'samples', 'out', 'classifier')
