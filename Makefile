@@ -13,15 +13,17 @@ row = $(PY) -m tools.paper.$(1) $(2) $(if $(VARIANT),--variant=$(VARIANT)) $(if 
 full_run = $(if $(SMOKE)$(DRY),,$(1))
 
 .PHONY: help setup vendor test smoke demo nano-compare params audit bench patches \
-        edm-cifar-uncond edm-cifar-cond edm-ffhq iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
+        edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
 help:
 	@echo "make demo                 nano diffusion with UC-LoRA on real MNIST digits, on the CPU (about 6 minutes)"
 	@echo "make test                 the test suite (CPU; builds the environment and vendor/ first)"
 	@echo "make edm-cifar-uncond     paper row; also edm-cifar-cond, edm-ffhq"
-	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained|bases-9|bases-36|rank-2|rank-8"
+	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained|finetune"
+	@echo "                                  |bases-9|bases-36|rank-2|rank-8 (uncond) |adaln (CIFAR-10) |classlora (cond)"
 	@echo "                          GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
+	@echo "make edm-class-grid       paper Fig. 5: class vectors interpolated and scaled, cond baseline vs ClassLoRA [SMOKE=1 NETS=\"a.pkl b.pkl\"]"
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make smoke                every paper target with SMOKE=1"
@@ -73,6 +75,10 @@ smoke: vendor-edm vendor-iddpm
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=baseline
+	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond SMOKE=1 VARIANT=adaln
+	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=finetune
+	$(MAKE) --no-print-directory edm-cifar-cond SMOKE=1 VARIANT=classlora
+	$(MAKE) --no-print-directory edm-class-grid SMOKE=1
 	$(MAKE) --no-print-directory iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=baseline
@@ -94,6 +100,11 @@ edm-cifar-cond: vendor-edm $(call full_run,datasets/cifar10-32x32.zip)
 	$(call row,edm,cifar10-cond)
 edm-ffhq: vendor-edm $(call full_run,datasets/ffhq-64x64.zip)
 	$(call row,edm,ffhq64)
+
+# Fig. 5 from the cond baseline and ClassLoRA runs (their smoke runs with SMOKE=1, made first if missing), or from NETS.
+edm-class-grid: vendor-edm
+	$(if $(NETS),,$(if $(SMOKE),$(MAKE) --no-print-directory edm-cifar-cond SMOKE=1 VARIANT=baseline && $(MAKE) --no-print-directory edm-cifar-cond SMOKE=1 VARIANT=classlora))
+	$(PY) -m tools.paper.class_grid $(if $(SMOKE),--smoke) $(if $(NETS),--nets $(NETS))
 
 # improved-diffusion rows score FID with EDM's fid.py.
 iddpm-cifar-uncond: vendor-iddpm $(call full_run,vendor-edm datasets/cifar10-train)

@@ -20,7 +20,7 @@ CONFIGS = {
 }
 LORA = dict(lora='uc', lora_bases=5, lora_rank=3, lora_mlp=[32,16])
 # Both spellings of "off": the defaults, and the explicit kwargs train.py records.
-OFF = {'defaults': {}, 'explicit': dict(lora='none', lora_rank=4, lora_bases=18, lora_mlp=[128,64], lora_bias=True, lora_scale='fixed', conv_cond=True)}
+OFF = {'defaults': {}, 'explicit': dict(lora='none', lora_rank=4, lora_bases=18, lora_mlp=[128,64], lora_bias=True, lora_scale='fixed', adaln=False, conv_cond=True)}
 SMALL = 'ddpmpp-tiny-vp'
 SMALL_VARIANTS = {'only-lora': dict(conv_cond=False, **LORA), 'without-bias': dict(lora_bias=False, **LORA),
                   'trainable-scale': dict(lora_scale='trainable', **LORA)}

@@ -82,9 +82,15 @@ def test_resume_restores_network_ema_optimizer_and_progress(lora_run, edm_datase
     assert (tmp_path / 'resumed' / 'network-snapshot-000002.pkl').exists()
 
 
-def test_transfer_copies_the_base_and_keeps_the_lora_init(edm_dataset, tmp_path):
-    train(edm_dataset, tmp_path / 'baseline')
-    baseline = tmp_path / 'baseline' / 'network-snapshot-000001.pkl'
+@pytest.fixture(scope='module')
+def baseline(edm_dataset, tmp_path_factory):
+    """The snapshot of a tiny baseline run (no LoRA), to transfer from."""
+    run_dir = tmp_path_factory.mktemp('baseline-run')
+    train(edm_dataset, run_dir)
+    return run_dir / 'network-snapshot-000001.pkl'
+
+
+def test_transfer_copies_the_base_and_keeps_the_lora_init(baseline, edm_dataset, tmp_path):
     first_step = tmp_path / 'first-step.pt'
     run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'first-step', first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
                  f'--data={edm_dataset}', *TINY, *LORA, f'--transfer={baseline}'])
@@ -100,6 +106,27 @@ def test_transfer_copies_the_base_and_keeps_the_lora_init(edm_dataset, tmp_path)
     assert all(torch.count_nonzero(started['net'][name]) > 0 for name in added if name.endswith('lora_A'))
 
 
+def test_finetuning_trains_the_lora_layers_only(baseline, edm_dataset, tmp_path):
+    result = train(edm_dataset, tmp_path / 'finetune', *LORA, '--finetune=True', f'--transfer={baseline}')
+    state = load(EDM, tmp_path / 'finetune' / 'training-state-000001.pt', tmp_path, 'state')
+    ema = load(EDM, tmp_path / 'finetune' / 'network-snapshot-000001.pkl', tmp_path, 'ema')['ema']
+    source = load(EDM, baseline, tmp_path, 'baseline')['ema']
+
+    # After 20 optimiser steps, every base parameter is still the transferred one, in the network and in its EMA.
+    for name, value in source.items():
+        assert torch.equal(state['net'][name], value), name
+        assert torch.equal(ema[name], value), name
+    lora = [name for name in state['net'] if name not in source]
+    assert lora and all('lora_' in name for name in lora)
+    assert all(torch.count_nonzero(state['net'][name]) > 0 for name in lora if name.endswith(('lora_B', 'lora_bias'))), 'LoRA trained away from zero'
+    assert len(state['optimizer']['state']) == len([name for name in lora if 'lora_' in name]), 'Adam keeps state for the LoRA parameters only'
+
+    # The log says how many parameters train: the LoRA layers' own.
+    trainable = sum(state['net'][name].numel() for name in lora)
+    total = trainable + sum(value.numel() for name, value in source.items() if name.endswith(('weight', 'bias')))
+    assert f'LoRA-only fine-tuning: training {trainable:,} of {total:,} parameters' in result.stdout
+
+
 BAD_FLAGS = [
     (['--lora=lorax'], "Invalid value for '--lora'"),
     (['--lora=uc', '--lora-rank=0'], "Invalid value for '--lora-rank'"),
@@ -107,7 +134,12 @@ BAD_FLAGS = [
     (['--lora=uc', '--lora-mlp=128,x'], "Invalid value for '--lora-mlp'"),
     (['--lora=uc', '--lora-mlp=128,0'], 'composition MLP widths must be positive integers'),
     (['--lora=uc', '--arch=adm', '--cbase=32', '--cres=1'], 'DhariwalUNet has no attention layers'), # 32 channels < one 64-channel head
-    (['--conv-cond=False'], '--conv-cond=False needs --lora'),
+    (['--conv-cond=False'], '--conv-cond=False needs --lora=uc or --adaln=True'),
+    (['--lora=class', '--cond=True', '--conv-cond=False'], '--conv-cond=False needs --lora=uc or --adaln=True'),
+    (['--adaln=True', '--lora=uc'], 'adaLN and LoRA condition the same attention layers'),
+    (['--adaln=sometimes'], "Invalid value for '--adaln'"),
+    (['--lora=class'], 'ClassLoRA needs class labels'), # the dataset is unconditional unless --cond=True
+    (['--finetune=True'], '--finetune=True trains the LoRA layers only: it needs --lora'),
     (['--conv-cond=maybe'], "Invalid value for '--conv-cond'"),
     (['--lora=uc', '--lora-scale=learned'], "Invalid value for '--lora-scale'"),
 ]

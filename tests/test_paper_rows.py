@@ -36,6 +36,23 @@ def test_parameter_count(table, row):
         assert params.COUNTERS[row.upstream](text_only) == TEXT_GIVES[key]
 
 
+# Table 3 and Fig. 5 give no counts. Ours, from the facts of the network (6 attention blocks of 256
+# channels, an embedding of 512; UC-LoRA adds 2,011,608) rather than from the code that counts them.
+ADALN = 6 * 2 * 256 * (512 + 1)                                 # scale and shift a channel, from emb, a block
+CLASS_LORA = 6 * 10 * 4 * ((256 + 3 * 256) + (256 + 256))        # a rank-4 basis a class on qkv and proj (A and B), a block
+OURS_ONLY = {
+    ('Table 3', 'CIFAR-10 uncond, adaLN on attention'): 53411675 - 2011608 + ADALN,
+    ('Table 3', 'CIFAR-10 cond, adaLN on attention'): 53413083 - 2011608 + ADALN,
+    ('Table 3', 'CIFAR-10 uncond, only LoRA'): 53411675,
+    ('Table 3', 'CIFAR-10 cond, only LoRA'): 53413083,
+    ('Fig. 5', 'CIFAR-10 cond, ClassLoRA, unconditional base'): 55733891 + CLASS_LORA, # the unconditional baseline: no map_label
+}
+
+
+def test_counts_of_the_comparisons_the_paper_gives_none_for():
+    assert {(table, row.title(table)): params.COUNTERS[row.upstream](row) for table, row in params.uncounted_rows()} == OURS_ONLY
+
+
 def test_the_table_holds_every_row_of_the_papers_tables_once():
     assert len(COUNTED) == 23, '9 EDM and 9 IDDPM rows of Table 1, 5 of Table 2'
     assert len({row.name for row in ROWS}) == len(ROWS), 'one row a name: upstream, dataset, variant'
@@ -67,6 +84,11 @@ def dry_run(tmp_path, row, variant, *extra, driver='edm'):
     ('cifar10-uncond', 'with-lora', ['--lora=uc', '--lora-bases=18', '--lora-rank=4'], ['--conv-cond', '--transfer']),
     ('cifar10-cond', 'only-lora', ['--cond=1', '--lora=uc', '--lora-bases=18', '--conv-cond=False'], ['--transfer']),
     ('cifar10-uncond', 'pretrained', ['--lora=uc', '--transfer=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'], []),
+    ('cifar10-uncond', 'adaln', ['--adaln=True', '--conv-cond=False'], ['--lora']),
+    ('cifar10-cond', 'adaln', ['--cond=1', '--adaln=True', '--conv-cond=False'], ['--lora']),
+    ('cifar10-cond', 'classlora', ['--cond=1', '--lora=class', '--lora-rank=4'], ['--lora-bases', '--conv-cond', '--adaln']),
+    ('ffhq64', 'finetune', ['--lora=uc', '--lora-bases=20', '--lora-scale=trainable', '--finetune=True',
+                            '--transfer=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-ffhq-64x64-uncond-vp.pkl'], []),
     ('ffhq64', 'with-lora', ['--cres=1,2,2,2', '--batch=256', '--lr=2e-4', '--dropout=0.05', '--augment=0.15', '--lora-bases=20', '--steps=40', 'ffhq-64x64.npz'], []),
 ])
 def test_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
@@ -124,3 +146,12 @@ def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
     train, sample, _ = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm')
     assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample
     assert '--batch_size 16 ' in train + ' ', '128 images per step over 8 processes'
+
+
+def test_smoke_runs_transfer_from_the_recipes_smoke_baseline(tmp_path):
+    result = tool('paper.edm', 'cifar10-uncond', '--variant=finetune', '--smoke', '--dry-run', f'--runs={tmp_path}')
+    assert result.returncode == 0, result.stderr
+    assert f'tools.paper.edm cifar10-uncond --variant=baseline --smoke --runs={tmp_path}' in result.stdout, 'the baseline is made first'
+    train = next(line for line in result.stdout.splitlines() if ' train.py ' in line)
+    assert f'--transfer={tmp_path}/edm-cifar10-uncond-baseline-smoke/network-snapshot-000001.pkl' in train
+    assert '--finetune=True' in train and 'nvlabs-fi-cdn' not in train, "not EDM's full-size published network"

@@ -76,10 +76,9 @@ def test_rebuilds_a_clean_tree_when_the_overlay_changes(project):
 
 
 def test_refuses_a_patch_that_does_not_apply_then_rebuild_recovers(project):
-    patch = project / 'patches' / 'edm' / os.path.basename(read_series('edm')[-1])
+    context = '\n         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)\n' # a context line of the networks.py patch
+    patch = project / 'patches' / 'edm' / next(os.path.basename(p) for p in read_series('edm') if context in open(p).read())
     original = patch.read_text()
-    context = '\n         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)\n'
-    assert context in original
     patch.write_text(original.replace(context, context.replace('norm1', 'norm_one'), 1))
     assert_refused(vendor(project, 'edm', '--rebuild'), 'does not apply')
     patch.write_text(original)

@@ -245,6 +245,29 @@ class UCLoRAConv(ComposedLoRAConv):
         return super().forward(x, self.lora_mlp(emb))
 
 #----------------------------------------------------------------------------
+# ClassLoRA (paper Section 3.2, Appendix C) where the class vector is the whole condition, as in
+# EDM: one basis per class, weighted by the class vector itself (one-hot in training), no bias
+# term and no MLP. The LoRA update is linear in the class vector, so interpolating or scaling the
+# vector interpolates or scales the class LoRAs.
+
+@persistent_class
+class ClassLoRAConv(ComposedLoRAConv):
+    """forward(x, c): x [N, C_in, *spatial], c [N, K] or [1, K] class vectors -> [N, C_out, *spatial]."""
+
+    def __init__(self,
+        in_channels,            # Input channels of the base convolution.
+        out_channels,           # Output channels of the base convolution.
+        kernel,                 # Kernel size of the base convolution.
+        num_dims,               # 1 for Conv1d, 2 for Conv2d.
+        num_classes,            # Number of classes K: one basis each.
+        rank,                   # Rank r of each basis.
+        base_bias   = True,     # Does the base convolution have a bias?
+        trainable_scale = False, # A trainable scalar on the LoRA update (initialised to 1) instead of a fixed 1?
+    ):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel=kernel, num_dims=num_dims,
+            bases=num_classes, rank=rank, base_bias=base_bias, lora_bias=False, trainable_scale=trainable_scale)
+
+#----------------------------------------------------------------------------
 # TimeLoRA and ClassLoRA (paper Section 3) for discrete time steps: one set of stacked bases,
 # the first m for time (compositional TimeLoRA), then one per class (ClassLoRA).
 

@@ -47,7 +47,7 @@ def main():
 
     baseline = attention_block().train()
     lora = torch.nn.ModuleDict({'block': copy.deepcopy(baseline)})
-    lora_edm.add_lora(lora, lora='uc', lora_rank=4, lora_bases=18, lora_mlp=[128, 64])
+    lora_edm.condition_attention(lora, lora='uc', lora_rank=4, lora_bases=18, lora_mlp=[128, 64])
     lora = lora['block'].train()
     x = torch.randn(args.batch, 256, 16, 16)
     emb = torch.randn(args.batch, 512)

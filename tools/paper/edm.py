@@ -10,18 +10,21 @@ generation and FID are skipped once their outputs exist.
 
 --smoke runs the same steps on the CPU at tiny size: a synthetic dataset in EDM's zip format, a
 tiny DDPM++, 1 kimg of training, 16 images, no FID (fid.py downloads Inception-v3 at run time).
+Rows that start from EDM's published network (--transfer: pretrained, finetune) start, in smoke
+runs, from the tiny network of the recipe's smoke baseline, which is trained first if need be.
 """
 
 import glob
 import os
 import shlex
+import subprocess
 import sys
 
 import numpy as np
 import PIL.Image
 
 from tools import ROOT
-from tools.paper.rows import flag_value
+from tools.paper.rows import find, flag_value
 from tools.paper.steps import dataset_path, fid, newest, number_in_name, parse_row, run_dir, run_step, show_samples, smoke_has_no_fid, synthetic_images
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
@@ -40,17 +43,34 @@ def smoke_dataset(run_dir, dry_run):
     return data
 
 
+def smoke_base(args, row):
+    """The tiny network a smoke run transfers from instead of EDM's published one: the newest snapshot
+    of the recipe's smoke baseline, whose run is made first if it has none."""
+    baseline = find('edm', row.dataset, 'baseline')
+    pattern = os.path.join(run_dir(args, baseline), 'network-snapshot-*.pkl')
+    if newest(pattern) is None:
+        command = [sys.executable, '-m', 'tools.paper.edm', row.dataset, '--variant=baseline', '--smoke', f'--runs={args.runs}']
+        print(f'\n{row.name}: the smoke run starts from the smoke baseline\'s network; making it first', flush=True)
+        print(f'$ {shlex.join(command)}', flush=True)
+        if args.dry_run:
+            return pattern.replace('*', f'{1:06d}')
+        if subprocess.run(command, cwd=ROOT).returncode != 0:
+            sys.exit(f'{row.name}: the smoke baseline failed; see its output above')
+    return newest(pattern)
+
+
 def main():
     parser, args, row = parse_row(__doc__, 'edm', gpus_help='processes (GPUs) per node for torchrun',
                                   train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"')
-    if args.smoke and args.variant == 'pretrained':
-        parser.error('--variant=pretrained downloads EDM\'s published network; it has no smoke version')
     run = lambda command: run_step(launcher(args.gpus) + command, 'edm', dry_run=args.dry_run)
 
     folder = run_dir(args, row)
     if args.smoke:
         data = smoke_dataset(folder, args.dry_run)
-        train_flags = list(row.recipe.flags) + SMOKE_FLAGS + list(row.variant_flags)
+        variant_flags = list(row.variant_flags)
+        if flag_value(variant_flags, '--transfer') is not None:
+            variant_flags = [flag for flag in variant_flags if not flag.startswith('--transfer')] + [f'--transfer={smoke_base(args, row)}']
+        train_flags = list(row.recipe.flags) + SMOKE_FLAGS + variant_flags
     else:
         data = dataset_path(args, row)
         train_flags = row.flags

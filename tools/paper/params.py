@@ -5,6 +5,7 @@
 
 The paper's counts come from the table of paper rows (tools/paper/rows.py); ours from constructing
 the patched upstream network with the flags of that row, as the upstream's training script would.
+Tables 1 and 2 give counts; Table 3 (adaLN vs LoRA) and Fig. 5 (ClassLoRA) give none: ours only.
 """
 
 import argparse
@@ -19,7 +20,8 @@ EDM_DDPMPP = dict(class_name='training.networks.EDMPrecond', model_type='SongUNe
     encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1,1], model_channels=128,
     channel_mult=[2,2,2], img_channels=3)
 EDM_LORA_FLAGS = {'--lora': ('lora', str), '--lora-bases': ('lora_bases', int), '--lora-rank': ('lora_rank', int),
-                  '--lora-mlp': ('lora_mlp', lambda widths: [int(w) for w in widths.split(',')]), '--lora-scale': ('lora_scale', str)}
+                  '--lora-mlp': ('lora_mlp', lambda widths: [int(w) for w in widths.split(',')]), '--lora-scale': ('lora_scale', str),
+                  '--adaln': ('adaln', lambda value: value == 'True')}
 
 
 def edm_network_kwargs(row):
@@ -78,11 +80,21 @@ def counted_rows():
                 yield table, row
 
 
+def uncounted_rows():
+    """(table, row) for the rows of the paper's comparisons that give no parameter count: Table 3 and Fig. 5."""
+    for table in ['Table 3', 'Fig. 5']:
+        for row in sorted(rows(upstream='edm', table=table), key=lambda row: (row.dataset != 'cifar10-uncond', row.variant)):
+            yield table, row
+
+
 def results():
     for table, row in counted_rows():
         ours = COUNTERS[row.upstream](row)
         yield dict(upstream=row.upstream, table=table, row=row.title(table), paper=row.paper_params, ours=ours,
                    difference=ours - row.paper_params, match=ours == row.paper_params, note=row.note if row.rules_params else None)
+    for table, row in uncounted_rows():
+        yield dict(upstream=row.upstream, table=table, row=row.title(table), paper=None, ours=COUNTERS[row.upstream](row),
+                   difference=None, match=None, note=None)
 
 
 def main():
@@ -93,12 +105,15 @@ def main():
     if args.json:
         print(json.dumps(table, indent=2))
         return
-    print(f'{"upstream":8s} {"table":7s} {"row":36s} {"paper":>12s} {"ours":>12s} {"diff":>8s}  match')
+    print(f'{"upstream":8s} {"table":7s} {"row":44s} {"paper":>12s} {"ours":>12s} {"diff":>8s}  match')
     for r in table:
-        print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:36s} {r["paper"]:12,d} {r["ours"]:12,d} {r["difference"]:+8,d}  '
+        if r['paper'] is None: # the paper gives no count
+            print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:44s} {"-":>12s} {r["ours"]:12,d} {"":>8s}  (no count in {r["table"]})')
+            continue
+        print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:44s} {r["paper"]:12,d} {r["ours"]:12,d} {r["difference"]:+8,d}  '
               f'{"yes" if r["match"] else "NO"}{": " + r["note"] if r["note"] else ""}')
-    matched = sum(r['match'] for r in table)
-    print(f'\n{matched} of {len(table)} rows match the paper exactly.')
+    counted = [r for r in table if r['paper'] is not None]
+    print(f'\n{sum(r["match"] for r in counted)} of {len(counted)} rows with a count in the paper match it exactly.')
 
 
 if __name__ == '__main__':

@@ -116,13 +116,16 @@ def edm_rows(recipe, nfe, bases, params, fids, pretrained_fid, notes={}, rules_p
             params[2], fids[2], rules_params.get('with-lora'), notes.get('with-lora')),
         Row(recipe, 'pretrained', table, 'with LoRA, pretrained base', uc_lora(bases, 4, *with_lora, f'--transfer={recipe.pretrained}'), nfe, bases, 4,
             None, pretrained_fid, note="the base starts from EDM's published network (train.py --transfer); same network as with LoRA"),
+        Row(recipe, 'finetune', (), 'with LoRA, only LoRA trained on a frozen pretrained base',
+            uc_lora(bases, 4, *with_lora, '--finetune=True', f'--transfer={recipe.pretrained}'), nfe, bases, 4,
+            note="not a paper row: LoRA-only fine-tuning (train.py --finetune) of EDM's published network, as the authors' release offers"),
     ]
 
 
 def adaln_row(recipe, fid):
     """Table 3: adaLN on the attention layers instead of LoRA, the convolutions' scale-and-shift removed."""
-    return Row(recipe, 'adaln', ('Table 3',), 'adaLN on attention, only', None, 35, paper_fid=fid,
-               note='adaLN conditioning of the attention layers is not in the patches yet; the paper gives no parameter count')
+    return Row(recipe, 'adaln', ('Table 3',), 'adaLN on attention', ('--adaln=True', '--conv-cond=False'), 35, paper_fid=fid,
+               note='scale and shift of the attention input normalisation from the embedding, no gate; the paper gives no parameter count')
 
 
 EDM_ROWS = [
@@ -141,6 +144,9 @@ EDM_ROWS = [
     Row(EDM_CIFAR10_UNCOND, 'rank-8', ('Table 2',), 'with LoRA', uc_lora(18, 8), 35, 18, 8, 58851419, 1.96),
     adaln_row(EDM_CIFAR10_UNCOND, 2.16),
     adaln_row(EDM_CIFAR10_COND, 2.0),
+    # Section 5.6, Appendix C, Fig. 5: EDM's unconditional network with ClassLoRA (one rank-4 basis a class, 10
+    # classes) on every attention layer, trained on the labelled data; the paper shows samples, no FID.
+    Row(EDM_CIFAR10_COND, 'classlora', ('Fig. 5',), 'ClassLoRA, unconditional base', ('--lora=class', '--lora-rank=4'), 35, 10, 4),
 ]
 
 #----------------------------------------------------------------------------
