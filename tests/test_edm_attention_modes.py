@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import EDM, HELPERS, PRISTINE_EDM, run_in
+from conftest import EDM, HELPERS, PRISTINE_EDM, run_in, tool
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
 ADM = dict(TINY, model_type='DhariwalUNet', model_channels=64, attn_resolutions=[16,8])
@@ -190,3 +190,9 @@ def test_pristine_edm_loads_and_samples_the_new_modes(mode, edm, tmp_path):
     assert samples[PRISTINE_EDM]['ema'].keys() == net.state_dict().keys()
     assert torch.isfinite(samples[PRISTINE_EDM]['samples']).all()
     assert torch.equal(samples[PRISTINE_EDM]['samples'], samples[EDM]['samples'])
+
+    # The same check as a user runs it (make smoke does, on every EDM smoke run).
+    result = tool('paper.pristine_check', snapshot, tmp_path / 'missing.pkl')
+    assert result.returncode == 1, 'the missing file fails the check'
+    assert f'{snapshot}: loads in pristine EDM' in result.stdout and 'missing.pkl: no such file' in result.stdout
+    assert ('qkv.lora_A' if mode == 'class' else 'norm2.adaln') in result.stdout
