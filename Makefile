@@ -12,7 +12,7 @@ row = $(PY) -m tools.paper.$(1) $(2) $(if $(VARIANT),--variant=$(VARIANT)) $(if 
 # What a row needs beyond its own tree (the dataset, EDM's fid.py), unless it is a smoke or dry run.
 full_run = $(if $(SMOKE)$(DRY),,$(1))
 
-.PHONY: help setup vendor test smoke demo nano-compare params audit bench patches \
+.PHONY: help setup vendor test smoke demo nano-compare composition-maps params audit bench patches \
         edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
@@ -28,6 +28,8 @@ help:
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make smoke                every paper target with SMOKE=1"
 	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES NANO_OUT)"
+	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
+	@echo "                          levels or time steps, from an EDM .pkl, IDDPM .pt or nano checkpoint.pt [OUT=folder]"
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
 	@echo "make audit                what the patches change in each upstream"
 	@echo "make bench                CPU micro-benchmark: LoRA attention block vs baseline block"
@@ -83,11 +85,18 @@ smoke: vendor-edm vendor-iddpm
 	$(MAKE) --no-print-directory iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=baseline
+	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/edm-cifar10-uncond-with-lora-smoke/network-snapshot-*.pkl | tail -n 1)
+	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/iddpm-cifar10-uncond-with-lora-smoke/ema_*.pt | tail -n 1)
 
 # ---------------------------------------------------------------------------- nano diffusion
 
 demo: vendor-dataflowr
 	cd vendor/dataflowr && ../../$(PY) nano.py --cond uclora --data mnist5k --epochs $(DEMO_EPOCHS) --samples 64 --out $(CURDIR)/runs/demo
+
+# Any upstream's snapshot: EDM network-snapshot-*.pkl, IDDPM model*.pt / ema_*.pt, nano.py's checkpoint.pt.
+composition-maps: vendor-edm vendor-dataflowr
+	$(if $(SNAPSHOT),,$(error composition-maps needs SNAPSHOT=<EDM .pkl, IDDPM .pt or nano checkpoint.pt>))
+	$(PY) -m tools.paper.composition_maps "$(SNAPSHOT)" $(if $(OUT),--out "$(OUT)")
 
 nano-compare: vendor-dataflowr
 	$(PY) -m tools.paper.nano_compare $(if $(NANO_EPOCHS),--epochs $(NANO_EPOCHS)) $(if $(NANO_SEEDS),--seeds $(NANO_SEEDS)) \

@@ -7,6 +7,9 @@
                 the nano-diffusion comparison
     bench/      benchmarks
     images.py   image grids and pixel conversions shared by every tool
+    composition.py
+                how alike LoRA composition weights are between conditions, and their heatmaps, shared
+                by paper/composition_maps.py and nano diffusion's nano_metrics.py
 
 `make` runs them as `python -m tools.<concern>.<script>`; so can you, from the repository root, with
 the project's environment (`.venv/bin/python`, where `make setup` installs this package).

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import nano_lora
 from nano_data import to_model_range
+from tools.composition import Axis, cosine_similarity, draw, draw_layers, near_and_far
 
 
 class DigitClassifier(torch.nn.Module):
@@ -128,20 +129,20 @@ def rescaled_pixels(samples):
 # ---------------------------------------------------------------------------- Fig. 4 / Fig. 7
 
 SIMILARITY_STEPS = torch.arange(0, 1000, 10)
-NEAR, FAR = 50, 500 # near steps: 0 < |t - t'| <= 50; far ones: |t - t'| >= 500
+# Near steps: 0 < |t - t'| <= 50; far ones: |t - t'| >= 500 (tools.composition: fractions of the T = 1000 steps).
+STEPS_AXIS = Axis(values=SIMILARITY_STEPS.numpy(), label='t', log=False, span=1000)
+
+
+def layer_names(network):
+    """The LoRA layers' module names, in the order of nano_lora.composition_weights (b1.0.conv1 ... b_out.2.conv1)."""
+    return [f'{block}.{i}.conv1' for block in nano_lora.BLOCKS for i in range(len(getattr(network, block)))]
 
 
 def similarity_between_steps(network, steps=SIMILARITY_STEPS):
     """Each LoRA layer's cosine similarity of its composition weights between the given time steps, [layers, S, S]."""
     with torch.no_grad():
         weights = nano_lora.composition_weights(network, steps)
-    return torch.stack([F.normalize(w, dim=1) @ F.normalize(w, dim=1).T for w in weights])
-
-
-def near_and_far(similarity, steps=SIMILARITY_STEPS):
-    """How alike near steps and far ones are in a [S, S] similarity (mean over the pairs)."""
-    gap = (steps[:, None] - steps[None, :]).abs().numpy()
-    return float(similarity[(gap > 0) & (gap <= NEAR)].mean()), float(similarity[gap >= FAR].mean())
+    return torch.stack([cosine_similarity(w) for w in weights])
 
 
 def omega_similarity(network, initial_network, out_path, title):
@@ -151,31 +152,26 @@ def omega_similarity(network, initial_network, out_path, title):
     diagonal learned, or kept from the start?"""
     layers = similarity_between_steps(network)
     mean, mean_at_init = layers.mean(0).numpy(), similarity_between_steps(initial_network).mean(0).numpy()
-    (near, far), (near_at_init, far_at_init) = near_and_far(mean), near_and_far(mean_at_init)
+    (near, far), (near_at_init, far_at_init) = near_and_far(mean, STEPS_AXIS), near_and_far(mean_at_init, STEPS_AXIS)
     np.savez(out_path.replace('.png', '.npz'), steps=SIMILARITY_STEPS.numpy(), mean=mean, layers=layers.numpy(), mean_at_init=mean_at_init)
-    plot_omega_similarity(mean, layers.numpy(), out_path, title,
+    plot_omega_similarity(mean, layers.numpy(), layer_names(network), out_path, title,
                           f'near {near:.2f}, far {far:.2f}; at initialisation {near_at_init:.2f}, {far_at_init:.2f}')
     return dict(omega_similarity_near=round(near, 3), omega_similarity_far=round(far, 3),
                 omega_similarity_near_at_init=round(near_at_init, 3), omega_similarity_far_at_init=round(far_at_init, 3))
 
 
-def plot_omega_similarity(mean, layers, out_path, title, summary):
+def plot_omega_similarity(mean, layers, names, out_path, title, summary):
     """The heatmaps: the mean over layers, large, and each layer's (3 rows of 7, in network order b1 ... b_out)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=(16, 6))
-    left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.7], wspace=0.15)
+    fig = plt.figure(figsize=(16, 6.5))
+    left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.7], wspace=0.2)
     ax = fig.add_subplot(left)
-    image = ax.imshow(mean, vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
-    ax.set(title=f'{title}: mean over {len(layers)} layers', xlabel="t'", ylabel='t')
+    image = draw(ax, mean, STEPS_AXIS)
+    ax.set_title(f'{title}: mean over {len(layers)} layers')
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    grid = right.subgridspec(3, 7, hspace=0.35, wspace=0.1)
-    for i, layer in enumerate(layers):
-        ax = fig.add_subplot(grid[i // 7, i % 7])
-        ax.imshow(layer, vmin=-1, vmax=1, cmap='RdBu_r')
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.set_title(f'layer {i + 1}', fontsize=7)
+    draw_layers(fig, right, layers, names, STEPS_AXIS, rows=3, columns=7, hspace=0.45, wspace=0.15)
     fig.suptitle(f'cosine similarity of composition weights between time steps ({summary})')
     fig.savefig(out_path, dpi=90)
     plt.close(fig)
