@@ -8,9 +8,18 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import EDM, run_in, tool
+from conftest import EDM, run_in
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
+
+
+@pytest.fixture(scope='module')
+def class_grid():
+    """The tool, imported into this process with EDM's tree on the path (as it puts it there itself)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(EDM)
+        from tools.paper import class_grid
+        yield class_grid
 
 
 @pytest.fixture(scope='module')
@@ -34,23 +43,19 @@ def snapshots(tmp_path_factory):
     return paths
 
 
-def test_a_one_hot_column_is_what_generate_py_draws_for_that_class_and_seed(snapshots, tmp_path):
+def test_a_one_hot_column_is_what_generate_py_draws_for_that_class_and_seed(class_grid, snapshots, tmp_path):
     run_in(EDM, ['generate.py', f'--network={snapshots["classlora"]}', f'--outdir={tmp_path}', '--seeds=5', '--class=7', '--steps=4'])
     expected = np.asarray(PIL.Image.open(tmp_path / '000005.png'))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(EDM)
-        from tools.paper import class_grid
-        net = class_grid.load_network(str(snapshots['classlora']))
-        images = class_grid.sample(net, 5, [np.eye(10)[7], np.eye(10)[2], 0.5 * np.eye(10)[7]], steps=4)
+    net = class_grid.load_network(str(snapshots['classlora']))
+    images = class_grid.sample(net, 5, [np.eye(10)[7], np.eye(10)[2], 0.5 * np.eye(10)[7]], steps=4)
     assert np.array_equal(images[0], expected), 'same latent, class and sampler as generate.py --seeds=5 --class=7'
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2]), 'the class vector changes the image'
 
 
-def test_the_grid_has_a_row_per_network_and_seed_and_a_column_per_value(snapshots, tmp_path):
+def test_the_grid_has_a_row_per_network_and_seed_and_a_column_per_value(class_grid, snapshots, tmp_path):
     out = tmp_path / 'fig5.png'
-    result = tool('paper.class_grid', '--nets', snapshots['shift'], snapshots['classlora'], '--names', 'scale-and-shift', 'ClassLoRA',
-                  '--lambdas=0,0.5,1', '--scales=-1,0,1,2', '--seeds', '0,1', '--steps', '3', '--classes', 'airplane', 'horse', '--out', out)
-    assert result.returncode == 0, result.stdout + result.stderr
+    class_grid.main(['--nets', str(snapshots['shift']), str(snapshots['classlora']), '--names', 'scale-and-shift', 'ClassLoRA',
+                     '--lambdas=0,0.5,1', '--scales=-1,0,1,2', '--seeds', '0,1', '--steps', '3', '--classes', 'airplane', 'horse', '--out', str(out)])
     picture = np.asarray(PIL.Image.open(out).convert('L'))
     # Each panel: 4 rows (2 networks x 2 seeds) of 16-pixel samples enlarged 6 times, with a 1-pixel gap.
     cell = 16 * 6 + 6
@@ -64,7 +69,9 @@ def test_the_grid_has_a_row_per_network_and_seed_and_a_column_per_value(snapshot
     (['--nets', 'shift', '--classes', 'airplane', 'unicorn'], 'unknown class "unicorn"'),
     (['--nets', 'shift', 'classlora', '--names', 'one'], '--names needs one name a network'),
 ])
-def test_bad_input_is_one_line(args, message, snapshots, tmp_path):
+def test_bad_input_is_one_line(args, message, class_grid, snapshots, tmp_path, capsys):
     args = [str(snapshots.get(arg, arg)) for arg in args]
-    result = tool('paper.class_grid', *args, '--steps', '2', '--out', tmp_path / 'x.png')
-    assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
+    with pytest.raises(SystemExit) as refused:
+        class_grid.main([*args, '--steps', '2', '--out', str(tmp_path / 'x.png')])
+    printed = capsys.readouterr().err # argparse prints its usage and message; sys.exit(message) prints the message
+    assert refused.value.code != 0 and message in printed + str(refused.value.code)

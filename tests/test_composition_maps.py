@@ -16,9 +16,6 @@ import torch.nn.functional as F
 from conftest import EDM, IDDPM, NANO, tool
 from tools.paper import composition_maps
 
-sys.path.insert(0, EDM)
-import dnnlib  # noqa: E402
-
 sys.path.insert(0, IDDPM)
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 
@@ -35,6 +32,11 @@ UC_LORA = dict(lora='uc', lora_bases=5, lora_rank=2, lora_mlp=[16, 8])
 
 def edm_snapshot(path, **network_kwargs):
     """A network-snapshot-*.pkl as EDM's training loop writes it (the network under 'ema'); returns the network."""
+    # EDM goes on the path here, not when this module is collected: its torch_utils would then be found by
+    # every module collected after this one (the LoRA core's tests load the core without EDM).
+    if EDM not in sys.path:
+        sys.path.insert(0, EDM)
+    import dnnlib
     torch.manual_seed(0)
     net = dnnlib.util.construct_class_by_name(**TINY_EDM, **network_kwargs).eval()
     with open(path, 'wb') as f:

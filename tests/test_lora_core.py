@@ -2,15 +2,20 @@
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
 from conftest import ROOT
 
+# Loaded from overlay/ under its own name, as the pure-PyTorch module IDDPM and nano diffusion get (where EDM's
+# torch_utils is absent, its classes are plain torch modules); registered, as an import would be.
 spec = importlib.util.spec_from_file_location('lora_core', os.path.join(ROOT, 'overlay', 'common', 'lora.py'))
 lora = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = lora
 spec.loader.exec_module(lora)
+assert 'torch_utils' not in sys.modules, 'no test module puts EDM on the path while tests are collected'
 
 
 def reference(layer, x, weights):

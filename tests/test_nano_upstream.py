@@ -64,18 +64,32 @@ def vaswani(n, d):
     return embedding
 
 
-def embedding_of(tree, n, d, out, function='sinusoidal_embedding'):
-    script = f'import sys, numpy, nano_diffusion as nd; numpy.save(sys.argv[1], nd.{function}({n}, {d}).double().numpy())'
-    subprocess.run([sys.executable, '-c', script, out], cwd=tree, env=dict(os.environ, PYTHONPATH=tree), check=True)
-    return np.load(out)
+SIZES = [(1000, 100), (50, 8)]
 
 
-@pytest.mark.parametrize('n,d', [(1000, 100), (50, 8)])
-def test_fixed_embedding_is_sinusoidal_and_the_original_is_not(n, d, tmp_path):
+@pytest.fixture(scope='module')
+def embeddings(tmp_path_factory):
+    """{(tree, function, n, d): the embedding} for SIZES, from each tree's own nano_diffusion (one process a tree)."""
+    out = tmp_path_factory.mktemp('embeddings')
+    functions = {NANO: ['sinusoidal_embedding', 'notebook_sinusoidal_embedding'], PRISTINE_NANO: ['sinusoidal_embedding']}
+    found = {}
+    for index, (tree, names) in enumerate(functions.items()):
+        calls = [(name, n, d) for name in names for n, d in SIZES]
+        script = ('import sys, numpy, nano_diffusion as nd\nnumpy.savez(sys.argv[1], '
+                  + ', '.join(f'{name}_{n}_{d}=nd.{name}({n}, {d}).double().numpy()' for name, n, d in calls) + ')')
+        path = out / f'tree{index}.npz'
+        subprocess.run([sys.executable, '-c', script, path], cwd=tree, env=dict(os.environ, PYTHONPATH=tree), check=True)
+        saved = np.load(path)
+        found.update({(tree, name, n, d): saved[f'{name}_{n}_{d}'] for name, n, d in calls})
+    return found
+
+
+@pytest.mark.parametrize('n,d', SIZES)
+def test_fixed_embedding_is_sinusoidal_and_the_original_is_not(n, d, embeddings):
     expected = vaswani(n, d)
-    assert np.abs(embedding_of(NANO, n, d, tmp_path / 'fixed.npy') - expected).max() < 1e-4 # float32 sin of arguments up to 999
-    original = embedding_of(PRISTINE_NANO, n, d, tmp_path / 'original.npy')
+    assert np.abs(embeddings[NANO, 'sinusoidal_embedding', n, d] - expected).max() < 1e-4 # float32 sin of arguments up to 999
+    original = embeddings[PRISTINE_NANO, 'sinusoidal_embedding', n, d]
     assert np.abs(original - expected).max() > 0.5
     assert np.allclose(original[1], 1), "the original's step 1 is all ones: cos(sin(0))"
-    kept = embedding_of(NANO, n, d, tmp_path / 'kept.npy', function='notebook_sinusoidal_embedding')
+    kept = embeddings[NANO, 'notebook_sinusoidal_embedding', n, d]
     assert np.array_equal(kept, original), "the patched module keeps the notebook's embedding (nano.py --embedding notebook)"

@@ -110,7 +110,7 @@ def panel(title, column_labels, row_labels, rows, scale, font):
     return picture
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--nets', nargs='+', metavar='PKL', help='network snapshots (default: the newest of the CIFAR-10 cond baseline and ClassLoRA runs)')
     parser.add_argument('--names', nargs='+', help='a row label a network (default: scale-and-shift, ClassLoRA; or the file names)')
@@ -122,7 +122,7 @@ def main():
     parser.add_argument('--smoke', action='store_true', help='default networks from the smoke runs')
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where the run folders are')
     parser.add_argument('--out', help='PNG to write (default: runs/edm-cifar10-cond-class-grid[-smoke].png)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.names and len(args.names) != len(args.nets or DEFAULT_VARIANTS):
         parser.error('--names needs one name a network')
     if args.steps < 2:
