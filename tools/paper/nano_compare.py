@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
+from tools.composition import Axis, draw
 from tools.images import tile, untile
 from tools.paper.rows import NANO_ROWS
 from tools.vendoring.upstream import import_vendor_tree
@@ -132,10 +133,9 @@ def heatmaps(results, args, path):
         first = results[name][0]
         for row, (key, when) in enumerate([('mean', f'after {args.epochs} epochs'), ('mean_at_init', 'at initialisation')]):
             ax = axes[row, column]
-            image = ax.imshow(saved[key], vmin=-1, vmax=1, cmap='RdBu_r', extent=[0, 1000, 1000, 0])
+            image = draw(ax, saved[key], Axis(values=saved['steps'], label='t', log=False, span=1000)) # as the run's own heatmap
             suffix = '' if row == 0 else '_at_init'
-            ax.set(title=f'{label}, {when}\nnear {two_places(first["omega_similarity_near" + suffix])}, far {two_places(first["omega_similarity_far" + suffix])}',
-                   xlabel="t'", ylabel='t')
+            ax.set_title(f'{label}, {when}\nnear {two_places(first["omega_similarity_near" + suffix])}, far {two_places(first["omega_similarity_far" + suffix])}')
     fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02)
     fig.suptitle(f'cosine similarity of composition weights between time steps, mean over layers (seed {args.seeds[0]}; '
                  'near: 0 < |t - t\'| <= 50, far: >= 500)')
