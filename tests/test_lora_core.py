@@ -58,12 +58,26 @@ def test_composed_layer_matches_the_formula(num_dims, kernel, lora_bias):
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-def test_one_row_of_weights_serves_the_whole_batch():
-    torch.manual_seed(4)
-    layer, _ = make_layer(2, 1)
-    x = torch.randn(5, 6, 4, 4)
-    weights = torch.randn(1, 4)
-    assert torch.allclose(layer(x, weights), layer(x, weights.expand(5, 4)), rtol=0, atol=1e-6)
+@pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
+    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, False)])
+def test_one_condition_for_the_batch_takes_the_merged_path_with_the_same_function(num_dims, kernel, base_bias, lora_bias, trainable_scale):
+    # weights [1, m] (a sampler's one noise level or step): merged into the base weight; weights [N, m]: the low-rank path.
+    torch.manual_seed(7)
+    layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, bases=4, rank=3,
+                                  base_bias=base_bias, lora_bias=lora_bias, trainable_scale=trainable_scale)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_()
+    x = torch.randn(5, 6, *[7] * num_dims, requires_grad=True)
+    weights = torch.randn(1, 4, requires_grad=True)
+    output_grad = torch.randn(5, 10, *[7] * num_dims)
+    inputs = [x, weights, *layer.parameters()]
+    results = {}
+    for path, w in [('merged', weights), ('low-rank', weights.expand(5, 4))]:
+        output = layer(x, w)
+        results[path] = [output, *torch.autograd.grad((output * output_grad).sum(), inputs)]
+    for merged, low_rank in zip(results['merged'], results['low-rank']): # the output, then the gradient of x, w and each parameter
+        assert (merged - low_rank).abs().max() <= 1e-5 * low_rank.abs().max()
 
 
 def test_output_is_linear_in_the_composition_weights():

@@ -155,10 +155,26 @@ class ComposedLoRAConv(torch.nn.Module):
         return None
 
     def forward(self, x, weights):
+        if weights.shape[0] == 1: # one condition for the whole batch (the samplers'): one merged convolution
+            return self.merged_forward(x, weights)
         delta = self.composed_delta(x, weights)
         if self.lora_scale is not None:
             delta = delta * self.lora_scale.to(x.dtype)
         return self.base_forward(x) + delta
+
+    def merged_forward(self, x, weights):
+        """forward() for weights [1, m]: the update sum_i w_i (B_i A_i x + E_i) is the same linear map for every
+        sample, so it is added to the base weight and bias once, and the layer runs one convolution instead of
+        the base one plus the low-rank path at every pixel of every sample. Same function (to rounding)."""
+        w = weights[0].to(self.lora_B.dtype).repeat_interleave(self.rank) # [m*r]: basis i's weight on its r rows
+        scale = self.lora_scale if self.lora_scale is not None else 1
+        weight = self.weight + scale * ((self.lora_B * w) @ self.lora_A.flatten(1)).reshape(self.weight.shape)
+        bias = self.bias
+        if self.lora_bias is not None:
+            delta_bias = scale * (w @ self.lora_bias)
+            bias = delta_bias if bias is None else bias + delta_bias
+        conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
+        return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=self.padding)
 
     def base_forward(self, x):
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d

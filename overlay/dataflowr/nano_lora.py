@@ -47,10 +47,17 @@ def add_lora(unet, cond, n_steps, time_emb_dim, lora_bases=10, lora_rank=4, omeg
 
 
 def condition(unet, t):
-    """What the LoRA layers take for time steps t ([N] or the sampler's [N, 1]); None for 'shift'."""
+    """What the LoRA layers take for time steps t ([N] or the sampler's [N, 1]); None for 'shift'.
+
+    The sampler gives every sample the same step: then one step stands for the batch, and each LoRA
+    layer merges its update into its weight once (lora.ComposedLoRAConv.merged_forward) instead of
+    running the low-rank path at every pixel of every sample. (t lives on the CPU: comparing its
+    values costs no device synchronisation.)"""
     if unet.cond == 'shift':
         return None
     t = t.reshape(-1)
+    if len(t) > 1 and bool((t == t[0]).all()):
+        t = t[:1]
     return t if unet.cond == 'timelora' else unet.time_embed(t)
 
 
