@@ -165,7 +165,7 @@ def plot_omega_similarity(mean, layers, names, out_path, title, summary):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=(16, 6.5))
+    fig = plt.figure(figsize=(16, 5.4))
     left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.7], wspace=0.2)
     ax = fig.add_subplot(left)
     image = draw(ax, mean, STEPS_AXIS)
