@@ -77,3 +77,15 @@ def test_multi_file_download_checks_each_file(server, tmp_path, monkeypatch):
     (tmp_path / 'mnist' / 'train-labels-idx1-ubyte.gz').unlink()
     with pytest.raises(SystemExit, match='did not match MD5'):
         fetch(monkeypatch, 'mnist', f'--dest={tmp_path / "mnist"}')
+
+
+def test_a_failed_download_names_the_url_and_where_a_copy_goes(server, tmp_path, monkeypatch):
+    _, url = server
+    dest = tmp_path / 'downloads' / 'archive.tar.gz'
+    for missing in [f'{url}/no-such-archive.tar.gz', 'http://127.0.0.1:9/archive.tar.gz']: # HTTP 404; nothing listening (no network)
+        monkeypatch.setitem(fetch_data.ARCHIVES, 'cifar10', dict(url=missing, md5='c58f30108f718f92721af3b95e74349a'))
+        with pytest.raises(SystemExit) as failed:
+            fetch(monkeypatch, 'cifar10', f'--dest={dest}')
+        message = str(failed.value.code)
+        assert message.startswith(f'fetch: downloading {missing} failed') and '\n' not in message
+        assert f'its MD5 is c58f30108f718f92721af3b95e74349a, put it at {dest}' in message

@@ -6,7 +6,8 @@
     python -m tools.data.fetch imagenet64 --source=PART1 --source=PART2   # likewise (it needs an ImageNet login)
 
 An existing --dest with the right checksum is kept; a partial download resumes; a wrong checksum is an
-error that names the file. Progress goes to stderr.
+error that names the file; a download that fails (no network, a proxy, a server error) says which URL
+failed and where to put a copy fetched by other means. Progress goes to stderr.
 """
 
 import argparse
@@ -89,7 +90,11 @@ def main():
             for url, md5, dest in downloads:
                 os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
                 if not (os.path.exists(dest) and digest(dest, 'md5') == md5):
-                    download(url, dest)
+                    try:
+                        download(url, dest)
+                    except OSError as err: # urllib's URLError and HTTPError are OSErrors
+                        sys.exit(f'fetch: downloading {url} failed ({getattr(err, "reason", err)}). Without a network here, '
+                                 f'download it elsewhere, check that its MD5 is {md5}, put it at {os.path.abspath(dest)} and run the same command again.')
                     if digest(dest, 'md5') != md5:
                         os.replace(dest, dest + '.bad')
                         sys.exit(f'fetch: {url} did not match MD5 {md5}; kept as {dest}.bad')
