@@ -30,7 +30,7 @@ def snapshots(tmp_path_factory):
         patch.syspath_prepend(EDM)
         from training import networks
         paths = {}
-        for name, kwargs in {'shift': {}, 'classlora': dict(lora='class', lora_rank=2), 'uncond': dict(label_dim=0)}.items():
+        for name, kwargs in {'shift': {}, 'classlora': dict(lora='class', lora_rank=2), 'uncond': dict(label_dim=0), 'shift-8px': dict(img_resolution=8)}.items():
             torch.manual_seed(0)
             net = networks.EDMPrecond(**dict(TINY, **kwargs)).eval()
             with torch.no_grad(): # the zero-initialised layers as training leaves them, so that classes matter
@@ -68,6 +68,7 @@ def test_the_grid_has_a_row_per_network_and_seed_and_a_column_per_value(class_gr
     (['--nets', 'missing.pkl'], 'no such file'),
     (['--nets', 'shift', '--classes', 'airplane', 'unicorn'], 'unknown class "unicorn"'),
     (['--nets', 'shift', 'classlora', '--names', 'one'], '--names needs one name a network'),
+    (['--nets', 'shift', 'shift-8px'], '3x8x8 images, 10 classes, unlike the networks before it'),
 ])
 def test_bad_input_is_one_line(args, message, class_grid, snapshots, tmp_path, capsys):
     args = [str(snapshots.get(arg, arg)) for arg in args]

@@ -133,9 +133,12 @@ def main(argv=None):
     out = args.out or os.path.join(args.runs, 'edm-cifar10-cond-class-grid' + ('-smoke' if args.smoke else '') + '.png')
     import_vendor_tree('edm', 'class_grid')
 
-    interpolation, scaling = [], []
+    interpolation, scaling, shapes = [], [], set()
     for path, name in zip(nets, names):
         net = load_network(path)
+        shapes.add((net.img_channels, net.img_resolution, net.label_dim))
+        if len(shapes) > 1: # one grid needs images of one size and one set of classes
+            parser.error(f'{path}: {net.img_channels}x{net.img_resolution}x{net.img_resolution} images, {net.label_dim} classes, unlike the networks before it')
         try:
             a, b = [class_index(c, net.label_dim) for c in args.classes]
         except ValueError as err:
