@@ -79,7 +79,6 @@ smoke: vendor-edm vendor-iddpm
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=baseline
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond SMOKE=1 VARIANT=adaln
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=finetune
-	$(MAKE) --no-print-directory edm-cifar-cond SMOKE=1 VARIANT=classlora
 	$(MAKE) --no-print-directory edm-class-grid SMOKE=1
 	$(PY) -m tools.paper.pristine_check $$(for run in runs/edm-*-smoke; do ls $$run/network-snapshot-*.pkl | tail -n 1; done)
 	$(MAKE) --no-print-directory iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 SMOKE=1 VARIANT=with-lora

@@ -14,12 +14,14 @@ generate.py (Heun, deterministic) with the class vectors, as generate.py takes o
 
 import argparse
 import os
+import pickle
 import sys
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+import torch
 
 from tools import ROOT
 from tools.images import tile, with_caption
@@ -64,8 +66,6 @@ def default_nets(args):
 
 
 def load_network(path):
-    import pickle
-    import torch # noqa: F401 (the pickle needs torch loaded)
     if not os.path.isfile(path):
         sys.exit(f'class_grid: {path}: no such file')
     with open(path, 'rb') as f:
@@ -77,7 +77,6 @@ def load_network(path):
 
 def sample(net, seed, class_vectors, steps):
     """One image per class vector, all from the latent of `seed`: [N, H, W, C] uint8, as generate.py writes them."""
-    import torch
     from generate import StackedRandomGenerator, edm_sampler
     count = len(class_vectors)
     latents = StackedRandomGenerator('cpu', [seed]).randn([1, net.img_channels, net.img_resolution, net.img_resolution]).repeat(count, 1, 1, 1)

@@ -53,7 +53,7 @@ def smoke_base(args, row):
         print(f'\n{row.name}: the smoke run starts from the smoke baseline\'s network; making it first', flush=True)
         print(f'$ {shlex.join(command)}', flush=True)
         if args.dry_run:
-            return pattern.replace('*', f'{1:06d}')
+            return pattern.replace('*', '000001') # the snapshot the baseline's 1 kimg would write
         if subprocess.run(command, cwd=ROOT).returncode != 0:
             sys.exit(f'{row.name}: the smoke baseline failed; see its output above')
     return newest(pattern)
