@@ -8,12 +8,15 @@ DEMO_EPOCHS ?= 8
 
 # A paper row: $(1) the driver (tools/paper/edm.py or iddpm.py), $(2) its dataset; the rows' flags are in tools/paper/rows.py.
 row = $(PY) -m tools.paper.$(1) $(2) $(if $(VARIANT),--variant=$(VARIANT)) $(if $(GPUS),--gpus=$(GPUS)) \
-      $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) $(if $(TRAIN_FLAGS),--train-flags="$(TRAIN_FLAGS)")
+      $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) $(if $(TRAIN_FLAGS),--train-flags="$(TRAIN_FLAGS)") $(scoring)
+# How snapshots are scored (tools/paper/score.py): which, how many FID evaluations, images each, keep them.
+scoring = $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) $(if $(FID_EVALS),--fid-evaluations=$(FID_EVALS)) \
+      $(if $(FID_IMAGES),--fid-images=$(FID_IMAGES)) $(if $(KEEP_IMAGES),--keep-images)
 # What a row needs beyond its own tree (the dataset, EDM's fid.py), unless it is a smoke or dry run.
 full_run = $(if $(SMOKE)$(DRY),,$(1))
 
-.PHONY: help setup vendor test smoke demo nano-compare composition-maps params audit bench patches \
-        edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
+.PHONY: help setup vendor test smoke demo nano-compare composition-maps params audit bench patches results score \
+        edm-authors-checkpoint edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
 help:
@@ -23,6 +26,10 @@ help:
 	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained|finetune"
 	@echo "                                  |bases-9|bases-36|rank-2|rank-8 (uncond) |adaln (CIFAR-10) |classlora (cond)"
 	@echo "                          GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
+	@echo "                          scoring: SNAPSHOTS=all|last|KIMG,... FID_EVALS=3 FID_IMAGES=50000 KEEP_IMAGES=1"
+	@echo "make results [SMOKE=1]    every run's FID beside the paper's, as Tables 1-3 (runs/results/: .md, .csv, plots)"
+	@echo "make score RUN=runs/...   score (again) every snapshot of a run folder [GPUS SNAPSHOTS FID_EVALS FID_IMAGES]"
+	@echo "make edm-authors-checkpoint SRC=their.pkl DATASET=cifar10-uncond|ffhq64   the paper authors' snapshot, converted and scored"
 	@echo "make edm-class-grid       paper Fig. 5: class vectors interpolated and scaled, cond baseline vs ClassLoRA [SMOKE=1 NETS=\"a.pkl b.pkl\"]"
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
@@ -109,6 +116,24 @@ edm-cifar-cond: vendor-edm $(call full_run,datasets/cifar10-32x32.zip)
 	$(call row,edm,cifar10-cond)
 edm-ffhq: vendor-edm $(call full_run,datasets/ffhq-64x64.zip)
 	$(call row,edm,ffhq64)
+
+# Scores land in the run folder (scores/*.json, fid-vs-images.png); `make results` collects them all.
+score: vendor-edm
+	$(if $(RUN),,$(error score needs RUN=<a run folder, e.g. runs/edm-cifar10-uncond-with-lora>))
+	$(PY) -m tools.paper.score "$(RUN)" $(if $(GPUS),--gpus=$(GPUS)) $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) \
+	    $(if $(FID_EVALS),--evaluations=$(FID_EVALS)) $(if $(FID_IMAGES),--images=$(FID_IMAGES)) $(if $(KEEP_IMAGES),--keep-images)
+
+results: setup
+	$(PY) -m tools.paper.results $(if $(SMOKE),--smoke)
+
+# The paper authors' released EDM snapshots (github.com/lthilnklover/diffusion_lora; download them yourself):
+# converted into this project's network, then scored as the pretrained row (their README trains from EDM's
+# published network for 100 Mimg: the snapshot is filed at 100,000 kimg).
+edm-authors-checkpoint: vendor-edm
+	$(if $(SRC),,$(error edm-authors-checkpoint needs SRC=<a snapshot of the authors' EDM fork>))
+	$(if $(filter $(DATASET),cifar10-uncond ffhq64),,$(error edm-authors-checkpoint needs DATASET=cifar10-uncond or ffhq64))
+	$(PY) -m tools.paper.authors_checkpoint "$(SRC)" --out runs/edm-$(DATASET)-pretrained-authors/network-snapshot-100000.pkl
+	$(MAKE) --no-print-directory score RUN=runs/edm-$(DATASET)-pretrained-authors
 
 # Fig. 5 from the cond baseline and ClassLoRA runs (their smoke runs with SMOKE=1, made first if missing), or from NETS.
 edm-class-grid: vendor-edm

@@ -6,7 +6,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import EDM, HELPERS, run_in
+from conftest import EDM, run_in
+from tools import ROOT
+from tools.fid_standin import frechet_distance_through_eigenvalues
 from tools.data.synthetic import write_folder
 
 
@@ -38,7 +40,7 @@ def folders(tmp_path_factory):
 
 
 def fid_py(top, *args):
-    result = run_in(EDM, [os.path.join(HELPERS, 'edm_fid_standin.py'), *args], env=dict(STANDIN_WEIGHTS=str(top / 'weights.npy')))
+    result = run_in(EDM, [os.path.join(ROOT, 'tools', 'fid_standin.py'), *args], env=dict(STANDIN_WEIGHTS=str(top / 'weights.npy'), STANDIN_UPSTREAM_SQRTM='1'))
     return result.stdout
 
 
@@ -78,3 +80,9 @@ def test_frechet_distance_of_known_gaussians():
     features = np.random.default_rng(0).normal(size=(50, 8))
     mu, sigma = features.mean(0), np.cov(features, rowvar=False)
     assert abs(fid.calculate_fid_from_inception_stats(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    # The stand-in's faster route (smoke runs and the scoring tests) gives fid.py's distance, also for
+    # singular covariances (fewer samples than features, as in smoke runs).
+    other = np.random.default_rng(1).normal(size=(6, 8)) + 0.5
+    for a, b in [(features, features[::-1] * 2 + 1), (features, other), (other, features)]:
+        args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        assert frechet_distance_through_eigenvalues(*args) == pytest.approx(fid.calculate_fid_from_inception_stats(*args), rel=1e-6)

@@ -71,10 +71,11 @@ def test_datasets_of_the_rows_are_make_targets():
 
 
 def dry_run(tmp_path, row, variant, *extra, driver='edm'):
-    """The three commands (train, generate or sample, fid) a paper-row driver would run."""
+    """The three commands (train, generate or sample, fid calc) a paper-row driver would run for a snapshot
+    (ImageNet64 first makes its reference statistics: a fourth)."""
     result = tool(f'paper.{driver}', row, f'--variant={variant}', '--dry-run', f'--runs={tmp_path}', *extra)
     assert result.returncode == 0, result.stderr
-    commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/')]
+    commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/') and ' ref ' not in line]
     assert len(commands) == 3, 'train, generate or sample, fid'
     return commands
 
@@ -83,12 +84,12 @@ def dry_run(tmp_path, row, variant, *extra, driver='edm'):
     ('cifar10-uncond', 'baseline', ['--cond=0', '--arch=ddpmpp', '--batch=512', '--steps=18'], ['--lora', '--conv-cond']),
     ('cifar10-uncond', 'with-lora', ['--lora=uc', '--lora-bases=18', '--lora-rank=4'], ['--conv-cond', '--transfer']),
     ('cifar10-cond', 'only-lora', ['--cond=1', '--lora=uc', '--lora-bases=18', '--conv-cond=False'], ['--transfer']),
-    ('cifar10-uncond', 'pretrained', ['--lora=uc', '--transfer=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'], []),
+    ('cifar10-uncond', 'pretrained', ['--lora=uc', '--duration=100', '--transfer=' + ROOT + '/downloads/edm-pretrained/edm-cifar10-32x32-uncond-vp.pkl'], []),
     ('cifar10-uncond', 'adaln', ['--adaln=True', '--conv-cond=False'], ['--lora']),
     ('cifar10-cond', 'adaln', ['--cond=1', '--adaln=True', '--conv-cond=False'], ['--lora']),
     ('cifar10-cond', 'classlora', ['--cond=1', '--lora=class', '--lora-rank=4'], ['--lora-bases', '--conv-cond', '--adaln']),
     ('ffhq64', 'finetune', ['--lora=uc', '--lora-bases=20', '--lora-scale=trainable', '--finetune=True',
-                            '--transfer=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-ffhq-64x64-uncond-vp.pkl'], []),
+                            '--transfer=' + ROOT + '/downloads/edm-pretrained/edm-ffhq-64x64-uncond-vp.pkl'], []),
     ('ffhq64', 'with-lora', ['--cres=1,2,2,2', '--batch=256', '--lr=2e-4', '--dropout=0.05', '--augment=0.15', '--lora-bases=20', '--steps=40', 'ffhq-64x64.npz'], []),
 ])
 def test_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
@@ -130,7 +131,7 @@ def test_audit_fails_over_budget(tmp_path):
     ('cifar10-uncond', 'with-lora', ['--diffusion_steps 4001 --time_lora True --lora_bases 11 --lora_rank 4'], ['--class_lora', '--conv_cond']),
     ('cifar10-cond', 'with-lora', ['--class_cond True --num_classes 10', '--time_lora True', '--class_lora True'], ['--conv_cond']),
     ('cifar10-cond', 'only-lora', ['--class_lora True --conv_cond False'], []),
-    ('imagenet64', 'with-lora', ['--image_size 64', '--dropout 0.0', 'ema_0.9999_1500000.pt', 'imagenet-64x64.npz'], ['--class_cond']),
+    ('imagenet64', 'with-lora', ['--image_size 64', '--dropout 0.0', 'ema_0.9999_1500000.pt', f'--ref={ROOT}/datasets/imagenet64-train-fid-ref.npz'], ['--class_cond']),
 ])
 def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
     train, sample, fid = dry_run(tmp_path, row, variant, driver='iddpm')
@@ -139,7 +140,15 @@ def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_
     for flag in absent:
         assert flag not in train
     assert '--num_samples 50000' in sample and '--timestep_respacing' not in sample, 'full steps, 50k samples'
+    assert '--sample_dir' in sample, 'batches written as they finish: resumable'
     assert 'fid.py calc' in fid and '[vendor/edm]' in fid, "EDM's Inception tool"
+
+
+def test_imagenet64_is_scored_against_statistics_of_the_users_training_images(tmp_path):
+    result = tool('paper.iddpm', 'imagenet64', '--variant=baseline', '--dry-run', f'--runs={tmp_path}')
+    ref = next(line for line in result.stdout.splitlines() if ' ref ' in line)
+    assert f'fid.py ref --data={ROOT}/datasets/imagenet64-train --dest={ROOT}/datasets/imagenet64-train-fid-ref.npz.partial.npz' in ref
+    assert '[vendor/edm]' in ref, "EDM's fid.py, with Inception"
 
 
 def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):

@@ -4,6 +4,10 @@
     python -m tools.data.fetch mnist --dest=FOLDER        # download the four MNIST files, check MD5s
     python -m tools.data.fetch ffhq --source=PATH         # FFHQ: check your own copy (it needs a Google login)
     python -m tools.data.fetch imagenet64 --source=PART1 --source=PART2   # likewise (it needs an ImageNet login)
+    python -m tools.data.fetch url --url=URL --dest=PATH [--sha256=HEX]  # any file, e.g. EDM's published networks
+
+A file without a published checksum (EDM's networks) is checked against the SHA-256 recorded in
+PATH.sha256 at its first download, or against --sha256 when given.
 
 An existing --dest with the right checksum is kept; a partial download resumes; a wrong checksum is an
 error that names the file; a download that fails (no network, a proxy, a server error) says which URL
@@ -35,6 +39,7 @@ ARCHIVES = {
         # zips it. No checksum of such a zip is published, so FFHQ_SHA256 is the user's own record.
         where='https://github.com/NVlabs/ffhq-dataset (python download_ffhq.py --images), then zip images1024x1024/',
     ),
+    'url': dict(), # --url, --dest and maybe --sha256 say it all
     'imagenet64': dict(
         # Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017) needs an ImageNet account; no checksums
         # of its zips are published, so IMAGENET64_SHA256 is the user's own record.
@@ -73,15 +78,44 @@ def download(url, dest):
     os.replace(partial, dest)
 
 
+def fetch_url(url, dest, expected=None):
+    """Download url to dest once; check it against `expected` or the SHA-256 recorded at its first download."""
+    record = dest + '.sha256'
+    if expected is None and os.path.exists(record):
+        with open(record) as f:
+            expected = f.read().split()[0]
+    if not os.path.exists(dest):
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        try:
+            download(url, dest)
+        except OSError as err:
+            sys.exit(f'fetch: downloading {url} failed ({getattr(err, "reason", err)}). Without a network here, download it '
+                     f'elsewhere, put it at {os.path.abspath(dest)} and run the same command again.')
+    sha256 = digest(dest, 'sha256')
+    if expected and sha256 != expected:
+        os.replace(dest, dest + '.bad')
+        sys.exit(f'fetch: {dest} has SHA-256 {sha256}, not {expected} ({"given" if not os.path.exists(record) else "recorded in " + record}); kept as {dest}.bad')
+    if not os.path.exists(record):
+        with open(record + '.partial', 'w') as f:
+            f.write(f'{sha256}  {os.path.basename(dest)}  {url}\n')
+        os.replace(record + '.partial', record)
+    print(f'{dest}: SHA-256 {sha256} ' + ('verified' if expected else f'recorded in {record} (no published checksum)'))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('dataset', choices=sorted(ARCHIVES))
     parser.add_argument('--dest', help='where the downloaded archive goes (cifar10)')
     parser.add_argument('--source', action='append', default=[], help='an archive you supply, checked in place (ffhq, imagenet64); repeatable')
-    parser.add_argument('--sha256', action='append', default=[], help='expected SHA-256 of each --source, in order (your own record)')
+    parser.add_argument('--sha256', action='append', default=[], help='expected SHA-256 of each --source, in order (your own record), or of --url')
+    parser.add_argument('--url', help='the file to download (url)')
     args = parser.parse_args()
     archive = ARCHIVES[args.dataset]
     try:
+        if args.dataset == 'url':
+            if not (args.url and args.dest):
+                parser.error('url needs --url and --dest')
+            return fetch_url(args.url, args.dest, args.sha256[0].lower() if args.sha256 else None)
         if 'url' in archive or 'files' in archive:
             if not args.dest:
                 parser.error(f'{args.dataset} needs --dest')

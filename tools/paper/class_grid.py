@@ -24,12 +24,12 @@ import PIL.ImageFont
 import torch
 
 from tools import ROOT
+from tools.data.image_folder import CIFAR10_CLASSES
 from tools.images import tile, with_caption
 from tools.paper.rows import find
 from tools.paper.steps import SMOKE_CAPTION, newest
 from tools.vendoring.upstream import import_vendor_tree
 
-CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 DEFAULT_VARIANTS = {'baseline': 'scale-and-shift', 'classlora': 'ClassLoRA'} # the two class-conditional CIFAR-10 runs of Fig. 5
 
 

@@ -14,7 +14,6 @@ Rows that start from EDM's published network (--transfer: pretrained, finetune) 
 runs, from the tiny network of the recipe's smoke baseline, which is trained first if need be.
 """
 
-import glob
 import os
 import shlex
 import subprocess
@@ -24,8 +23,10 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
+from tools.data.image_folder import CIFAR10_CLASSES
 from tools.paper.rows import find, flag_value
-from tools.paper.steps import dataset_path, fid, newest, number_in_name, parse_row, run_dir, run_step, show_samples, smoke_has_no_fid, synthetic_images
+from tools.paper.score import SMOKE_IMAGES, missing_seeds, reference_statistics, score_run, score_snapshot, seed_ranges
+from tools.paper.steps import dataset_path, newest, number_in_name, parse_row, run_dir, run_step, show_samples, synthetic_images
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
 
@@ -59,6 +60,17 @@ def smoke_base(args, row):
     return newest(pattern)
 
 
+def published_network(url, dry_run):
+    """EDM's published network, downloaded once to downloads/edm-pretrained/ by tools.data.fetch, which
+    checks its SHA-256 against the one recorded at the first download (EDM publishes none)."""
+    dest = os.path.join(ROOT, 'downloads', 'edm-pretrained', os.path.basename(url))
+    command = [sys.executable, '-m', 'tools.data.fetch', 'url', f'--url={url}', f'--dest={dest}']
+    print(f'$ {shlex.join(command)}', flush=True)
+    if not dry_run and subprocess.run(command, cwd=ROOT).returncode != 0:
+        sys.exit(f'edm: could not fetch {url}; see above')
+    return dest
+
+
 def main():
     parser, args, row = parse_row(__doc__, 'edm', gpus_help='processes (GPUs) per node for torchrun',
                                   train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"')
@@ -69,11 +81,12 @@ def main():
         data = smoke_dataset(folder, args.dry_run)
         variant_flags = list(row.variant_flags)
         if flag_value(variant_flags, '--transfer') is not None:
-            variant_flags = [flag for flag in variant_flags if not flag.startswith('--transfer')] + [f'--transfer={smoke_base(args, row)}']
+            variant_flags = [flag for flag in variant_flags if not flag.startswith(('--transfer', '--duration'))] + [f'--transfer={smoke_base(args, row)}']
         train_flags = list(row.recipe.flags) + SMOKE_FLAGS + variant_flags
     else:
         data = dataset_path(args, row)
-        train_flags = row.flags
+        train_flags = [f'--transfer={published_network(row.recipe.pretrained, args.dry_run)}' if flag.startswith('--transfer=') else flag
+                       for flag in row.flags]
     train_flags += shlex.split(args.train_flags)
 
     # Train, or continue training from the newest state dump.
@@ -87,25 +100,47 @@ def main():
             train_flags = [flag for flag in train_flags if not flag.startswith('--transfer')]
         run(['train.py', f'--outdir={folder}', '--nosubdir', f'--data={data}'] + train_flags + resume)
 
-    # Generate with EDM's Heun sampler at the paper's NFE (2 steps - 1), from the newest snapshot.
-    snapshot = newest(os.path.join(folder, 'network-snapshot-*.pkl'))
+    # Score every snapshot (tools.paper.score), then draw samples of the snapshot the row reports.
+    protocol = scoring_protocol(row, folder, args.smoke, args.fid_evaluations, args.fid_images, args.dry_run)
     if args.dry_run:
-        snapshot = snapshot or os.path.join(folder, f'network-snapshot-{total_kimg:06d}.pkl')
-    samples = os.path.join(folder, 'samples-' + os.path.basename(snapshot)[len('network-snapshot-'):-len('.pkl')])
-    count, steps = (16, 4) if args.smoke else (row.recipe.fid_images, (row.nfe + 1) // 2)
-    if not os.path.exists(os.path.join(samples, 'done')):
-        run(['generate.py', f'--network={snapshot}', f'--outdir={samples}', f'--seeds=0-{count - 1}', '--subdirs', f'--steps={steps}', '--batch=64'])
-        if not args.dry_run:
-            open(os.path.join(samples, 'done'), 'w').close()
-    if not args.dry_run:
-        paths = sorted(glob.glob(os.path.join(samples, '**', '*.png'), recursive=True))[:16]
-        show_samples(np.stack([np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths]), os.path.join(folder, 'samples.png'),
-                     f'{row.name}: seeds 0-{len(paths) - 1} of {os.path.basename(snapshot)}, EDM\'s Heun sampler, NFE {2 * steps - 1}', args.smoke)
+        return score_snapshot(os.path.join(folder, f'network-snapshot-{total_kimg:06d}.pkl'), folder, row, protocol, launcher(args.gpus))
+    records = score_run(folder, row, protocol, launcher(args.gpus), args.snapshots, args.keep_images)
+    sample_grid(folder, row, min(records, key=lambda record: record['fid_min'])['snapshot'], protocol, args)
 
-    # FID against EDM's published reference statistics.
-    if args.smoke:
-        return smoke_has_no_fid()
-    fid(folder, samples, row, f'{os.path.basename(snapshot)}, NFE {2 * steps - 1}, {count // 1000}k images', launcher(args.gpus), args.dry_run)
+
+def scoring_protocol(row, folder, smoke, evaluations=None, images=None, dry_run=False):
+    """How tools.paper.score scores this row's snapshots: EDM's Heun sampler at the row's NFE (2 steps - 1),
+    the minimum of 3 evaluations (EDM's tables), EDM's reference statistics; smoke runs: 4 steps and
+    the stand-in detector against statistics of their own synthetic data."""
+    steps = 4 if smoke else (row.nfe + 1) // 2
+    ref = row.recipe.fid_ref
+    if smoke and not dry_run:
+        ref = reference_statistics(smoke_dataset(folder, dry_run), os.path.join(folder, 'fid-ref-standin.npz'), [sys.executable])
+    return dict(steps=steps, nfe=2 * steps - 1, sampler=f"EDM's Heun sampler, {steps} steps", batch=64,
+                images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images), evaluations=evaluations or 3,
+                ref=ref, detector='standin' if smoke else 'inception', train_batch=int(flag_value(row.flags, '--batch')), dry_run=dry_run)
+
+
+def sample_grid(folder, row, snapshot, protocol, args):
+    """Appendix D: samples of the reported snapshot, samples.png; conditional rows: a row of samples a class."""
+    stem = snapshot[len('network-snapshot-'):-len('.pkl')]
+    classes = 10 if flag_value(row.flags, '--cond') == '1' else 0
+    per_class, count = (4, 16) if args.smoke else (10, 64)
+    images = []
+    for label in range(classes) if classes else [None]:
+        image_dir = os.path.join(folder, f'samples-{stem}' + (f'/class-{label}' if classes else ''))
+        seeds = list(range(per_class if classes else count))
+        missing = missing_seeds(image_dir, seeds)
+        if missing:
+            run_step(launcher(args.gpus) + ['generate.py', f'--network={os.path.join(folder, snapshot)}', f'--outdir={image_dir}',
+                     f'--seeds={seed_ranges(missing)}', '--subdirs', f'--steps={protocol["steps"]}', '--batch=64']
+                     + ([f'--class={label}'] if classes else []), 'edm')
+        images += [np.asarray(PIL.Image.open(os.path.join(image_dir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')).convert('RGB'))
+                   for seed in seeds]
+    what = f'classes {", ".join(CIFAR10_CLASSES)} (a row each), seeds 0-{per_class - 1}' if classes else f'seeds 0-{count - 1}'
+    show_samples(np.stack(images), os.path.join(folder, 'samples.png'),
+                 f'{row.name}: {snapshot} (the best FID of the run), {what}, {protocol["sampler"]} (NFE {protocol["nfe"]})',
+                 args.smoke, count=len(images), columns=per_class if classes else None)
 
 
 if __name__ == '__main__':

@@ -103,6 +103,13 @@ def uc_lora(bases, rank=4, *extra):
     return ('--lora=uc', f'--lora-bases={bases}', f'--lora-rank={rank}', *extra)
 
 
+# Rows that start from EDM's published network train 100 Mimg: the paper does not say; the authors' release
+# trains them with --duration=100. EDM's --transfer turns off the EMA ramp-up (the authors' own loading of
+# the base does not): it only acts in the first 10 Mimg, and the EMA at 100 Mimg (half-life 0.5 Mimg)
+# has forgotten them, so the rows keep EDM's --transfer as it is.
+PRETRAINED_BUDGET = ('--duration=100',)
+
+
 def edm_rows(recipe, nfe, bases, params, fids, pretrained_fid, notes={}, rules_params={}, inferred={}):
     """Table 1's four EDM variants of a recipe; params and fids: (baseline, only LoRA, with LoRA).
     inferred: {variant: flags} that the paper's text does not state but its parameter count implies."""
@@ -114,10 +121,11 @@ def edm_rows(recipe, nfe, bases, params, fids, pretrained_fid, notes={}, rules_p
             rules_params.get('only-lora'), notes.get('only-lora')),
         Row(recipe, 'with-lora', table + (('Table 2',) if recipe.dataset == 'cifar10-uncond' else ()), 'with LoRA', uc_lora(bases, 4, *with_lora), nfe, bases, 4,
             params[2], fids[2], rules_params.get('with-lora'), notes.get('with-lora')),
-        Row(recipe, 'pretrained', table, 'with LoRA, pretrained base', uc_lora(bases, 4, *with_lora, f'--transfer={recipe.pretrained}'), nfe, bases, 4,
-            None, pretrained_fid, note="the base starts from EDM's published network (train.py --transfer); same network as with LoRA"),
+        Row(recipe, 'pretrained', table, 'with LoRA, pretrained base', uc_lora(bases, 4, *with_lora, *PRETRAINED_BUDGET, f'--transfer={recipe.pretrained}'),
+            nfe, bases, 4, None, pretrained_fid,
+            note="the base starts from EDM's published network (train.py --transfer) and trains 100 Mimg, as the authors' command lines; same network as with LoRA"),
         Row(recipe, 'finetune', (), 'with LoRA, only LoRA trained on a frozen pretrained base',
-            uc_lora(bases, 4, *with_lora, '--finetune=True', f'--transfer={recipe.pretrained}'), nfe, bases, 4,
+            uc_lora(bases, 4, *with_lora, *PRETRAINED_BUDGET, '--finetune=True', f'--transfer={recipe.pretrained}'), nfe, bases, 4,
             note="not a paper row: LoRA-only fine-tuning (train.py --finetune) of EDM's published network, as the authors' release offers"),
     ]
 
@@ -166,7 +174,9 @@ IDDPM_CIFAR10_COND = Recipe(upstream='iddpm', dataset='cifar10-cond', title='CIF
 IDDPM_IMAGENET64 = Recipe(upstream='iddpm', dataset='imagenet64', title='ImageNet64 uncond', resolution=64,
     flags=('--image_size', 64, '--num_channels', 128, '--num_res_blocks', 3, '--learn_sigma', True, '--dropout', 0.0,
            '--noise_schedule', 'cosine'), train_flags=IDDPM_TRAIN, iterations=1500000,
-    data='datasets/imagenet64-train', make_data='data-imagenet64 IMAGENET64_ZIPS=...', fid_ref=f'{EDM_CDN}/fid-refs/imagenet-64x64.npz', fid_images=50000)
+    # FID against statistics of the user's own training images (fid.py ref, made by the driver): EDM's published
+    # imagenet-64x64.npz comes from ImageNet downsampled another way (EDM's dataset_tool.py, not the official 64x64 zips).
+    data='datasets/imagenet64-train', make_data='data-imagenet64 IMAGENET64_ZIPS=...', fid_ref='datasets/imagenet64-train-fid-ref.npz', fid_images=50000)
 
 
 def time_lora(class_lora, *extra):

@@ -1,11 +1,13 @@
 """The steps every paper-row driver takes (tools.paper.edm, tools.paper.iddpm): parse the row, run
-each upstream command in its vendor tree, find the newest checkpoint, show samples, score FID."""
+each upstream command in its vendor tree, find the newest checkpoint, show samples (scoring:
+tools.paper.score)."""
 
 import argparse
 import glob
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 
@@ -28,9 +30,17 @@ def parse_row(doc, upstream, gpus_help, train_flags_help):
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')
     parser.add_argument('--train-flags', default='', help=train_flags_help)
     parser.add_argument('--dry-run', action='store_true', help='print the commands (e.g. to launch them on several nodes) without running them')
+    parser.add_argument('--snapshots', default='all', help="snapshots to score: 'all', 'last' or a comma list of their numbers (kimg / steps)")
+    parser.add_argument('--fid-evaluations', type=int, help='FID evaluations a snapshot, each with other seeds; the minimum is reported (EDM: 3, improved-diffusion: 1)')
+    parser.add_argument('--fid-images', type=int, help="images an FID evaluation (default: the row's, 50,000)")
+    parser.add_argument('--keep-images', action='store_true', help='keep the generated images once scored')
     args = parser.parse_args()
     if args.gpus < 1:
         parser.error('--gpus must be at least 1')
+    if (args.fid_evaluations is not None and args.fid_evaluations < 1) or (args.fid_images is not None and args.fid_images < 2):
+        parser.error('--fid-evaluations must be at least 1 and --fid-images at least 2')
+    if args.snapshots not in ('all', 'last') and not re.fullmatch(r'\d+(,\d+)*', args.snapshots):
+        parser.error(f"--snapshots: 'all', 'last' or numbers separated by commas, not {args.snapshots!r}")
     try:
         row = find(upstream, args.dataset, args.variant)
     except KeyError:
@@ -65,6 +75,12 @@ def synthetic_images(folder, count, resolution):
     return folder
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
 def run_step(command, tree, dry_run=False, env=None, stop_when=None):
     """Run `command` in vendor/<tree> (on its PYTHONPATH), echoing and returning its output.
 
@@ -75,7 +91,11 @@ def run_step(command, tree, dry_run=False, env=None, stop_when=None):
     print(f'\n[vendor/{tree}]$ {shlex.join(str(c) for c in command)}', flush=True)
     if dry_run:
         return ''
-    process = subprocess.Popen([str(c) for c in command], cwd=cwd, env=dict(os.environ, PYTHONPATH=cwd, **(env or {})),
+    # EDM's single-process scripts open a process group on MASTER_PORT (29500 unless set): each step gets
+    # a free port, so that two runs on one machine do not join each other's group (torchrun sets its own).
+    env = dict(os.environ, PYTHONPATH=cwd, **(env or {}))
+    env.setdefault('MASTER_PORT', free_port())
+    process = subprocess.Popen([str(c) for c in command], cwd=cwd, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = []
     for line in process.stdout:
@@ -105,30 +125,10 @@ SMOKE_CAPTION = ('Smoke run: a few training steps on synthetic images, so these 
                  '(it checks that every step runs, not what the model learns).')
 
 
-def show_samples(images, out_path, caption, smoke=False, count=16):
-    """A PNG grid of the first `count` samples ([N, H, W, 3] uint8), 128 pixels each, a white line
-    between them, and `caption` above (what was sampled; for smoke runs, why it is noise)."""
+def show_samples(images, out_path, caption, smoke=False, count=16, columns=None):
+    """A PNG grid of the first `count` samples ([N, H, W, 3] uint8), `columns` a row, 128 pixels each,
+    a white line between them, and `caption` above (what was sampled; for smoke runs, why it is noise)."""
     images = images[:count]
     caption = f'{caption}\n{SMOKE_CAPTION}' if smoke else caption
-    save_grid(images, out_path, scale=max(1, 128 // images.shape[1]), gap=1, caption=caption)
+    save_grid(images, out_path, columns=columns, scale=max(1, 128 // images.shape[1]), gap=1, caption=caption)
     print(f'\nsample grid: {os.path.relpath(out_path, ROOT)}')
-
-
-def fid(run_dir, images, row, note, launcher, dry_run=False):
-    """FID of an image folder by EDM's fid.py against the row's reference statistics.
-
-    Computed once: the score and `note` (what was scored) stay in run_dir/fid.txt."""
-    command = [*launcher, 'fid.py', 'calc', f'--images={images}', f'--ref={row.recipe.fid_ref}', f'--num={row.recipe.fid_images}']
-    fid_file = os.path.join(run_dir, 'fid.txt')
-    if dry_run or not os.path.exists(fid_file):
-        output = run_step(command, 'edm', dry_run=dry_run)
-        if dry_run:
-            return
-        with open(fid_file, 'w') as f:
-            f.write(f'{output.strip().splitlines()[-1]}  # {note}\n')
-    with open(fid_file) as f:
-        print(f'FID: {f.read().strip()}')
-
-
-def smoke_has_no_fid():
-    print('FID: skipped in smoke runs (fid.py downloads Inception-v3; the tests cover its plumbing)')

@@ -1,0 +1,161 @@
+"""Scoring every snapshot (tools/paper/score.py) and `make results` (tools/paper/results.py) on two
+tiny EDM snapshots, with the stand-in detector (tools/fid_standin.py) that smoke runs use."""
+
+import glob
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import EDM, HELPERS
+from tools.fid_standin import standin_weights
+from tools.paper import results, score
+from tools.paper.rows import find
+
+TINY = dict(img_resolution=16, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
+ROW = find('edm', 'cifar10-uncond', 'with-lora')
+
+
+def standin_features(paths):
+    """The stand-in's features of PNG files, computed here, without fid.py."""
+    images = np.stack([np.asarray(PIL.Image.open(path).convert('RGB')).transpose(2, 0, 1) for path in paths])
+    flat = images.reshape(len(paths), -1).astype(np.float64) / 255
+    return np.tanh(flat @ standin_weights(flat.shape[1]))
+
+
+def frechet_distance(a, mu_b, s_b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2), computed independently of the tools."""
+    mu_a, s_a = a.mean(0), np.cov(a, rowvar=False)
+    values, vectors = np.linalg.eigh(s_a)
+    root = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root @ s_b @ root)
+    return np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None)))
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """A smoke-run folder of the with-LoRA row with two snapshots (kimg 0 and 1) and stand-in reference statistics."""
+    runs = tmp_path_factory.mktemp('runs')
+    folder = runs / f'{ROW.name}-smoke'
+    folder.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(EDM)
+        from training import networks
+        for kimg in (0, 1):
+            torch.manual_seed(kimg)
+            net = networks.EDMPrecond(**TINY).eval()
+            with torch.no_grad(): # the zero-initialised output layers as training leaves them: samples differ
+                for name, param in net.named_parameters():
+                    if name.endswith(('aux_conv.weight', 'proj.weight')):
+                        param.normal_(0, 0.3)
+            with open(folder / f'network-snapshot-{kimg:06d}.pkl', 'wb') as f:
+                pickle.dump(dict(ema=net), f)
+    real = np.random.default_rng(0).integers(0, 256, size=(40, 3 * 16 * 16)).astype(np.float64) / 255
+    features = np.tanh(real @ standin_weights(real.shape[1]))
+    np.savez(folder / 'fid-ref-standin.npz', mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    return runs, folder
+
+
+def protocol(folder, evaluations):
+    return dict(steps=2, nfe=3, sampler="EDM's Heun sampler, 2 steps", batch=8, images=8, evaluations=evaluations,
+                ref=str(folder / 'fid-ref-standin.npz'), detector='standin', train_batch=512, dry_run=False)
+
+
+@pytest.fixture(scope='module')
+def scored(run):
+    """Both snapshots scored once (images kept), then the last one again with a second evaluation."""
+    runs, folder = run
+    first = score.score_run(str(folder), ROW, protocol(folder, 1), [sys.executable], 'all', keep_images=True)
+    second = score.score_run(str(folder), ROW, protocol(folder, 2), [sys.executable], 'last')
+    return first, second
+
+
+def test_every_snapshot_gets_a_record_with_the_fid_of_its_images(run, scored):
+    runs, folder = run
+    first, _ = scored
+    assert [record['snapshot'] for record in first] == ['network-snapshot-000000.pkl', 'network-snapshot-000001.pkl']
+    ref = np.load(folder / 'fid-ref-standin.npz')
+    for record in first:
+        assert record['images_seen'] == 1000 * int(record['snapshot'][-10:-4]) and record['nfe'] == 3 and record['images'] == 8
+        images = sorted(glob.glob(str(folder / 'scores' / f'{record["snapshot"][:-4]}.nfe3.8' / 'evaluation-0' / '*' / '*.png')))
+        assert [os.path.basename(path) for path in images] == [f'{seed:06d}.png' for seed in range(8)], 'seeds 0-7'
+        expected = frechet_distance(standin_features(images), ref['mu'], ref['sigma'])
+        assert record['evaluations'][0]['fid'] == pytest.approx(expected, rel=1e-4)
+        assert record['evaluations'][0]['seeds'] == 'seeds 0-7'
+    assert first[0]['fid_min'] != first[1]['fid_min'], 'two different networks'
+
+
+def test_a_second_evaluation_uses_other_seeds_and_the_minimum_is_reported(run, scored):
+    runs, folder = run
+    first, second = scored
+    assert len(second) == 1 and second[0]['snapshot'] == 'network-snapshot-000001.pkl'
+    evaluations = second[0]['evaluations']
+    assert [e['seeds'] for e in evaluations] == ['seeds 0-7', 'seeds 8-15']
+    assert evaluations[0] == first[1]['evaluations'][0], 'the finished evaluation is kept, not redone'
+    fids = [e['fid'] for e in evaluations]
+    assert fids[0] != fids[1]
+    assert second[0]['fid_min'] == min(fids) and second[0]['fid_spread'] == pytest.approx(max(fids) - min(fids))
+    assert not os.path.exists(folder / 'scores' / 'network-snapshot-000001.nfe3.8' / 'evaluation-1'), 'images deleted once scored'
+    on_disk = json.loads((folder / 'scores' / 'network-snapshot-000001.nfe3.8.json').read_text())
+    assert on_disk['fid_min'] == second[0]['fid_min'] and on_disk['evaluations_planned'] == 2
+
+
+def test_a_rerun_does_nothing(run, scored, capsys):
+    runs, folder = run
+    capsys.readouterr()
+    again = score.score_run(str(folder), ROW, protocol(folder, 2), [sys.executable], 'last')
+    printed = capsys.readouterr().out
+    assert '[vendor/' not in printed, 'no command run'
+    assert again == scored[1]
+
+
+def test_an_interrupted_generation_resumes_to_the_same_images(run, scored, tmp_path):
+    runs, folder = run
+    kept = folder / 'scores' / 'network-snapshot-000000.nfe3.8' / 'evaluation-0'
+    snapshot = str(folder / 'network-snapshot-000000.pkl')
+    killer = [sys.executable, os.path.join(HELPERS, 'kill_midwrite.py'), '000005', '--']
+    with pytest.raises(SystemExit): # the step fails: killed while writing seed 5's PNG
+        score.edm_generate(snapshot, str(tmp_path), list(range(8)), protocol(folder, 1), killer)
+    truncated = tmp_path / '000000' / '000005.png'
+    assert truncated.exists() and not score.is_complete_png(truncated), 'the kill left a truncated PNG'
+    assert score.missing_seeds(str(tmp_path), list(range(8))) == [5, 6, 7] and not truncated.exists(), 'taken as missing and deleted'
+    score.edm_generate(snapshot, str(tmp_path), list(range(8)), protocol(folder, 1), [sys.executable])
+    for seed in range(8):
+        path = f'000000/{seed:06d}.png'
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / path)), np.asarray(PIL.Image.open(kept / path))), path
+
+
+def test_results_put_the_best_snapshot_beside_the_paper(run, scored, tmp_path):
+    runs, folder = run
+    lines = results.collect(str(runs), smoke=True, count_params=False)
+    ours = [line for line in lines if line['row'] == ROW.name]
+    assert {line['table'] for line in ours} == {'Table 1', 'Table 2'}
+    best = min([scored[0][0], scored[1][0]], key=lambda record: record['fid_min'])
+    for line in ours:
+        assert line['fid_paper'] == 1.96 and line['fid'] == round(best['fid_min'], 4) and line['snapshot'] == best['snapshot']
+        assert line['fid_last'] == round(scored[1][0]['fid_min'], 4) and line['nfe'] == 3
+    others = [line for line in lines if line['row'] != ROW.name]
+    assert others and all(line['fid'] == '' and line['snapshot'] == '' for line in others), 'no run: empty, never the paper\'s'
+    assert any(line['fid_paper'] == 1.97 for line in others), "the paper's column is there for rows without a run"
+    text = results.markdown(lines, smoke=True)
+    assert '## Table 1' in text and '## Table 2' in text and 'stand-in detector' in text
+    assert os.path.exists(folder / 'fid-vs-images.png')
+    picture = results.plot_table(lines, 'Table 1', str(runs), True, str(tmp_path))
+    assert np.asarray(PIL.Image.open(picture).convert('L')).std() > 10
+
+
+def test_seed_lists_as_generate_py_reads_them():
+    assert score.seed_ranges([0, 1, 2, 5, 7, 8]) == '0-2,5,7-8'
+    assert score.seed_ranges([3]) == '3'
+
+
+def test_snapshot_selection(tmp_path):
+    paths = [str(tmp_path / f'network-snapshot-{kimg:06d}.pkl') for kimg in (0, 50, 100)]
+    assert score.select(paths, 'last') == paths[-1:]
+    assert score.select(paths, '0,100') == [paths[0], paths[2]]
+    assert score.select(paths, 'all') == paths

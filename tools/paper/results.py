@@ -1,0 +1,242 @@
+"""`make results`: every run's FID records beside the paper's numbers, laid out like its Tables 1, 2 and 3.
+
+    python -m tools.paper.results [--smoke] [--runs=runs] [--out=FOLDER]
+
+Reads the records that tools.paper.score writes (runs/<row>/scores/*.json) and writes, into --out
+(default runs/results, or runs/results-smoke): results.md (also printed), results.csv and one
+fid-vs-images-<table>.png a table. A cell without a run stays empty: nothing is filled from the paper.
+
+The rule (README, "Scoring"): a row reports its best snapshot, the one with the lowest FID, each
+snapshot's FID being the minimum over its evaluations (EDM: 3, with different seeds); the last
+snapshot's FID is shown beside it. The spread is max - min over the reported snapshot's
+evaluations. A difference to the baseline smaller than the larger spread of the two is marked with
+"~": seeds alone move FID that much. The paper's differences are marked the same way against our
+spreads (the paper gives none).
+Runs of the authors' released checkpoints (runs/<row>-authors, `make edm-authors-checkpoint`) are
+listed under their row.
+"""
+
+import argparse
+import csv
+import glob
+import json
+import os
+
+from tools import ROOT
+from tools.paper.rows import ROWS
+
+TABLES = {
+    'Table 1': 'Table 1: FID of the baseline (scale-and-shift), only LoRA and with LoRA',
+    'Table 2': 'Table 2: CIFAR-10 uncond with LoRA, bases and rank',
+    'Table 3': 'Table 3: CIFAR-10, conditioning of the attention layers only: LoRA vs adaLN',
+    'Other': 'Other runs (not a paper table): ClassLoRA (Fig. 5), LoRA-only fine-tuning',
+}
+SMOKE_NOTE = ('Smoke runs: tiny networks, a few training steps on synthetic images, FID by a stand-in detector '
+              '(tools/fid_standin.py) against their own data. The numbers check the plumbing only.')
+
+
+def load_records(folder):
+    """The run's snapshot records, by training images; each with 'complete' (every planned evaluation done)."""
+    records = []
+    for path in glob.glob(os.path.join(folder, 'scores', '*.json')):
+        with open(path) as f:
+            record = json.load(f)
+        if record.get('evaluations'):
+            record['complete'] = record['fid_count'] >= record.get('evaluations_planned', 1)
+            records.append(record)
+    return sorted(records, key=lambda record: (record['images_seen'], record['nfe']))
+
+
+def reported(records):
+    """(best, last) snapshot records: among complete ones if any, else among those started."""
+    pool = [record for record in records if record['complete']] or records
+    return (min(pool, key=lambda record: record['fid_min']), pool[-1]) if pool else (None, None)
+
+
+def runs_of(row, runs, smoke):
+    """The run folders of a row: its own and, for EDM rows, one of the authors' converted checkpoint."""
+    suffix = '-smoke' if smoke else ''
+    folders = [(os.path.join(runs, row.name + suffix), 'trained here'),
+               (os.path.join(runs, row.name + '-authors' + suffix), "the authors' released checkpoint")]
+    return [(folder, source) for folder, source in folders if load_records(folder)]
+
+
+def mimg(images):
+    return f'{images / 1e6:.3g}'
+
+
+def collect(runs, smoke, count_params=True):
+    """One line per (table, row, run), with the paper's numbers and ours; rows without a run keep empty cells."""
+    lines = []
+    counts = {}
+    for row in ROWS:
+        if row.upstream == 'dataflowr':
+            continue # Fig. 3 and 4: `make nano-compare`
+        tables = [table for table in row.tables if table in TABLES] or ['Other']
+        found = runs_of(row, runs, smoke) or [(None, '')]
+        for folder, source in found:
+            records = load_records(folder) if folder else []
+            best, last = reported(records)
+            if best and count_params and row.name not in counts:
+                counts[row.name] = params_of(row)
+            for table in tables:
+                lines.append(dict(
+                    table=table, row=row.name, dataset=row.recipe.title, upstream=row.upstream, conditioning=row.title(table),
+                    bases=row.lora_bases or '', rank=row.lora_rank or '', source=source,
+                    params_paper=row.paper_params or '', params_ours=counts.get(row.name, '') if best else '',
+                    nfe=best['nfe'] if best else '', fid_paper=row.paper_fid if row.paper_fid is not None else '',
+                    fid=round(best['fid_min'], 4) if best else '', spread=round(best['fid_spread'], 4) if best else '',
+                    evaluations=f'{best["fid_count"]}/{best.get("evaluations_planned", 1)}' if best else '',
+                    snapshot=best['snapshot'] if best else '', mimg=mimg(best['images_seen']) if best else '',
+                    fid_last=round(last['fid_min'], 4) if last else '', mimg_last=mimg(last['images_seen']) if last else '',
+                    snapshots=len(records) or '', images=best['images'] if best else '', detector=best['detector'] if best else ''))
+    mark_differences(lines)
+    return lines
+
+
+def params_of(row):
+    """Our parameter count of a row (tools.paper.params), or '' where the vendor tree is missing."""
+    from tools.paper import params
+    try:
+        return params.edm_count(row) if row.upstream == 'edm' else params.iddpm_count(row)
+    except Exception as err: # counting is a convenience here: a missing vendor tree leaves the cell empty
+        print(f'{row.name}: no parameter count ({err})')
+        return ''
+
+
+def mark_differences(lines):
+    """vs_baseline: our FID minus the recipe's baseline, '~' when within the larger spread; the paper's likewise."""
+    baselines = {(line['upstream'], line['dataset']): line for line in lines if line['row'].endswith('-baseline') and line['source'] != "the authors' released checkpoint"}
+    for line in lines:
+        line['vs_baseline'] = line['paper_vs_baseline'] = ''
+        base = baselines.get((line['upstream'], line['dataset']))
+        if base is None or line is base:
+            continue
+        spreads = [value for value in (line['spread'], base['spread']) if value != '']
+        spread = max(spreads) if spreads else None
+        if line['fid'] != '' and base['fid'] != '':
+            delta = line['fid'] - base['fid']
+            line['vs_baseline'] = f'{delta:+.3g}' + (' ~' if abs(delta) <= spread else '')
+        if line['fid_paper'] != '' and base['fid_paper'] != '':
+            delta = line['fid_paper'] - base['fid_paper']
+            line['paper_vs_baseline'] = f'{delta:+.3g}' + (' ~' if spread is not None and abs(delta) <= spread else '')
+
+
+COLUMNS = [('conditioning', 'Row'), ('source', 'Run'), ('params_paper', 'Params (paper)'), ('params_ours', 'Params (ours)'), ('nfe', 'NFE'),
+           ('fid_paper', 'FID (paper)'), ('fid', 'FID (ours, best)'), ('spread', 'Spread'), ('evaluations', 'Evals'),
+           ('snapshot', 'Best snapshot'), ('mimg', 'Mimg'), ('fid_last', 'FID (last)'), ('mimg_last', 'Mimg (last)'),
+           ('vs_baseline', 'vs baseline (ours)'), ('paper_vs_baseline', 'vs baseline (paper)')]
+
+
+def markdown(lines, smoke):
+    def cell(value):
+        return f'{value:,}' if isinstance(value, int) and value > 9999 else str(value)
+    text = ['# Results beside the paper', '', '`make results` (tools/paper/results.py); rule and protocol: README, "Scoring".', '']
+    if smoke:
+        text += [f'**{SMOKE_NOTE}**', '']
+    for table, title in TABLES.items():
+        chosen = [line for line in lines if line['table'] == table and (table != 'Other' or line['fid'] != '')]
+        if not chosen:
+            continue
+        text += [f'## {title}', '', '| ' + ' | '.join(header for _, header in COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+        for line in chosen:
+            text.append('| ' + ' | '.join(cell(line[key]) for key, _ in COLUMNS) + ' |')
+        text.append('')
+    text += ['"~": within the larger FID spread of the row and its baseline (seeds alone move FID that much). '
+             'Empty: no run (never filled from the paper).', '']
+    return '\n'.join(text)
+
+#----------------------------------------------------------------------------
+# FID against training images: one picture a run (written after scoring) and one a table.
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(folder):
+    """folder/fid-vs-images.png: every evaluation of every snapshot, the minimum joined, the best marked."""
+    plt = pyplot()
+    records = load_records(folder)
+    best, last = reported(records)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for record in records:
+        x = record['images_seen'] / 1e6
+        ax.scatter([x] * record['fid_count'], [e['fid'] for e in record['evaluations']], color='0.6', s=12, zorder=2)
+    ax.plot([r['images_seen'] / 1e6 for r in records], [r['fid_min'] for r in records], '-o', color='C0', ms=4, zorder=3,
+            label=f'minimum of the evaluations (EDM\'s rule)')
+    ax.scatter([best['images_seen'] / 1e6], [best['fid_min']], marker='*', s=180, color='C3', zorder=4,
+               label=f'reported: {best["snapshot"]}, FID {best["fid_min"]:.3g}')
+    ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
+    ax.set_xlabel('training images (millions)')
+    ax.set_ylabel(f'FID ({best["images"]:,} images, NFE {best["nfe"]})')
+    smoke = os.path.basename(folder).endswith('-smoke')
+    ax.set_title(os.path.basename(folder) + ('\nsmoke run: stand-in detector, plumbing only' if smoke else ''), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(folder, 'fid-vs-images.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_table(lines, table, runs, smoke, out):
+    """One panel a recipe, one line a run of the table (its minimum FID by training images), the paper's value dashed."""
+    plt = pyplot()
+    chosen = [line for line in lines if line['table'] == table and line['fid'] != '']
+    if not chosen:
+        return None
+    recipes = sorted({(line['upstream'], line['dataset']) for line in chosen})
+    fig, axes = plt.subplots(1, len(recipes), figsize=(5.2 * len(recipes), 4.2), squeeze=False)
+    for ax, (upstream, dataset) in zip(axes[0], recipes):
+        for index, line in enumerate(line for line in chosen if (line['upstream'], line['dataset']) == (upstream, dataset)):
+            suffix = ('-authors' if line['source'].startswith("the authors'") else '') + ('-smoke' if smoke else '')
+            records = load_records(os.path.join(runs, line['row'] + suffix))
+            color = f'C{index % 10}'
+            label = line['conditioning'].split(', ', 1)[1] + (" (authors')" if suffix.startswith('-authors') else '')
+            ax.plot([r['images_seen'] / 1e6 for r in records], [r['fid_min'] for r in records], '-o', ms=3, color=color, label=label)
+            if line['fid_paper'] != '' and not smoke:
+                ax.axhline(line['fid_paper'], color=color, ls='--', lw=1)
+        ax.set_title(f'{upstream}: {dataset}' + (' (smoke)' if smoke else ''), fontsize=10)
+        ax.set_xlabel('training images (millions)')
+        ax.set_ylabel('FID (minimum of the evaluations)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(TABLES[table] + ('' if smoke else '  (dashed: the paper)'), fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out, f'fid-vs-images-{table.lower().replace(" ", "-")}.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where the run folders are')
+    parser.add_argument('--smoke', action='store_true', help='the smoke runs (runs/*-smoke) instead of the full ones')
+    parser.add_argument('--out', help='where results.md, results.csv and the plots go (default: RUNS/results[-smoke])')
+    args = parser.parse_args()
+    if not os.path.isdir(args.runs):
+        parser.error(f'{args.runs} is not a folder')
+    out = args.out or os.path.join(args.runs, 'results-smoke' if args.smoke else 'results')
+    os.makedirs(out, exist_ok=True)
+    lines = collect(args.runs, args.smoke)
+    text = markdown(lines, args.smoke)
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write(text)
+    with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(lines[0]))
+        writer.writeheader()
+        writer.writerows(lines)
+    print(text)
+    pictures = [plot_table(lines, table, args.runs, args.smoke, out) for table in TABLES]
+    scored = sum(line['fid'] != '' for line in lines)
+    print(f'{scored} of {len(lines)} table lines have a run; written to {os.path.relpath(out, ROOT)}/: results.md, results.csv'
+          + ''.join(f', {os.path.basename(p)}' for p in pictures if p))
+
+
+if __name__ == '__main__':
+    main()
