@@ -15,7 +15,7 @@ scoring = $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) $(if $(FID_EVALS),--fid-ev
 # What a row needs beyond its own tree (the dataset, EDM's fid.py), unless it is a smoke or dry run.
 full_run = $(if $(SMOKE)$(DRY),,$(1))
 
-.PHONY: help setup vendor test smoke demo nano-compare composition-maps params audit bench patches results score \
+.PHONY: help setup vendor test smoke demo nano-compare composition-maps params audit bench patches results score kill-check \
         edm-authors-checkpoint edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
@@ -29,11 +29,12 @@ help:
 	@echo "                          scoring: SNAPSHOTS=all|last|KIMG,... FID_EVALS=3 FID_IMAGES=50000 KEEP_IMAGES=1"
 	@echo "make results [SMOKE=1]    every run's FID beside the paper's, as Tables 1-3 (runs/results/: .md, .csv, plots)"
 	@echo "make score RUN=runs/...   score (again) every snapshot of a run folder [GPUS SNAPSHOTS FID_EVALS FID_IMAGES]"
+	@echo "make kill-check           a smoke run killed mid-write twice, rerun: the same result as uninterrupted"
 	@echo "make edm-authors-checkpoint SRC=their.pkl DATASET=cifar10-uncond|ffhq64   the paper authors' snapshot, converted and scored"
 	@echo "make edm-class-grid       paper Fig. 5: class vectors interpolated and scaled, cond baseline vs ClassLoRA [SMOKE=1 NETS=\"a.pkl b.pkl\"]"
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
-	@echo "make smoke                every paper target with SMOKE=1"
+	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
 	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES NANO_OUT)"
 	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
 	@echo "                          levels or time steps, from an EDM .pkl, IDDPM .pt or nano checkpoint.pt [OUT=folder]"
@@ -84,6 +85,8 @@ smoke: vendor-edm vendor-iddpm
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=baseline
+	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=bases-9
+	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=rank-2
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond SMOKE=1 VARIANT=adaln
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=finetune
 	$(MAKE) --no-print-directory edm-class-grid SMOKE=1
@@ -93,6 +96,12 @@ smoke: vendor-edm vendor-iddpm
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=baseline
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/edm-cifar10-uncond-with-lora-smoke/network-snapshot-*.pkl | tail -n 1)
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/iddpm-cifar10-uncond-with-lora-smoke/ema_*.pt | tail -n 1)
+	$(MAKE) --no-print-directory kill-check
+	$(MAKE) --no-print-directory results SMOKE=1
+
+# A smoke run killed mid-write (a snapshot, then a sample) and rerun ends as an uninterrupted one.
+kill-check: vendor-edm
+	$(PY) -m tools.paper.kill_check
 
 # ---------------------------------------------------------------------------- nano diffusion
 
@@ -118,7 +127,7 @@ edm-ffhq: vendor-edm $(call full_run,datasets/ffhq-64x64.zip)
 	$(call row,edm,ffhq64)
 
 # Scores land in the run folder (scores/*.json, fid-vs-images.png); `make results` collects them all.
-score: vendor-edm
+score: vendor-edm vendor-iddpm
 	$(if $(RUN),,$(error score needs RUN=<a run folder, e.g. runs/edm-cifar10-uncond-with-lora>))
 	$(PY) -m tools.paper.score "$(RUN)" $(if $(GPUS),--gpus=$(GPUS)) $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) \
 	    $(if $(FID_EVALS),--evaluations=$(FID_EVALS)) $(if $(FID_IMAGES),--images=$(FID_IMAGES)) $(if $(KEEP_IMAGES),--keep-images)

@@ -89,3 +89,23 @@ def test_a_failed_download_names_the_url_and_where_a_copy_goes(server, tmp_path,
         message = str(failed.value.code)
         assert message.startswith(f'fetch: downloading {missing} failed') and '\n' not in message
         assert f'its MD5 is c58f30108f718f92721af3b95e74349a, put it at {dest}' in message
+
+
+def test_a_file_without_a_published_checksum_is_held_to_the_one_recorded_at_its_first_download(server, tmp_path, monkeypatch, capsys):
+    served, url = server
+    payload = os.urandom(1 << 16)
+    (served / 'network.pkl').write_bytes(payload)
+    dest = tmp_path / 'edm-pretrained' / 'network.pkl'
+    fetch(monkeypatch, 'url', f'--url={url}/network.pkl', f'--dest={dest}')
+    digest = hashlib.sha256(payload).hexdigest()
+    assert dest.read_bytes() == payload and (tmp_path / 'edm-pretrained' / 'network.pkl.sha256').read_text().startswith(digest)
+    assert 'recorded in' in capsys.readouterr().out
+    fetch(monkeypatch, 'url', f'--url={url}/network.pkl', f'--dest={dest}')
+    assert 'verified' in capsys.readouterr().out
+    dest.write_bytes(payload[:-1] + b'x') # changed since: refused and set aside
+    with pytest.raises(SystemExit, match=f'not {digest}'):
+        fetch(monkeypatch, 'url', f'--url={url}/network.pkl', f'--dest={dest}')
+    assert not dest.exists() and (tmp_path / 'edm-pretrained' / 'network.pkl.bad').exists()
+    other = tmp_path / 'other.pkl' # a checksum given on the command line wins
+    with pytest.raises(SystemExit, match='not ' + '2' * 64):
+        fetch(monkeypatch, 'url', f'--url={url}/network.pkl', f'--dest={other}', f'--sha256={"2" * 64}')

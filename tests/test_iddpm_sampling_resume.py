@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HELPERS, IDDPM, run_in
+from conftest import IDDPM, run_in
+from tools import ROOT
 from tools.data.synthetic import write_folder
 from tools.paper.iddpm import resumable_checkpoint
 
@@ -21,7 +22,7 @@ MODEL = dict(image_size=32, num_channels=32, num_res_blocks=1, diffusion_steps=1
 MODEL_FLAGS = [str(flag) for name, value in MODEL.items() for flag in (f'--{name}', value)]
 SAMPLING = ['--num_samples', 7, '--batch_size', 3, '--seed', 5] # batches of 3, 3 and 1
 BATCHES = ['batch_000000.npz', 'batch_000001.npz', 'batch_000002.npz']
-KILL_MIDWRITE = [sys.executable, os.path.join(HELPERS, 'kill_midwrite.py')]
+KILL_MIDWRITE = [sys.executable, os.path.join(ROOT, 'tools', 'kill_midwrite.py')]
 MPIEXEC = [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', '2', sys.executable]
 
 

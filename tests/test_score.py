@@ -12,7 +12,8 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import EDM, HELPERS
+from conftest import EDM, frechet_distance, statistics
+from tools import ROOT
 from tools.fid_standin import standin_weights
 from tools.paper import results, score
 from tools.paper.rows import find
@@ -26,15 +27,6 @@ def standin_features(paths):
     images = np.stack([np.asarray(PIL.Image.open(path).convert('RGB')).transpose(2, 0, 1) for path in paths])
     flat = images.reshape(len(paths), -1).astype(np.float64) / 255
     return np.tanh(flat @ standin_weights(flat.shape[1]))
-
-
-def frechet_distance(a, mu_b, s_b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2), computed independently of the tools."""
-    mu_a, s_a = a.mean(0), np.cov(a, rowvar=False)
-    values, vectors = np.linalg.eigh(s_a)
-    root = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    inner = np.linalg.eigvalsh(root @ s_b @ root)
-    return np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None)))
 
 
 @pytest.fixture(scope='module')
@@ -84,7 +76,7 @@ def test_every_snapshot_gets_a_record_with_the_fid_of_its_images(run, scored):
         assert record['images_seen'] == 1000 * int(record['snapshot'][-10:-4]) and record['nfe'] == 3 and record['images'] == 8
         images = sorted(glob.glob(str(folder / 'scores' / f'{record["snapshot"][:-4]}.nfe3.8' / 'evaluation-0' / '*' / '*.png')))
         assert [os.path.basename(path) for path in images] == [f'{seed:06d}.png' for seed in range(8)], 'seeds 0-7'
-        expected = frechet_distance(standin_features(images), ref['mu'], ref['sigma'])
+        expected = frechet_distance(*statistics(standin_features(images)), ref['mu'], ref['sigma'])
         assert record['evaluations'][0]['fid'] == pytest.approx(expected, rel=1e-4)
         assert record['evaluations'][0]['seeds'] == 'seeds 0-7'
     assert first[0]['fid_min'] != first[1]['fid_min'], 'two different networks'
@@ -118,7 +110,7 @@ def test_an_interrupted_generation_resumes_to_the_same_images(run, scored, tmp_p
     runs, folder = run
     kept = folder / 'scores' / 'network-snapshot-000000.nfe3.8' / 'evaluation-0'
     snapshot = str(folder / 'network-snapshot-000000.pkl')
-    killer = [sys.executable, os.path.join(HELPERS, 'kill_midwrite.py'), '000005', '--']
+    killer = [sys.executable, os.path.join(ROOT, 'tools', 'kill_midwrite.py'), '000005', '--']
     with pytest.raises(SystemExit): # the step fails: killed while writing seed 5's PNG
         score.edm_generate(snapshot, str(tmp_path), list(range(8)), protocol(folder, 1), killer)
     truncated = tmp_path / '000000' / '000005.png'
@@ -159,3 +151,15 @@ def test_snapshot_selection(tmp_path):
     assert score.select(paths, 'last') == paths[-1:]
     assert score.select(paths, '0,100') == [paths[0], paths[2]]
     assert score.select(paths, 'all') == paths
+
+
+def test_differences_within_the_spread_are_marked():
+    line = lambda row, fid, spread, paper: dict(row=row, upstream='edm', dataset='CIFAR-10 uncond', source='trained here',
+                                                fid=fid, spread=spread, fid_paper=paper)
+    lines = [line('edm-cifar10-uncond-baseline', 2.0, 0.05, 1.97), line('edm-cifar10-uncond-with-lora', 1.98, 0.02, 1.96),
+             line('edm-cifar10-uncond-only-lora', 1.8, 0.01, 1.75), line('edm-cifar10-uncond-bases-9', '', '', 1.99)]
+    results.mark_differences(lines)
+    assert lines[1]['vs_baseline'] == '-0.02 ~' and lines[1]['paper_vs_baseline'] == '-0.01 ~', 'within the larger spread, 0.05'
+    assert lines[2]['vs_baseline'] == '-0.2' and lines[2]['paper_vs_baseline'] == '-0.22', 'beyond it'
+    assert lines[3]['vs_baseline'] == '' and lines[3]['paper_vs_baseline'] == '+0.02 ~', "no run: the paper's difference against our spread"
+    assert lines[0]['vs_baseline'] == ''

@@ -12,8 +12,8 @@ fixed random n x 2048 matrix (standin_weights: seed 0, or STANDIN_WEIGHTS=W.npy)
 
 fid.py takes scipy.linalg.sqrtm of a 2048 x 2048 product, about 18 s on 2 CPU cores, and then uses
 only its trace. Unless STANDIN_UPSTREAM_SQRTM=1, the distance is computed through symmetric
-eigendecompositions instead (frechet_distance_through_eigenvalues, about 2 s); the tests check
-fid.py's own maths end to end with the upstream's sqrtm. Images load in the main process.
+eigendecompositions instead (frechet_distance_through_eigenvalues, about 2 s; the tests check it
+against fid.py's own function). Images load in the main process.
 """
 
 import io
@@ -36,7 +36,7 @@ def standin_weights(num_inputs):
 class StandInDetector(torch.nn.Module):
     def forward(self, images, return_features):
         assert return_features
-        weights = torch.as_tensor(standin_weights(images[0].numel()), dtype=torch.float64)
+        weights = torch.as_tensor(standin_weights(images[0].numel()), dtype=torch.float64, device=images.device)
         return torch.tanh(images.to(torch.float64).flatten(1) / 255 @ weights)
 
 

@@ -1,15 +1,17 @@
-"""One paper row on EDM: train, generate, FID, with EDM's own CLIs and the paper's flags.
+"""One paper row on EDM: train, score every snapshot, show samples, with EDM's own CLIs and the paper's flags.
 
     python -m tools.paper.edm cifar10-uncond --variant=with-lora --gpus=8
     python -m tools.paper.edm ffhq64 --variant=only-lora --smoke
 
 The row's flags come from the table of paper rows (tools/paper/rows.py). Each step prints the
 command it runs (in vendor/edm), so it can be rerun by hand. Re-running the same row continues
-where it stopped: training resumes from the newest training-state-*.pt in the run folder,
-generation and FID are skipped once their outputs exist.
+where it stopped: training resumes from the newest training-state-*.pt in the run folder (written
+atomically: patch 0004), and scoring (tools/paper/score.py) skips what it has recorded and
+generates only the images still missing.
 
 --smoke runs the same steps on the CPU at tiny size: a synthetic dataset in EDM's zip format, a
-tiny DDPM++, 1 kimg of training, 16 images, no FID (fid.py downloads Inception-v3 at run time).
+tiny DDPM++, 1 kimg of training, 32 images an FID evaluation with a stand-in detector (fid.py
+downloads Inception-v3 at run time).
 Rows that start from EDM's published network (--transfer: pretrained, finetune) start, in smoke
 runs, from the tiny network of the recipe's smoke baseline, which is trained first if need be.
 """

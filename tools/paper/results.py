@@ -21,6 +21,7 @@ import csv
 import glob
 import json
 import os
+import textwrap
 
 from tools import ROOT
 from tools.paper.rows import ROWS
@@ -31,6 +32,7 @@ TABLES = {
     'Table 3': 'Table 3: CIFAR-10, conditioning of the attention layers only: LoRA vs adaLN',
     'Other': 'Other runs (not a paper table): ClassLoRA (Fig. 5), LoRA-only fine-tuning',
 }
+UPSTREAMS = {'edm': 'EDM (vp)', 'iddpm': 'IDDPM'} # as the paper's Table 1 names them
 SMOKE_NOTE = ('Smoke runs: tiny networks, a few training steps on synthetic images, FID by a stand-in detector '
               '(tools/fid_standin.py) against their own data. The numbers check the plumbing only.')
 
@@ -90,7 +92,7 @@ def collect(runs, smoke, count_params=True):
                     snapshot=best['snapshot'] if best else '', mimg=mimg(best['images_seen']) if best else '',
                     fid_last=round(last['fid_min'], 4) if last else '', mimg_last=mimg(last['images_seen']) if last else '',
                     snapshots=len(records) or '', images=best['images'] if best else '', detector=best['detector'] if best else ''))
-    mark_differences(lines)
+    mark_differences(lines, smoke)
     return lines
 
 
@@ -104,8 +106,9 @@ def params_of(row):
         return ''
 
 
-def mark_differences(lines):
-    """vs_baseline: our FID minus the recipe's baseline, '~' when within the larger spread; the paper's likewise."""
+def mark_differences(lines, smoke=False):
+    """vs_baseline: our FID minus the recipe's baseline, '~' when within the larger spread; the paper's
+    likewise (not against a smoke run's spread, which says nothing about the paper's runs)."""
     baselines = {(line['upstream'], line['dataset']): line for line in lines if line['row'].endswith('-baseline') and line['source'] != "the authors' released checkpoint"}
     for line in lines:
         line['vs_baseline'] = line['paper_vs_baseline'] = ''
@@ -119,10 +122,10 @@ def mark_differences(lines):
             line['vs_baseline'] = f'{delta:+.3g}' + (' ~' if abs(delta) <= spread else '')
         if line['fid_paper'] != '' and base['fid_paper'] != '':
             delta = line['fid_paper'] - base['fid_paper']
-            line['paper_vs_baseline'] = f'{delta:+.3g}' + (' ~' if spread is not None and abs(delta) <= spread else '')
+            line['paper_vs_baseline'] = f'{delta:+.3g}' + (' ~' if spread is not None and not smoke and abs(delta) <= spread else '')
 
 
-COLUMNS = [('conditioning', 'Row'), ('source', 'Run'), ('params_paper', 'Params (paper)'), ('params_ours', 'Params (ours)'), ('nfe', 'NFE'),
+COLUMNS = [('upstream', 'Code'), ('conditioning', 'Row'), ('source', 'Run'), ('params_paper', 'Params (paper)'), ('params_ours', 'Params (ours)'), ('nfe', 'NFE'),
            ('fid_paper', 'FID (paper)'), ('fid', 'FID (ours, best)'), ('spread', 'Spread'), ('evaluations', 'Evals'),
            ('snapshot', 'Best snapshot'), ('mimg', 'Mimg'), ('fid_last', 'FID (last)'), ('mimg_last', 'Mimg (last)'),
            ('vs_baseline', 'vs baseline (ours)'), ('paper_vs_baseline', 'vs baseline (paper)')]
@@ -130,7 +133,7 @@ COLUMNS = [('conditioning', 'Row'), ('source', 'Run'), ('params_paper', 'Params 
 
 def markdown(lines, smoke):
     def cell(value):
-        return f'{value:,}' if isinstance(value, int) and value > 9999 else str(value)
+        return f'{value:,}' if isinstance(value, int) and value > 9999 else UPSTREAMS.get(value, str(value))
     text = ['# Results beside the paper', '', '`make results` (tools/paper/results.py); rule and protocol: README, "Scoring".', '']
     if smoke:
         text += [f'**{SMOKE_NOTE}**', '']
@@ -149,6 +152,15 @@ def markdown(lines, smoke):
 #----------------------------------------------------------------------------
 # FID against training images: one picture a run (written after scoring) and one a table.
 
+def images_axis(ax, images):
+    """Training images on the x axis: millions, or thousands for runs below a million (smoke runs).
+    Returns the scale to divide image counts by."""
+    scale, unit = (1e6, 'millions') if max(images, default=0) >= 1e6 else (1e3, 'thousands')
+    ax.set_xlabel(f'training images ({unit})')
+    ax.ticklabel_format(useOffset=False)
+    return scale
+
+
 def pyplot():
     import matplotlib
     matplotlib.use('Agg')
@@ -162,15 +174,15 @@ def plot_run(folder):
     records = load_records(folder)
     best, last = reported(records)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    scale = images_axis(ax, [r['images_seen'] for r in records])
     for record in records:
-        x = record['images_seen'] / 1e6
+        x = record['images_seen'] / scale
         ax.scatter([x] * record['fid_count'], [e['fid'] for e in record['evaluations']], color='0.6', s=12, zorder=2)
-    ax.plot([r['images_seen'] / 1e6 for r in records], [r['fid_min'] for r in records], '-o', color='C0', ms=4, zorder=3,
+    ax.plot([r['images_seen'] / scale for r in records], [r['fid_min'] for r in records], '-o', color='C0', ms=4, zorder=3,
             label=f'minimum of the evaluations (EDM\'s rule)')
-    ax.scatter([best['images_seen'] / 1e6], [best['fid_min']], marker='*', s=180, color='C3', zorder=4,
+    ax.scatter([best['images_seen'] / scale], [best['fid_min']], marker='*', s=180, color='C3', zorder=4,
                label=f'reported: {best["snapshot"]}, FID {best["fid_min"]:.3g}')
     ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
-    ax.set_xlabel('training images (millions)')
     ax.set_ylabel(f'FID ({best["images"]:,} images, NFE {best["nfe"]})')
     smoke = os.path.basename(folder).endswith('-smoke')
     ax.set_title(os.path.basename(folder) + ('\nsmoke run: stand-in detector, plumbing only' if smoke else ''), fontsize=10)
@@ -192,20 +204,27 @@ def plot_table(lines, table, runs, smoke, out):
     recipes = sorted({(line['upstream'], line['dataset']) for line in chosen})
     fig, axes = plt.subplots(1, len(recipes), figsize=(5.2 * len(recipes), 4.2), squeeze=False)
     for ax, (upstream, dataset) in zip(axes[0], recipes):
-        for index, line in enumerate(line for line in chosen if (line['upstream'], line['dataset']) == (upstream, dataset)):
+        drawn = [line for line in chosen if (line['upstream'], line['dataset']) == (upstream, dataset)]
+        runs_drawn = []
+        for line in drawn:
             suffix = ('-authors' if line['source'].startswith("the authors'") else '') + ('-smoke' if smoke else '')
-            records = load_records(os.path.join(runs, line['row'] + suffix))
+            runs_drawn.append((line, suffix, load_records(os.path.join(runs, line['row'] + suffix))))
+        scale = images_axis(ax, [r['images_seen'] for _, _, records in runs_drawn for r in records])
+        for index, (line, suffix, records) in enumerate(runs_drawn):
             color = f'C{index % 10}'
             label = line['conditioning'].split(', ', 1)[1] + (" (authors')" if suffix.startswith('-authors') else '')
-            ax.plot([r['images_seen'] / 1e6 for r in records], [r['fid_min'] for r in records], '-o', ms=3, color=color, label=label)
+            # Markers and dashes of their own, so that runs with the same FIDs (smoke runs) stay visible.
+            ax.plot([r['images_seen'] / scale for r in records], [r['fid_min'] for r in records], marker='osD^v<>'[index % 7],
+                    ls=['-', '--', ':', '-.'][index % 4], ms=7 - index % 4, color=color, label=label)
             if line['fid_paper'] != '' and not smoke:
                 ax.axhline(line['fid_paper'], color=color, ls='--', lw=1)
-        ax.set_title(f'{upstream}: {dataset}' + (' (smoke)' if smoke else ''), fontsize=10)
-        ax.set_xlabel('training images (millions)')
+        ax.set_title(f'{UPSTREAMS[upstream]}: {dataset}' + (' (smoke)' if smoke else ''), fontsize=10)
         ax.set_ylabel('FID (minimum of the evaluations)')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(TABLES[table] + ('' if smoke else '  (dashed: the paper)'), fontsize=10)
+    note = ('Smoke runs: 1 kimg at the start of EDM\'s learning-rate ramp-up, so the variants barely leave their common '
+            'initial network; stand-in detector.' if smoke else '(dashed: the paper)')
+    fig.suptitle('\n'.join([TABLES[table]] + textwrap.wrap(note, 75 * len(recipes))), fontsize=9)
     fig.tight_layout()
     path = os.path.join(out, f'fid-vs-images-{table.lower().replace(" ", "-")}.png')
     fig.savefig(path, dpi=110)
@@ -223,7 +242,7 @@ def main():
         parser.error(f'{args.runs} is not a folder')
     out = args.out or os.path.join(args.runs, 'results-smoke' if args.smoke else 'results')
     os.makedirs(out, exist_ok=True)
-    lines = collect(args.runs, args.smoke)
+    lines = collect(args.runs, args.smoke, count_params=not args.smoke) # a smoke run's tiny network is not the row's
     text = markdown(lines, args.smoke)
     with open(os.path.join(out, 'results.md'), 'w') as f:
         f.write(text)

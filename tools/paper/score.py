@@ -219,13 +219,13 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
             iddpm_generate(snapshot, image_dir, evaluation, protocol, launcher)
         generated = time.time()
         fid = compute_fid(image_dir, protocol, launcher)
+        if evaluation == 0: # before the record: a recorded evaluation always has its preview
+            keep_preview(image_dir, os.path.join(scores, name + '.preview.npz'))
         record['evaluations'].append(dict(seeds=label, fid=fid, generate_seconds=round(generated - started, 1),
                                           fid_seconds=round(time.time() - generated, 1), finished=time.strftime('%Y-%m-%d %H:%M:%S')))
         record['evaluations_planned'] = protocol['evaluations']
         write_json(record_path, summarise(record))
         print(f'FID {fid:g} ({label}); recorded in {os.path.relpath(record_path, ROOT)}', flush=True)
-        if evaluation == 0:
-            keep_preview(image_dir, os.path.join(scores, name + '.preview.npz'))
         if not keep_images:
             shutil.rmtree(image_dir)
     return summarise(record) if record['evaluations'] else record
