@@ -1,6 +1,5 @@
 """The Fig. 5 grid tool (tools/paper/class_grid.py) on two tiny class-conditional EDM networks."""
 
-import os
 import pickle
 
 import numpy as np

@@ -47,3 +47,16 @@ def test_a_caption_goes_above_the_unchanged_grid(tmp_path):
     left = (captioned.shape[1] - plain.shape[1]) // 2
     assert np.array_equal(captioned[band:, left:left + plain.shape[1]], plain), 'the grid itself is unchanged, centred'
     assert (captioned[:band] < 128).any() and (captioned[:band] == 255).mean() > 0.5, 'dark letters on white'
+
+
+def test_row_labels_go_left_of_the_unchanged_grid(tmp_path):
+    images = np.full([6, 4, 4, 3], 128, dtype=np.uint8)
+    save_grid(images, tmp_path / 'labelled.png', columns=3, scale=8, gap=1, row_labels=['airplane', 'horse'])
+    save_grid(images, tmp_path / 'plain.png', columns=3, scale=8, gap=1)
+    labelled, plain = (np.asarray(PIL.Image.open(tmp_path / name)) for name in ['labelled.png', 'plain.png'])
+    margin = labelled.shape[1] - plain.shape[1]
+    assert labelled.shape[0] == plain.shape[0] and margin > 30, 'a margin wide enough for "airplane"'
+    assert np.array_equal(labelled[:, margin:], plain), 'the grid itself unchanged'
+    left = labelled[:, :margin]
+    dark_rows = np.flatnonzero((left < 100).any(axis=(1, 2)))
+    assert dark_rows.size and dark_rows.min() < 40 <= dark_rows.max(), 'text beside the first row and beside the second'

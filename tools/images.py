@@ -37,14 +37,17 @@ def untile(grid, height, width, count):
     return images.reshape(rows * columns, height, width, *grid.shape[2:])[:count]
 
 
-def save_grid(images, path, columns=None, scale=4, gap=0, caption=None):
+def save_grid(images, path, columns=None, scale=4, gap=0, caption=None, row_labels=None):
     """Write images [N, H, W] or [N, H, W, C] (uint8) as one PNG grid (tile()), each image enlarged `scale` times.
 
     columns: images a row (default: the squarest grid that leaves no cell empty). gap: white pixels
-    between images, before enlarging. caption: text written above the grid, wrapped to its width."""
+    between images, before enlarging. caption: text written above the grid, wrapped to its width.
+    row_labels: a name for each row, written to its left (e.g. the class of a row of samples)."""
     grid = tile(images, columns, gap)
     picture = PIL.Image.fromarray(grid)
     picture = picture.resize([grid.shape[1] * scale, grid.shape[0] * scale], PIL.Image.NEAREST)
+    if row_labels:
+        picture = with_row_labels(picture, row_labels, row_height=(images.shape[1] + gap) * scale)
     if caption:
         picture = with_caption(picture, caption)
     picture.save(path)
@@ -65,3 +68,16 @@ def with_caption(picture, caption, font_size=14, margin=6):
         draw.text((margin, margin + i * line_height), line, fill='black', font=font)
     captioned.paste(picture, ((width - picture.width) // 2, len(lines) * line_height + 2 * margin))
     return captioned
+
+
+def with_row_labels(picture, labels, row_height, font_size=14, margin=6):
+    """The picture with a white margin on its left holding labels[i] beside the i-th band of row_height pixels."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=font_size)
+    width = int(max(font.getlength(label) for label in labels)) + 2 * margin
+    labelled = PIL.Image.new(picture.mode, [picture.width + width, picture.height], 'white')
+    labelled.paste(picture, (width, 0))
+    draw = ImageDraw.Draw(labelled)
+    for i, label in enumerate(labels):
+        draw.text((margin, i * row_height + row_height // 2 - font_size // 2), label, fill='black', font=font)
+    return labelled

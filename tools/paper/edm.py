@@ -27,7 +27,7 @@ import PIL.Image
 from tools import ROOT
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.paper.rows import find, flag_value
-from tools.paper.score import SMOKE_IMAGES, missing_seeds, reference_statistics, score_run, score_snapshot, seed_ranges
+from tools.paper.score import SMOKE_IMAGES, best, missing_seeds, reference_statistics, score_run, score_snapshot, seed_ranges
 from tools.paper.steps import dataset_path, newest, number_in_name, parse_row, run_dir, run_step, show_samples, synthetic_images
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
@@ -107,7 +107,7 @@ def main():
     if args.dry_run:
         return score_snapshot(os.path.join(folder, f'network-snapshot-{total_kimg:06d}.pkl'), folder, row, protocol, launcher(args.gpus))
     records = score_run(folder, row, protocol, launcher(args.gpus), args.snapshots, args.keep_images)
-    sample_grid(folder, row, min(records, key=lambda record: record['fid_min'])['snapshot'], protocol, args)
+    sample_grid(folder, row, best(records)['snapshot'], protocol, args)
 
 
 def scoring_protocol(row, folder, smoke, evaluations=None, images=None, dry_run=False):
@@ -139,10 +139,10 @@ def sample_grid(folder, row, snapshot, protocol, args):
                      + ([f'--class={label}'] if classes else []), 'edm')
         images += [np.asarray(PIL.Image.open(os.path.join(image_dir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')).convert('RGB'))
                    for seed in seeds]
-    what = f'classes {", ".join(CIFAR10_CLASSES)} (a row each), seeds 0-{per_class - 1}' if classes else f'seeds 0-{count - 1}'
+    what = f'a row a class, seeds 0-{per_class - 1}' if classes else f'seeds 0-{count - 1}'
     show_samples(np.stack(images), os.path.join(folder, 'samples.png'),
                  f'{row.name}: {snapshot} (the best FID of the run), {what}, {protocol["sampler"]} (NFE {protocol["nfe"]})',
-                 args.smoke, count=len(images), columns=per_class if classes else None)
+                 args.smoke, count=len(images), columns=per_class if classes else None, row_labels=CIFAR10_CLASSES if classes else None)
 
 
 if __name__ == '__main__':

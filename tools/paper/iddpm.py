@@ -29,7 +29,7 @@ import numpy as np
 from tools import ROOT
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.paper.rows import flag_value
-from tools.paper.score import SMOKE_IMAGES, reference_statistics, score_run, score_snapshot
+from tools.paper.score import SMOKE_IMAGES, best, reference_statistics, score_run, score_snapshot
 from tools.paper.steps import dataset_path, number_in_name, parse_row, run_dir, run_step, show_samples, synthetic_images
 
 SMOKE_MODEL = ['--image_size', 32, '--num_channels', 32, '--num_res_blocks', 1, '--learn_sigma', True, '--noise_schedule', 'cosine']
@@ -121,16 +121,16 @@ def main():
     if args.dry_run:
         return score_snapshot(os.path.join(folder, f'ema_0.9999_{iterations:06d}.pt'), folder, row, protocol, run_with)
     records = score_run(folder, row, protocol, run_with, args.snapshots, args.keep_images)
-    best = min(records, key=lambda record: record['fid_min'])
-    images, labels = preview(folder, best, protocol)
+    reported = best(records)
+    images, labels = preview(folder, reported, protocol)
     per_class = min(8, min(np.sum(labels == label) for label in range(10))) if '--class_cond' in row.recipe.flags else 0
     if per_class >= 4: # Appendix D: a row a class (a smoke run's few samples may not have enough of each)
         images = np.stack([image for label in range(10) for image in images[labels == label][:per_class]])
-        what = f'classes {", ".join(CIFAR10_CLASSES)} (a row each)'
+        what, row_labels = 'a row a class', CIFAR10_CLASSES
     else:
-        images, per_class, what = images[:64], 8, 'the first samples'
-    show_samples(images, os.path.join(folder, 'samples.png'), f'{row.name}: {what} of {best["snapshot"]} (the best FID of the run), '
-                 f'{protocol["sampler"]}', args.smoke, count=len(images), columns=min(per_class, len(images)))
+        images, per_class, what, row_labels = images[:64], 8, 'the first samples', None
+    show_samples(images, os.path.join(folder, 'samples.png'), f'{row.name}: {what} of {reported["snapshot"]} (the best FID of the run), '
+                 f'{protocol["sampler"]}', args.smoke, count=len(images), columns=min(per_class, len(images)), row_labels=row_labels)
 
 
 def preview(folder, record, protocol):

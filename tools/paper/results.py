@@ -25,6 +25,7 @@ import textwrap
 
 from tools import ROOT
 from tools.paper.rows import ROWS
+from tools.paper.score import best as best_snapshot
 
 TABLES = {
     'Table 1': 'Table 1: FID of the baseline (scale-and-shift), only LoRA and with LoRA',
@@ -52,7 +53,7 @@ def load_records(folder):
 def reported(records):
     """(best, last) snapshot records: among complete ones if any, else among those started."""
     pool = [record for record in records if record['complete']] or records
-    return (min(pool, key=lambda record: record['fid_min']), pool[-1]) if pool else (None, None)
+    return (best_snapshot(pool), pool[-1]) if pool else (None, None)
 
 
 def runs_of(row, runs, smoke):
@@ -179,7 +180,7 @@ def plot_run(folder):
         x = record['images_seen'] / scale
         ax.scatter([x] * record['fid_count'], [e['fid'] for e in record['evaluations']], color='0.6', s=12, zorder=2)
     ax.plot([r['images_seen'] / scale for r in records], [r['fid_min'] for r in records], '-o', color='C0', ms=4, zorder=3,
-            label=f'minimum of the evaluations (EDM\'s rule)')
+            label='minimum of the evaluations (EDM\'s rule)')
     ax.scatter([best['images_seen'] / scale], [best['fid_min']], marker='*', s=180, color='C3', zorder=4,
                label=f'reported: {best["snapshot"]}, FID {best["fid_min"]:.3g}')
     ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')

@@ -37,7 +37,7 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
-from tools.paper.rows import ROWS, flag_value
+from tools.paper.rows import ROWS
 from tools.paper.steps import number_in_name, run_step
 
 SMOKE_IMAGES = 32 # images an evaluation of a smoke run (16x16 or 32x32, stand-in detector)
@@ -114,6 +114,12 @@ def read_json(path, default=None):
         return default
     with open(path) as f:
         return json.load(f)
+
+
+def best(records):
+    """The snapshot a row reports: the lowest FID (each snapshot's minimum over its evaluations); of
+    equal ones, the later."""
+    return min(records, key=lambda record: (record['fid_min'], -record['images_seen']))
 
 
 def summarise(record):
@@ -239,9 +245,9 @@ def score_run(run_folder, row, protocol, launcher, which='all', keep_images=Fals
         sys.exit(f'{os.path.relpath(run_folder, ROOT)}: no snapshot to score')
     records = [score_snapshot(path, run_folder, row, protocol, launcher, keep_images) for path in paths]
     png = plot_run(run_folder)
-    best = min(records, key=lambda r: r['fid_min'])
-    print(f'\n{os.path.basename(run_folder)}: best {best["snapshot"]} FID {best["fid_min"]:g} (min of {best["fid_count"]}, spread '
-          f'{best["fid_spread"]:.3g}); last {records[-1]["snapshot"]} FID {records[-1]["fid_min"]:g}; {os.path.relpath(png, ROOT)}')
+    reported = best(records)
+    print(f'\n{os.path.basename(run_folder)}: best {reported["snapshot"]} FID {reported["fid_min"]:g} (min of {reported["fid_count"]}, spread '
+          f'{reported["fid_spread"]:.3g}); last {records[-1]["snapshot"]} FID {records[-1]["fid_min"]:g}; {os.path.relpath(png, ROOT)}')
     return records
 
 
@@ -268,6 +274,8 @@ def main():
     if not os.path.isdir(args.folder):
         parser.error(f'{args.folder} is not a folder')
     row = row_of_folder(args.folder)
+    if not select(snapshots(args.folder, row.upstream), args.snapshots):
+        sys.exit(f'{args.folder}: no snapshot to score ({args.snapshots})')
     smoke = os.path.basename(os.path.normpath(args.folder)).endswith('-smoke')
     if row.upstream == 'edm':
         from tools.paper.edm import scoring_protocol, launcher

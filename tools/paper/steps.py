@@ -125,10 +125,11 @@ SMOKE_CAPTION = ('Smoke run: a few training steps on synthetic images, so these 
                  '(it checks that every step runs, not what the model learns).')
 
 
-def show_samples(images, out_path, caption, smoke=False, count=16, columns=None):
+def show_samples(images, out_path, caption, smoke=False, count=16, columns=None, row_labels=None):
     """A PNG grid of the first `count` samples ([N, H, W, 3] uint8), `columns` a row, 128 pixels each,
-    a white line between them, and `caption` above (what was sampled; for smoke runs, why it is noise)."""
+    a white line between them, `caption` above (what was sampled; for smoke runs, why it is noise) and
+    row_labels, if given, on the left."""
     images = images[:count]
     caption = f'{caption}\n{SMOKE_CAPTION}' if smoke else caption
-    save_grid(images, out_path, columns=columns, scale=max(1, 128 // images.shape[1]), gap=1, caption=caption)
+    save_grid(images, out_path, columns=columns, scale=max(1, 128 // images.shape[1]), gap=1, caption=caption, row_labels=row_labels)
     print(f'\nsample grid: {os.path.relpath(out_path, ROOT)}')
