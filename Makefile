@@ -35,7 +35,7 @@ help:
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
-	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES NANO_OUT)"
+	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS)"
 	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
 	@echo "                          levels or time steps, from an EDM .pkl, IDDPM .pt or nano checkpoint.pt [OUT=folder]"
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
@@ -96,6 +96,7 @@ smoke: vendor-edm vendor-iddpm
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=baseline
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/edm-cifar10-uncond-with-lora-smoke/network-snapshot-*.pkl | tail -n 1)
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/iddpm-cifar10-uncond-with-lora-smoke/ema_*.pt | tail -n 1)
+	$(MAKE) --no-print-directory nano-compare NANO_EPOCHS=2 NANO_SEEDS=0 NANO_SAMPLES=2 NANO_OUT=runs/nano-compare-smoke
 	$(MAKE) --no-print-directory kill-check
 	$(MAKE) --no-print-directory results SMOKE=1
 
@@ -115,7 +116,7 @@ composition-maps: vendor-edm vendor-dataflowr
 
 nano-compare: vendor-dataflowr
 	$(PY) -m tools.paper.nano_compare $(if $(NANO_EPOCHS),--epochs $(NANO_EPOCHS)) $(if $(NANO_SEEDS),--seeds $(NANO_SEEDS)) \
-	    $(if $(NANO_SAMPLES),--samples $(NANO_SAMPLES)) $(if $(NANO_OUT),--out $(NANO_OUT))
+	    $(if $(NANO_SAMPLES),--samples $(NANO_SAMPLES)) $(if $(NANO_OUT),--out $(NANO_OUT)) $(if $(NANO_METHODS),--methods $(NANO_METHODS))
 
 # ---------------------------------------------------------------------------- paper rows
 

@@ -30,6 +30,11 @@ NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
 METHODS = [(row.variant, row.label, list(row.variant_flags)) for row in NANO_ROWS] # (run name, label, nano.py flags)
 
 
+def compared(results):
+    """The methods of METHODS that `results` holds (--methods), in the table's order."""
+    return [method for method in METHODS if method[0] in results]
+
+
 def two_places(value):
     """A similarity with 2 decimals, and 0.00 for what rounds to it (not -0.00)."""
     text = f'{value:.2f}'
@@ -68,20 +73,20 @@ def figure(results, args, path):
     columns = min(8, args.samples) # the digits shown a method and view: its first 8 or 16 samples, 8 a row
     rows_shown = min(2, args.samples // columns)
     panel_height = 0.8 * rows_shown + 0.4 # inches: digits 0.8 high (8 a row fill half the width), a title or a gap above
-    fig = plt.figure(figsize=(16, 5.5 + panel_height * len(METHODS)), layout='constrained')
-    top, bottom = fig.add_gridspec(2, 1, height_ratios=[5.5, panel_height * len(METHODS)])
+    fig = plt.figure(figsize=(16, 5.5 + panel_height * len(compared(results))), layout='constrained')
+    top, bottom = fig.add_gridspec(2, 1, height_ratios=[5.5, panel_height * len(compared(results))])
     ax_bars, ax_loss = top.subgridspec(1, 2).subplots()
-    labels = [label for _, label, _ in METHODS]
-    rows = np.arange(len(METHODS))
+    labels = [label for _, label, _ in compared(results)]
+    rows = np.arange(len(compared(results)))
     for offset, (key, view, color) in enumerate([('proxy_fid', 'de-normalised', 'tab:blue'), ('proxy_fid_rescaled', 'rescaled per digit', 'tab:orange')]):
-        fids = [[m[key] for m in results[name]] for name, _, _ in METHODS]
+        fids = [[m[key] for m in results[name]] for name, _, _ in compared(results)]
         ax_bars.barh(rows + 0.4 * offset, [np.mean(f) for f in fids], height=0.4, xerr=[np.std(f) for f in fids], color=color, label=view)
     ax_bars.set_yticks(rows + 0.2, labels)
     ax_bars.invert_yaxis()
     ax_bars.set(xlabel='proxy FID (lower is better; bars: mean, whiskers: std over seeds)',
                 title=f'{args.epochs} epochs, {len(args.seeds)} seed(s), {args.samples} samples')
     ax_bars.legend(loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9) # below the axis, off the bars
-    for name, label, _ in METHODS:
+    for name, label, _ in compared(results):
         checkpoint = torch.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'checkpoint.pt'), weights_only=False)
         losses = np.array(checkpoint['losses'])
         window = max(1, len(losses) // args.epochs)
@@ -89,8 +94,8 @@ def figure(results, args, path):
     ax_loss.set(xlabel='optimizer step', ylabel='training loss (mean over the epoch before)', yscale='log', title='training loss (first seed)')
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.legend(fontsize=8)
-    panels = bottom.subgridspec(len(METHODS), 2)
-    for i, (name, label, _) in enumerate(METHODS):
+    panels = bottom.subgridspec(len(compared(results)), 2)
+    for i, (name, label, _) in enumerate(compared(results)):
         for j, (png, view) in enumerate([('samples.png', 'de-normalised'), ('samples-rescaled.png', 'rescaled per digit')]):
             ax = fig.add_subplot(panels[i, j])
             grid = np.asarray(PIL.Image.open(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', png)))
@@ -126,7 +131,9 @@ def heatmaps(results, args, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    lora = [(name, label) for name, label, _ in METHODS if 'omega_similarity_near' in results[name][0]]
+    lora = [(name, label) for name, label, _ in compared(results) if 'omega_similarity_near' in results[name][0]]
+    if not lora: # --methods without a LoRA method: no composition weights
+        return None
     fig, axes = plt.subplots(2, len(lora), figsize=(5.5 * len(lora), 9.5), squeeze=False, gridspec_kw=dict(wspace=0.35, hspace=0.3))
     for column, (name, label) in enumerate(lora):
         saved = np.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'omega_similarity.npz'))
@@ -141,6 +148,7 @@ def heatmaps(results, args, path):
                  'near: 0 < |t - t\'| <= 50, far: >= 500)')
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return path
 
 
 def main():
@@ -153,6 +161,8 @@ def main():
     parser.add_argument('--data', default='mnist5k')
     parser.add_argument('--train-digits', type=int, help='train on the first N training digits only (quick checks)')
     parser.add_argument('--out', default=os.path.join(ROOT, 'runs', 'nano-compare'))
+    parser.add_argument('--methods', nargs='+', choices=[name for name, _, _ in METHODS], default=[name for name, _, _ in METHODS],
+                        help='the methods to compare (default: all of Fig. 3)')
     args = parser.parse_args()
     if min(args.epochs, args.batch_size, args.samples) < 2:
         parser.error('--epochs, --batch-size and --samples must be at least 2')
@@ -161,14 +171,16 @@ def main():
     args.out = os.path.abspath(args.out) # the runs happen in vendor/dataflowr
     os.makedirs(args.out, exist_ok=True)
 
-    results = {name: [run(flags, os.path.join(args.out, f'{name}-seed{seed}'), args, seed) for seed in args.seeds] for name, _, flags in METHODS}
-    first = results['shift'][0]
+    results = {name: [run(flags, os.path.join(args.out, f'{name}-seed{seed}'), args, seed) for seed in args.seeds]
+               for name, _, flags in METHODS if name in args.methods}
+    first = next(iter(results.values()))[0]
     lines = [f'# Nano diffusion on MNIST ({args.data}): conditioning methods at an equal budget', '',
              f'Budget a run: {args.epochs} epochs = {first["optimizer_steps"]} optimizer steps of {args.batch_size} digits '
              f'({first["images_seen"]} digits seen), lr {args.lr}; {args.samples} samples of the 1000-step sampler; seeds {args.seeds}.',
              f'Proxy FID: {first["proxy_fid_note"]} (classifier test accuracy {first["classifier_test_accuracy"]:.3f} '
              f'on {first["held_out_digits"]} held-out digits). Command: `python -m tools.paper.nano_compare --epochs {args.epochs} '
-             f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples} --out {os.path.relpath(args.out, ROOT)}`.', '',
+             f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples} --out {os.path.relpath(args.out, ROOT)}'
+             + (f' --methods {" ".join(results)}' if len(results) < len(METHODS) else '') + '`.', '',
              'Two views of the same samples: de-normalised (x + 1) * 127.5, clamped; and each digit rescaled from its own '
              'minimum to its own maximum, as the notebook\'s plt.imshow shows them (MyTinyUNet cannot see the mean of its '
              'input, so the sampler lets every sample\'s mean drift; "off range": the share of samples whose mean lies '
@@ -179,7 +191,7 @@ def main():
     floor = real_digit_floor(args)
     lines.append(f'| real training digits ({args.samples} a draw, {len(floor)} draws: the floor and noise of the measure) | '
                  f'{np.mean(floor):.1f} ± {np.std(floor):.1f} | {", ".join(f"{f:.1f}" for f in floor)} | | | | | | | |')
-    for name, label, _ in METHODS:
+    for name, label, _ in compared(results):
         runs = results[name]
         fids, rescaled = [m['proxy_fid'] for m in runs], [m['proxy_fid_rescaled'] for m in runs]
         shares = np.mean([m['class_shares_rescaled'] for m in runs], axis=0)
@@ -196,9 +208,9 @@ def main():
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(dict(results, real_digit_floor=floor), f, indent=2)
     figure(results, args, os.path.join(args.out, 'compare.png'))
-    heatmaps(results, args, os.path.join(args.out, 'omega_similarity.png'))
+    drawn = heatmaps(results, args, os.path.join(args.out, 'omega_similarity.png'))
     print('\n'.join(lines))
-    print(f'\nwrote {os.path.relpath(args.out, ROOT)}/results.md, results.json, compare.png, omega_similarity.png')
+    print(f'\nwrote {os.path.relpath(args.out, ROOT)}/results.md, results.json, compare.png' + (', omega_similarity.png' if drawn else ''))
 
 
 if __name__ == '__main__':
