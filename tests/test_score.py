@@ -163,3 +163,18 @@ def test_differences_within_the_spread_are_marked():
     assert lines[2]['vs_baseline'] == '-0.2' and lines[2]['paper_vs_baseline'] == '-0.22', 'beyond it'
     assert lines[3]['vs_baseline'] == '' and lines[3]['paper_vs_baseline'] == '+0.02 ~', "no run: the paper's difference against our spread"
     assert lines[0]['vs_baseline'] == ''
+
+
+def test_runs_scored_with_two_protocols_get_a_line_each(tmp_path):
+    # FFHQ scored with EDM's 50,000 images and with the authors' 70,000: snapshots compare within a protocol only.
+    row = find('edm', 'ffhq64', 'with-lora')
+    scores = tmp_path / f'{row.name}-smoke' / 'scores'
+    scores.mkdir(parents=True)
+    for kimg, images, fids in [(100, 50000, [2.5, 2.6]), (200, 50000, [2.4, 2.45]), (100, 70000, [2.3]), (200, 70000, [2.35])]:
+        record = dict(row=row.name, snapshot=f'network-snapshot-{kimg:06d}.pkl', images_seen=kimg * 1000, nfe=79, images=images,
+                      detector='d', evaluations=[dict(seeds=f'seeds {i}', fid=fid) for i, fid in enumerate(fids)], evaluations_planned=len(fids))
+        (scores / f'network-snapshot-{kimg:06d}.nfe79.{images}.json').write_text(json.dumps(score.summarise(record)))
+    lines = [line for line in results.collect(str(tmp_path), smoke=True, count_params=False) if line['row'] == row.name]
+    assert sorted((line['images'], line['fid'], line['snapshot']) for line in lines) == [
+        (50000, 2.4, 'network-snapshot-000200.pkl'), (70000, 2.3, 'network-snapshot-000100.pkl')]
+    assert os.path.exists(results.plot_run(str(scores.parent)))

@@ -64,21 +64,30 @@ def runs_of(row, runs, smoke):
     return [(folder, source) for folder, source in folders if load_records(folder)]
 
 
+def by_protocol(records):
+    """The records grouped by NFE and images an evaluation (FID_IMAGES=70000 on FFHQ scores a run twice):
+    the snapshots of one group are compared, groups are not."""
+    groups = {}
+    for record in records:
+        groups.setdefault((record['nfe'], record['images']), []).append(record)
+    return list(groups.values())
+
+
 def mimg(images):
     return f'{images / 1e6:.3g}'
 
 
 def collect(runs, smoke, count_params=True):
-    """One line per (table, row, run), with the paper's numbers and ours; rows without a run keep empty cells."""
+    """One line per (table, row, run, NFE and images), with the paper's numbers and ours; rows without a
+    run keep empty cells."""
     lines = []
     counts = {}
     for row in ROWS:
         if row.upstream == 'dataflowr':
             continue # Fig. 3 and 4: `make nano-compare`
         tables = [table for table in row.tables if table in TABLES] or ['Other']
-        found = runs_of(row, runs, smoke) or [(None, '')]
-        for folder, source in found:
-            records = load_records(folder) if folder else []
+        found = [(source, records) for folder, source in runs_of(row, runs, smoke) for records in by_protocol(load_records(folder))]
+        for source, records in found or [('', [])]:
             best, last = reported(records)
             if best and count_params and row.name not in counts:
                 counts[row.name] = params_of(row)
@@ -126,7 +135,7 @@ def mark_differences(lines, smoke=False):
             line['paper_vs_baseline'] = f'{delta:+.3g}' + (' ~' if spread is not None and not smoke and abs(delta) <= spread else '')
 
 
-COLUMNS = [('upstream', 'Code'), ('conditioning', 'Row'), ('source', 'Run'), ('params_paper', 'Params (paper)'), ('params_ours', 'Params (ours)'), ('nfe', 'NFE'),
+COLUMNS = [('upstream', 'Code'), ('conditioning', 'Row'), ('source', 'Run'), ('params_paper', 'Params (paper)'), ('params_ours', 'Params (ours)'), ('nfe', 'NFE'), ('images', 'FID images'),
            ('fid_paper', 'FID (paper)'), ('fid', 'FID (ours, best)'), ('spread', 'Spread'), ('evaluations', 'Evals'),
            ('snapshot', 'Best snapshot'), ('mimg', 'Mimg'), ('fid_last', 'FID (last)'), ('mimg_last', 'Mimg (last)'),
            ('vs_baseline', 'vs baseline (ours)'), ('paper_vs_baseline', 'vs baseline (paper)')]
@@ -170,21 +179,24 @@ def pyplot():
 
 
 def plot_run(folder):
-    """folder/fid-vs-images.png: every evaluation of every snapshot, the minimum joined, the best marked."""
+    """folder/fid-vs-images.png: every evaluation of every snapshot, the minimum joined, the reported
+    snapshot marked; one line for each NFE and number of images the run was scored with."""
     plt = pyplot()
     records = load_records(folder)
-    best, last = reported(records)
+    groups = by_protocol(records)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     scale = images_axis(ax, [r['images_seen'] for r in records])
-    for record in records:
-        x = record['images_seen'] / scale
-        ax.scatter([x] * record['fid_count'], [e['fid'] for e in record['evaluations']], color='0.6', s=12, zorder=2)
-    ax.plot([r['images_seen'] / scale for r in records], [r['fid_min'] for r in records], '-o', color='C0', ms=4, zorder=3,
-            label='minimum of the evaluations (EDM\'s rule)')
-    ax.scatter([best['images_seen'] / scale], [best['fid_min']], marker='*', s=180, color='C3', zorder=4,
-               label=f'reported: {best["snapshot"]}, FID {best["fid_min"]:.3g}')
+    for index, group in enumerate(groups):
+        best, _ = reported(group)
+        for record in group:
+            ax.scatter([record['images_seen'] / scale] * record['fid_count'], [e['fid'] for e in record['evaluations']], color='0.6', s=12, zorder=2)
+        what = f'{best["images"]:,} images, NFE {best["nfe"]}: ' if len(groups) > 1 else ''
+        ax.plot([r['images_seen'] / scale for r in group], [r['fid_min'] for r in group], '-o', color=f'C{index}', ms=4, zorder=3,
+                label=f'{what}minimum of the evaluations (EDM\'s rule)')
+        ax.scatter([best['images_seen'] / scale], [best['fid_min']], marker='*', s=180, color='C3', zorder=4,
+                   label=f'reported: {best["snapshot"]}, FID {best["fid_min"]:.3g}')
     ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
-    ax.set_ylabel(f'FID ({best["images"]:,} images, NFE {best["nfe"]})')
+    ax.set_ylabel('FID' if len(groups) > 1 else f'FID ({records[0]["images"]:,} images, NFE {records[0]["nfe"]})')
     smoke = os.path.basename(folder).endswith('-smoke')
     ax.set_title(os.path.basename(folder) + ('\nsmoke run: stand-in detector, plumbing only' if smoke else ''), fontsize=10)
     ax.legend(fontsize=8)
@@ -209,7 +221,8 @@ def plot_table(lines, table, runs, smoke, out):
         runs_drawn = []
         for line in drawn:
             suffix = ('-authors' if line['source'].startswith("the authors'") else '') + ('-smoke' if smoke else '')
-            runs_drawn.append((line, suffix, load_records(os.path.join(runs, line['row'] + suffix))))
+            records = [r for r in load_records(os.path.join(runs, line['row'] + suffix)) if (r['nfe'], r['images']) == (line['nfe'], line['images'])]
+            runs_drawn.append((line, suffix, records))
         scale = images_axis(ax, [r['images_seen'] for _, _, records in runs_drawn for r in records])
         for index, (line, suffix, records) in enumerate(runs_drawn):
             color = f'C{index % 10}'
