@@ -102,8 +102,11 @@ def test_targets_use_the_papers_flags(row, variant, expected, absent, tmp_path):
 
 
 def test_gpus_launch_torchrun(tmp_path):
-    for command in dry_run(tmp_path, 'cifar10-cond', 'with-lora', '--gpus=4'):
+    train, generate, fid = dry_run(tmp_path, 'cifar10-cond', 'with-lora', '--gpus=4')
+    for command in [train, generate]:
         assert '-m torch.distributed.run --standalone --nproc_per_node=4' in command
+    # torchrun would take fid.py's --num for an abbreviation of its own --numa-binding: one process.
+    assert 'torch.distributed.run' not in fid and ' fid.py calc ' in fid and '--num=50000' in fid
 
 
 @pytest.mark.parametrize('upstream', ['edm', 'iddpm', 'dataflowr'])
@@ -152,8 +155,8 @@ def test_imagenet64_is_scored_against_statistics_of_the_users_training_images(tm
 
 
 def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
-    train, sample, _ = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm')
-    assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample
+    train, sample, fid = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm')
+    assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample and 'mpiexec' not in fid
     assert '--batch_size 16 ' in train + ' ', '128 images per step over 8 processes'
 
 

@@ -21,6 +21,8 @@ The protocol (README, "Scoring"):
   writes each batch atomically and skips batches already written.
 - Images are deleted once their FID is recorded (--keep-images keeps them), but for the first 1,000
   of the first evaluation: scores/<snapshot>...preview.npz, which the sample grids show.
+- GPUS=N: generation runs on N processes (torchrun for EDM, mpiexec for improved-diffusion); fid.py
+  runs in one.
 - Smoke runs score with a stand-in detector (tools/fid_standin.py) against reference statistics of
   their own synthetic data, made with fid.py ref: the numbers check the plumbing only.
 """
@@ -177,9 +179,12 @@ def keep_preview(image_dir, path, count=PREVIEW):
 
 #----------------------------------------------------------------------------
 
-def compute_fid(image_dir, protocol, launcher, dry_run=False):
+def compute_fid(image_dir, protocol, dry_run=False):
+    """fid.py calc in one process, whatever the processes that generated: the statistics of 50,000 images
+    take a minute or two on one GPU, and torchrun would take fid.py's --num for its own --numa-binding
+    (argparse abbreviations: "ambiguous option"), as mpiexec would start copies that do not share the work."""
     script = [STANDIN] if protocol['detector'] == 'standin' else ['fid.py']
-    output = run_step(launcher + script + ['calc', f'--images={image_dir}', f'--ref={protocol["ref"]}', f'--num={protocol["images"]}'],
+    output = run_step([sys.executable] + script + ['calc', f'--images={image_dir}', f'--ref={protocol["ref"]}', f'--num={protocol["images"]}'],
                       'edm', dry_run=dry_run)
     return None if dry_run else float(output.strip().splitlines()[-1])
 
@@ -204,7 +209,7 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
         image_dir = os.path.join(scores, name, 'evaluation-0')
         generate = edm_generate if row.upstream == 'edm' else iddpm_generate
         generate(snapshot, image_dir, list(range(protocol['images'])) if row.upstream == 'edm' else 0, protocol, launcher)
-        return compute_fid(image_dir, protocol, launcher, dry_run=True)
+        return compute_fid(image_dir, protocol, dry_run=True)
     os.makedirs(scores, exist_ok=True)
     record_path = os.path.join(scores, name + '.json')
     record = read_json(record_path) or dict(
@@ -224,7 +229,7 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
         else:
             iddpm_generate(snapshot, image_dir, evaluation, protocol, launcher)
         generated = time.time()
-        fid = compute_fid(image_dir, protocol, launcher)
+        fid = compute_fid(image_dir, protocol)
         if evaluation == 0: # before the record: a recorded evaluation always has its preview
             keep_preview(image_dir, os.path.join(scores, name + '.preview.npz'))
         record['evaluations'].append(dict(seeds=label, fid=fid, generate_seconds=round(generated - started, 1),
