@@ -156,7 +156,7 @@ def test_imagenet64_is_scored_against_statistics_of_the_users_training_images(tm
 
 def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
     train, sample, fid = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm')
-    assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample and 'mpiexec' not in fid
+    assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample and 'bin/mpiexec' not in fid
     assert '--batch_size 16 ' in train + ' ', '128 images per step over 8 processes'
 
 
