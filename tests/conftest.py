@@ -44,22 +44,6 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
     return result
 
 
-def statistics(features):
-    """Mean and covariance of features [N, D], as FID takes them."""
-    import numpy as np
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu_a, s_a, mu_b, s_b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), through symmetric eigendecompositions:
-    computed here, independently of fid.py's scipy.linalg.sqrtm."""
-    import numpy as np
-    values, vectors = np.linalg.eigh(s_a)
-    root_a = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    inner = np.linalg.eigvalsh(root_a @ s_b @ root_a)
-    return np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None)))
-
-
 def tool(module, *args, cwd=ROOT):
     """Run one of the project's scripts as `make` does: python -m tools.<module> ARGS, from the repository root."""
     return subprocess.run([sys.executable, '-m', f'tools.{module}', *[str(a) for a in args]], cwd=cwd, text=True, capture_output=True)

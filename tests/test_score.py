@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import EDM, frechet_distance, statistics
+from conftest import EDM
 from tools import ROOT
 from tools.fid_standin import standin_weights
 from tools.paper import results, score
@@ -27,6 +27,20 @@ def standin_features(paths):
     images = np.stack([np.asarray(PIL.Image.open(path).convert('RGB')).transpose(2, 0, 1) for path in paths])
     flat = images.reshape(len(paths), -1).astype(np.float64) / 255
     return np.tanh(flat @ standin_weights(flat.shape[1]))
+
+
+def statistics(features):
+    """Mean and covariance of features [N, D], as FID takes them."""
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu_a, s_a, mu_b, s_b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), through symmetric eigendecompositions:
+    computed here, independently of fid.py's scipy.linalg.sqrtm."""
+    values, vectors = np.linalg.eigh(s_a)
+    root_a = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root_a @ s_b @ root_a)
+    return np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None)))
 
 
 @pytest.fixture(scope='module')
