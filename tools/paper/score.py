@@ -239,6 +239,8 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
         print(f'FID {fid:g} ({label}); recorded in {os.path.relpath(record_path, ROOT)}', flush=True)
         if not keep_images:
             shutil.rmtree(image_dir)
+            if not os.listdir(os.path.dirname(image_dir)):
+                os.rmdir(os.path.dirname(image_dir))
     return summarise(record) if record['evaluations'] else record
 
 
