@@ -192,10 +192,11 @@ def plot_run(folder):
             ax.scatter([record['images_seen'] / scale] * record['fid_count'], [e['fid'] for e in record['evaluations']], color='0.6', s=12, zorder=2)
         what = f'{best["images"]:,} images, NFE {best["nfe"]}: ' if len(groups) > 1 else ''
         ax.plot([r['images_seen'] / scale for r in group], [r['fid_min'] for r in group], '-o', color=f'C{index}', ms=4, zorder=3,
-                label=f'{what}minimum of the evaluations (EDM\'s rule)')
+                label=what + ('minimum of the evaluations (EDM\'s rule)' if max(r['fid_count'] for r in group) > 1 else 'FID (one evaluation)'))
         ax.scatter([best['images_seen'] / scale], [best['fid_min']], marker='*', s=180, color='C3', zorder=4,
                    label=f'reported: {best["snapshot"]}, FID {best["fid_min"]:.3g}')
-    ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
+    if max(r['fid_count'] for r in records) > 1:
+        ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
     ax.set_ylabel('FID' if len(groups) > 1 else f'FID ({records[0]["images"]:,} images, NFE {records[0]["nfe"]})')
     smoke = os.path.basename(folder).endswith('-smoke')
     ax.set_title(os.path.basename(folder) + ('\nsmoke run: stand-in detector, plumbing only' if smoke else ''), fontsize=10)
