@@ -1,7 +1,6 @@
 """Shared paths and helpers. `make test` builds vendor/ first; a missing tree is an error, not a skip."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ os.environ['OMP_NUM_THREADS'] = '1'
 from tools.data.synthetic import write_folder  # noqa: E402
 
 from tools import ROOT
+from tools.paper.steps import free_port  # noqa: E402
 
 EDM = os.path.join(ROOT, 'vendor', 'edm')
 PRISTINE_EDM = os.path.join(ROOT, 'vendor', 'pristine', 'edm')
@@ -23,12 +23,6 @@ PRISTINE_IDDPM = os.path.join(ROOT, 'vendor', 'pristine', 'improved-diffusion')
 NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
 PRISTINE_NANO = os.path.join(ROOT, 'vendor', 'pristine', 'dataflowr')
 HELPERS = os.path.join(ROOT, 'tests', 'helpers')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
 
 
 def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):

@@ -78,6 +78,17 @@ def download(url, dest):
     os.replace(partial, dest)
 
 
+def download_or_exit(url, dest, checksum=None):
+    """download(), or exit with one line: which URL failed and where a copy fetched elsewhere goes
+    (checksum: what to check it against, e.g. "its MD5 is ...", where one is known)."""
+    try:
+        download(url, dest)
+    except OSError as err: # urllib's URLError and HTTPError are OSErrors
+        check = f'check that {checksum}, ' if checksum else ''
+        sys.exit(f'fetch: downloading {url} failed ({getattr(err, "reason", err)}). Without a network here, '
+                 f'download it elsewhere, {check}put it at {os.path.abspath(dest)} and run the same command again.')
+
+
 def fetch_url(url, dest, expected=None):
     """Download url to dest once; check it against `expected` or the SHA-256 recorded at its first download."""
     record = dest + '.sha256'
@@ -86,11 +97,7 @@ def fetch_url(url, dest, expected=None):
             expected = f.read().split()[0]
     if not os.path.exists(dest):
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        try:
-            download(url, dest)
-        except OSError as err:
-            sys.exit(f'fetch: downloading {url} failed ({getattr(err, "reason", err)}). Without a network here, download it '
-                     f'elsewhere, put it at {os.path.abspath(dest)} and run the same command again.')
+        download_or_exit(url, dest, f'its SHA-256 is {expected}' if expected else None)
     sha256 = digest(dest, 'sha256')
     if expected and sha256 != expected:
         os.replace(dest, dest + '.bad')
@@ -124,11 +131,7 @@ def main():
             for url, md5, dest in downloads:
                 os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
                 if not (os.path.exists(dest) and digest(dest, 'md5') == md5):
-                    try:
-                        download(url, dest)
-                    except OSError as err: # urllib's URLError and HTTPError are OSErrors
-                        sys.exit(f'fetch: downloading {url} failed ({getattr(err, "reason", err)}). Without a network here, '
-                                 f'download it elsewhere, check that its MD5 is {md5}, put it at {os.path.abspath(dest)} and run the same command again.')
+                    download_or_exit(url, dest, f'its MD5 is {md5}')
                     if digest(dest, 'md5') != md5:
                         os.replace(dest, dest + '.bad')
                         sys.exit(f'fetch: {url} did not match MD5 {md5}; kept as {dest}.bad')

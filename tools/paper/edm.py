@@ -27,7 +27,7 @@ import PIL.Image
 from tools import ROOT
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.paper.rows import find, flag_value
-from tools.paper.score import SMOKE_IMAGES, best, missing_seeds, reference_statistics, score_run, score_snapshot, seed_ranges
+from tools.paper.score import SMOKE_IMAGES, best, edm_generate, reference_statistics, score_run, score_snapshot
 from tools.paper.steps import dataset_path, newest, number_in_name, parse_row, run_dir, run_step, show_samples, synthetic_images
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
@@ -132,11 +132,7 @@ def sample_grid(folder, row, snapshot, protocol, args):
     for label in range(classes) if classes else [None]:
         image_dir = os.path.join(folder, f'samples-{stem}' + (f'/class-{label}' if classes else ''))
         seeds = list(range(per_class if classes else count))
-        missing = missing_seeds(image_dir, seeds)
-        if missing:
-            run_step(launcher(args.gpus) + ['generate.py', f'--network={os.path.join(folder, snapshot)}', f'--outdir={image_dir}',
-                     f'--seeds={seed_ranges(missing)}', '--subdirs', f'--steps={protocol["steps"]}', '--batch=64']
-                     + ([f'--class={label}'] if classes else []), 'edm')
+        edm_generate(os.path.join(folder, snapshot), image_dir, seeds, protocol, launcher(args.gpus), class_label=label)
         images += [np.asarray(PIL.Image.open(os.path.join(image_dir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')).convert('RGB'))
                    for seed in seeds]
     what = f'a row a class, seeds 0-{per_class - 1}' if classes else f'seeds 0-{count - 1}'

@@ -57,11 +57,11 @@ def reported(records):
 
 
 def runs_of(row, runs, smoke):
-    """The run folders of a row: its own and, for EDM rows, one of the authors' converted checkpoint."""
+    """(source, records) of a row's runs: its own and, for EDM rows, one of the authors' converted checkpoint."""
     suffix = '-smoke' if smoke else ''
     folders = [(os.path.join(runs, row.name + suffix), 'trained here'),
                (os.path.join(runs, row.name + '-authors' + suffix), "the authors' released checkpoint")]
-    return [(folder, source) for folder, source in folders if load_records(folder)]
+    return [(source, records) for folder, source in folders for records in [load_records(folder)] if records]
 
 
 def by_protocol(records):
@@ -86,7 +86,7 @@ def collect(runs, smoke, count_params=True):
         if row.upstream == 'dataflowr':
             continue # Fig. 3 and 4: `make nano-compare`
         tables = [table for table in row.tables if table in TABLES] or ['Other']
-        found = [(source, records) for folder, source in runs_of(row, runs, smoke) for records in by_protocol(load_records(folder))]
+        found = [(source, group) for source, records in runs_of(row, runs, smoke) for group in by_protocol(records)]
         for source, records in found or [('', [])]:
             best, last = reported(records)
             if best and count_params and row.name not in counts:

@@ -133,15 +133,17 @@ def summarise(record):
 #----------------------------------------------------------------------------
 # Generation, one evaluation's images; both resume.
 
-def edm_generate(snapshot, image_dir, seeds, protocol, launcher):
-    """EDM's generate.py with the Heun sampler at the protocol's steps, for the seeds still missing."""
+def edm_generate(snapshot, image_dir, seeds, protocol, launcher, class_label=None):
+    """EDM's generate.py with the Heun sampler at the protocol's steps, for the seeds still missing
+    (class_label: generate.py --class; default: a random class a seed, as generate.py draws it)."""
     missing = missing_seeds(image_dir, seeds)
     if not missing:
         return
     if len(missing) < len(seeds):
         print(f'{os.path.relpath(image_dir, ROOT)}: {len(seeds) - len(missing)} of {len(seeds)} images there; generating the other {len(missing)}')
     run_step(launcher + ['generate.py', f'--network={snapshot}', f'--outdir={image_dir}', f'--seeds={seed_ranges(missing)}',
-                         '--subdirs', f'--steps={protocol["steps"]}', f'--batch={protocol["batch"]}'], 'edm', dry_run=protocol['dry_run'])
+                         '--subdirs', f'--steps={protocol["steps"]}', f'--batch={protocol["batch"]}']
+             + ([f'--class={class_label}'] if class_label is not None else []), 'edm', dry_run=protocol['dry_run'])
 
 
 def iddpm_generate(snapshot, image_dir, evaluation, protocol, launcher):
