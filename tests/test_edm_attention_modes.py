@@ -203,3 +203,32 @@ def test_pristine_edm_loads_and_samples_the_new_modes(mode, edm, tmp_path):
         assert result.returncode == 1, 'the missing file fails the check'
         assert f'{snapshot}: loads in pristine EDM' in result.stdout and 'missing.pkl: no such file' in result.stdout
         assert 'qkv.lora_A' in result.stdout
+
+#----------------------------------------------------------------------------
+# --fp16=True: EDMPrecond runs the U-Net in float16 on CUDA (fp32 parameters, each layer casting its weights to
+# the activations' dtype). On the CPU the same U-Net call, in half precision: close to float32, forward and backward.
+
+@pytest.mark.parametrize('shared_sigma', [False, True], ids=['per-sample-sigma', 'one-sigma'])
+@pytest.mark.parametrize('mode', [dict(lora='uc'), dict(lora='class', lora_rank=3), dict(adaln=True, conv_cond=False)],
+                         ids=['uc-lora', 'classlora', 'adaln'])
+def test_the_unet_runs_in_half_precision_with_attention_conditioning(mode, shared_sigma, edm):
+    build, networks, lora_edm = edm
+    net = build(**mode)
+    randomise(net, ('lora_B', 'lora_bias', 'adaln.weight', *ZERO_INIT))
+    x, sigma = inputs(net)
+    if shared_sigma: # the samplers' call: one sigma for the batch
+        sigma = sigma[2:3]
+    labels = torch.eye(10)[[3, 1, 4, 1]]
+    c_in, c_noise = 1 / (net.sigma_data ** 2 + sigma ** 2).sqrt(), sigma.log() / 4 # EDMPrecond's
+    conditioning = [p for name, p in net.named_parameters() if 'lora_' in name or 'adaln' in name]
+    output_grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for dtype in [torch.float32, torch.float16]:
+        output = net.model((c_in.reshape(-1, 1, 1, 1) * x).to(dtype), c_noise.flatten(), labels)
+        assert output.dtype == dtype
+        grads = torch.autograd.grad((output.float() * output_grad).sum(), conditioning)
+        results[dtype] = [output.float(), *grads]
+    assert conditioning and all(p.dtype == torch.float32 for p in conditioning), 'the parameters stay in float32'
+    for half, full in zip(results[torch.float16], results[torch.float32]): # the output, then each conditioning gradient
+        assert torch.isfinite(half).all() and half.dtype == torch.float32
+        assert relative_error(half, full) < 2e-2

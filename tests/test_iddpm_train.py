@@ -75,6 +75,20 @@ def test_respaced_sampling_writes_an_npz(run, tmp_path):
     assert samples['arr_1'].shape == (6,) and samples['arr_1'].max() < 10, 'labels drawn below --num_classes'
 
 
+def test_fp16_training_and_sampling_with_lora(images, tmp_path):
+    # --use_fp16 True: improved-diffusion's convolutions in float16, fp32 master weights and loss scaling (fp16_util).
+    # The LoRA layers keep float32 parameters, compute in their input's float16, and learn through the master weights.
+    train(tmp_path, images, '--lr_anneal_steps', 3, '--use_fp16', True) # a step may be skipped: fp16_util starts at a loss scale that overflows
+    state = torch.load(tmp_path / 'model000002.pt')
+    lora = {name: value for name, value in state.items() if 'lora_' in name}
+    assert lora and all(value.dtype == torch.float32 for value in lora.values())
+    assert all(torch.count_nonzero(value) for name, value in lora.items() if name.endswith('lora_B')), 'the up-projections left zero'
+    run_in(IDDPM, ['scripts/image_sample.py', '--model_path', tmp_path / 'model000002.pt', *MODEL, '--use_fp16', True,
+                   '--timestep_respacing', 5, '--num_samples', 2, '--batch_size', 2], env=dict(OPENAI_LOGDIR=str(tmp_path)))
+    samples = np.load(tmp_path / 'samples_2x32x32x3.npz')['arr_0']
+    assert samples.shape == (2, 32, 32, 3) and len(np.unique(samples)) > 10
+
+
 def test_two_mpi_ranks_end_with_identical_parameters(images, tmp_path):
     result = train(tmp_path / 'log', images, '--lr_anneal_steps', 3, launcher=MPIEXEC,
                    helper=[os.path.join(HELPERS, 'iddpm_train_capture.py'), 'end', tmp_path / 'rank{rank}.pt', '--'])

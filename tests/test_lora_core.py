@@ -80,6 +80,79 @@ def test_one_condition_for_the_batch_takes_the_merged_path_with_the_same_functio
         assert (merged - low_rank).abs().max() <= 1e-5 * low_rank.abs().max()
 
 
+PATHS = ['per_sample_merged_forward', 'low_rank_forward', 'reference_forward', 'forward']
+
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
+    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, True), (1, 3, False, False, False)])
+def test_every_per_sample_path_is_the_formula_forward_and_backward(path, num_dims, kernel, base_bias, lora_bias, trainable_scale):
+    # Each sample its own composition weights (training): every way the layer can compute it is the paper's formula,
+    # in its output and in the gradient of the input, the weights and every parameter.
+    torch.manual_seed(11)
+    layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, bases=4, rank=3,
+                                  base_bias=base_bias, lora_bias=lora_bias, trainable_scale=trainable_scale)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_()
+    x = torch.randn(5, 6, *[7] * num_dims, requires_grad=True)
+    weights = torch.randn(5, 4, requires_grad=True)
+    output_grad = torch.randn(5, 10, *[7] * num_dims)
+    inputs = [x, weights, *layer.parameters()]
+    results = []
+    for compute in [lambda: getattr(layer, path)(x, weights), lambda: reference(layer, x, weights) if layer.lora_scale is None else
+                    layer.base_forward(x) + layer.lora_scale * (reference(layer, x, weights) - layer.base_forward(x))]:
+        output = compute()
+        results.append([output, *torch.autograd.grad((output * output_grad).sum(), inputs)])
+    for got, expected in zip(*results):
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize('channels,size,kernel,merges', [
+    ((10, 10), 32, 3, True), ((20, 10), 16, 3, True),     # nano diffusion's large layers: one merged kernel a sample
+    ((40, 40), 8, 3, False), ((40, 20), 4, 3, False),     # nano diffusion's small layers: the low-rank path
+    ((256, 768), 16, 1, False), ((256, 256), 8, 1, False)]) # EDM's and IDDPM's attention qkv and proj
+def test_the_path_is_chosen_by_cost(channels, size, kernel, merges):
+    layer = lora.ComposedLoRAConv(in_channels=channels[0], out_channels=channels[1], kernel=kernel, num_dims=2, bases=10, rank=4)
+    assert layer.per_sample_merge_pays(torch.zeros(1, channels[0], size, size)) == merges
+
+
+@pytest.mark.parametrize('widths', [[16, 8], [12], [64, 32]])
+def test_composition_weights_computed_together_are_each_layers_own_forward_and_backward(widths):
+    torch.manual_seed(12)
+    layers = [lora.UCLoRAConv(in_channels=4, out_channels=6, kernel=3, num_dims=2, bases=5, rank=2, emb_channels=20, mlp_widths=widths)
+              for _ in range(4)]
+    parameters = [p for layer in layers for p in layer.lora_mlp.parameters()]
+    with torch.no_grad():
+        for p in parameters: # GroupNorm's affine away from 1 and 0, so that it counts
+            p.add_(0.3 * torch.randn_like(p))
+    emb = torch.randn(7, 20, requires_grad=True)
+    output_grads = [torch.randn(7, 5) for _ in layers]
+    together = lora.composition_weights_together(layers, emb)
+    alone = {layer: layer.lora_mlp(emb) for layer in layers}
+    results = []
+    for composition in [together, alone]:
+        outputs = [composition[layer] for layer in layers]
+        loss = sum((output * g).sum() for output, g in zip(outputs, output_grads))
+        results.append(outputs + list(torch.autograd.grad(loss, [emb, *parameters])))
+    for got, expected in zip(*results): # each layer's weights, then the gradient of emb and of every MLP parameter
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    x = torch.randn(7, 4, 5, 5)
+    for layer in layers: # a layer handed everyone's weights takes its own
+        assert torch.equal(layer(x, together), layer.reference_forward(x, together[layer]))
+
+
+def test_composition_weights_of_differently_shaped_mlps_are_computed_one_by_one():
+    torch.manual_seed(13)
+    layers = [lora.UCLoRAConv(in_channels=4, out_channels=6, kernel=1, num_dims=2, bases=bases, rank=2, emb_channels=20, mlp_widths=[8])
+              for bases in [3, 5]]
+    emb = torch.randn(2, 20)
+    together = lora.composition_weights_together(layers, emb)
+    for layer in layers:
+        assert torch.equal(together[layer], layer.lora_mlp(emb))
+
+
 def test_output_is_linear_in_the_composition_weights():
     torch.manual_seed(1)
     layer, base = make_layer(2, 3)

@@ -15,7 +15,7 @@ Defaults: 10 bases, so that with T = 1000 they sit exactly at t = 0, 111, ..., 9
 T - 1 = 999), rank 4, MLP widths 64, 32 (the paper leaves its nano-diffusion sizes open).
 """
 
-from lora import TABLE_INITS, TimeClassLoRAConv, UCLoRAConv
+from lora import TABLE_INITS, TimeClassLoRAConv, UCLoRAConv, composition_weights_together
 
 CONDITIONING = ['shift', 'timelora', 'uclora']
 OMEGA_INITS = TABLE_INITS # the paper's omega: TimeLoRA's composition table
@@ -51,14 +51,22 @@ def condition(unet, t):
 
     The sampler gives every sample the same step: then one step stands for the batch, and each LoRA
     layer merges its update into its weight once (lora.ComposedLoRAConv.merged_forward) instead of
-    running the low-rank path at every pixel of every sample. (t lives on the CPU: comparing its
-    values costs no device synchronisation.)"""
+    running the low-rank path at every pixel of every sample. Only where t lives on the CPU: on a GPU,
+    comparing its values would stall the device at every forward pass."""
     if unet.cond == 'shift':
         return None
     t = t.reshape(-1)
-    if len(t) > 1 and bool((t == t[0]).all()):
+    if len(t) > 1 and t.device.type == 'cpu' and bool((t == t[0]).all()):
         t = t[:1]
-    return t if unet.cond == 'timelora' else unet.time_embed(t)
+    if unet.cond == 'timelora':
+        return t
+    # UC-LoRA: every layer's MLP reads the same embedding, so all of them run as one batched MLP.
+    return composition_weights_together(lora_layers(unet), unet.time_embed(t))
+
+
+def lora_layers(unet):
+    """The LoRA layers, in the order of the blocks."""
+    return [layer.conv1 for name in BLOCKS for layer in getattr(unet, name)]
 
 
 def shift(time_embedding_addition, t, n):
@@ -78,9 +86,4 @@ def block(layers, x, cond):
 def composition_weights(unet, t):
     """Each LoRA layer's composition weights at time steps t, [N, m] a layer (for the Fig. 4 heatmaps)."""
     cond = condition(unet, t)
-    weights = []
-    for name in BLOCKS:
-        for layer in getattr(unet, name):
-            lora = layer.conv1
-            weights.append(lora.lora_table(cond) if unet.cond == 'timelora' else lora.lora_mlp(cond))
-    return weights
+    return [lora.lora_table(cond) if unet.cond == 'timelora' else cond[lora] for lora in lora_layers(unet)]

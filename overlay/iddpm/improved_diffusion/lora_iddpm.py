@@ -98,8 +98,13 @@ def condition(lora, timesteps, y):
         return None
     steps = timesteps.double() * lora["steps"] / 1000 if lora["rescaled"] else timesteps.double()
     steps = steps.round()
-    if steps.min() < 0 or steps.max() > lora["steps"] - 1:
-        raise ValueError(f'time steps must lie in [0, {lora["steps"] - 1}] (--diffusion_steps {lora["steps"]}); got {steps.min():g}..{steps.max():g}')
+    message = f'time steps must lie in [0, {lora["steps"] - 1}] (--diffusion_steps {lora["steps"]})'
+    in_range = ((steps >= 0) & (steps <= lora["steps"] - 1)).all()
+    if steps.device.type == "cpu":
+        if not in_range:
+            raise ValueError(f"{message}; got {steps.min():g}..{steps.max():g}")
+    else: # checked on the device: reading the answer back would stall the GPU at every forward pass
+        th._assert_async(in_range, message)
     columns = [steps.float()[:, None]]
     if lora["num_classes"]:
         columns.append(F.one_hot(y, lora["num_classes"]).float())
