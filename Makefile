@@ -40,7 +40,7 @@ help:
 	@echo "                          levels or time steps, from an EDM .pkl, IDDPM .pt or nano checkpoint.pt [OUT=folder]"
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
 	@echo "make audit                what the patches change in each upstream"
-	@echo "make bench                CPU micro-benchmark: LoRA attention block vs baseline block"
+	@echo "make bench [DEVICE=cuda]  whole networks without and with LoRA: train step, sampling call, memory (results/bench/)"
 	@echo "make data-cifar10         CIFAR-10 for EDM (download, MD5-checked); data-cifar10-folder: for improved-diffusion"
 	@echo "make data-ffhq FFHQ_ZIP=  FFHQ 64x64 for EDM from your images1024x1024 zip [FFHQ_SHA256=]"
 	@echo "make data-imagenet64 IMAGENET64_ZIPS=\"part1 part2\"   downsampled ImageNet64 for improved-diffusion [IMAGENET64_SHA256=]"
@@ -78,8 +78,9 @@ params: vendor-edm vendor-iddpm
 audit: setup
 	$(PY) -m tools.vendoring.audit
 
-bench: vendor-edm
-	$(PY) -m tools.bench.edm_attention
+# Each paper network without and with its conditioning, side by side (DEVICE=cuda: the GPU table, fp32 and TF32).
+bench: vendor
+	$(PY) -m tools.bench.networks $(if $(DEVICE),--device $(DEVICE)) $(if $(BENCH_NETWORKS),--networks $(BENCH_NETWORKS))
 
 smoke: vendor-edm vendor-iddpm
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora

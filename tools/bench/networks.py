@@ -349,7 +349,9 @@ def main():
     kind = 'tiny' if args.tiny else args.device
     rounds = args.rounds or ROUNDS[kind]
     modes = ['fp32', 'tf32'] if args.device == 'cuda' else ['fp32']
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'unknown'
+    # A copy of the tree without its .git (a GPU machine's) names its commit in BENCH_COMMIT.
+    commit = os.environ.get('BENCH_COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                                                              text=True).stdout.strip() or 'unknown'
     header = dict(device=args.device, device_name=device_name(args.device), date=datetime.date.today().isoformat(), commit=commit,
                   torch=torch.__version__, threads=args.threads, rounds=rounds, tiny=args.tiny)
     log = lambda text: print(text, flush=True)
