@@ -1,10 +1,12 @@
-"""The nano diffusion CLI (overlay/dataflowr/nano.py) on real MNIST digits, at tiny budgets, and
-what it is built from: nano_data.py (digits, the conversion to the model's range), nano_metrics.py
-(the rescaled view, the mean drift, the Fig. 4 similarity) and tools/images.py (pixels, grids)."""
+"""The nano diffusion CLI (overlay/dataflowr/nano.py) on real MNIST digits, at tiny budgets, its
+samplers (the notebook's DDPM.step and the clipped one), and what it is built from: nano_data.py
+(digits, the conversion to the model's range), nano_metrics.py (proxy FID and KID, the rescaled
+view, the mean drift, the Fig. 4 similarity) and tools/images.py (pixels, grids)."""
 
 import gzip
 import os
 import sys
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -15,6 +17,7 @@ from conftest import NANO, nano
 from tools.images import to_uint8
 
 sys.path.insert(0, NANO)
+import nano as nano_cli  # noqa: E402
 import nano_data  # noqa: E402
 import nano_diffusion as nd  # noqa: E402
 import nano_metrics  # noqa: E402
@@ -23,10 +26,10 @@ TINY = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
 
 
 def test_rerunning_resumes_exactly(tmp_path):
-    nano('--cond', 'timelora', *TINY, '--epochs', 2, '--samples', 0, '--out', tmp_path / 'straight')
-    nano('--cond', 'timelora', *TINY, '--epochs', 1, '--samples', 0, '--out', tmp_path / 'resumed')
-    result = nano('--cond', 'timelora', *TINY, '--epochs', 2, '--samples', 0, '--out', tmp_path / 'resumed')
-    assert 'resuming' in result.stdout and 'after epoch 1' in result.stdout
+    nano('--cond', 'timelora', *TINY, '--epochs', 2, '--samples', 0, '--device', 'cpu', '--out', tmp_path / 'straight')
+    nano('--cond', 'timelora', *TINY, '--epochs', 1, '--samples', 0, '--device', 'cpu', '--out', tmp_path / 'resumed')
+    result = nano('--cond', 'timelora', *TINY, '--epochs', 2, '--samples', 0, '--device', 'cpu', '--out', tmp_path / 'resumed')
+    assert 'resuming' in result.stdout and 'after epoch 1' in result.stdout and 'on cpu' in result.stdout
     straight, resumed = (torch.load(tmp_path / run / 'checkpoint.pt', weights_only=False) for run in ['straight', 'resumed'])
     assert resumed['epoch'] == straight['epoch'] == 2 and resumed['losses'] == straight['losses']
     for name, value in straight['network'].items():
@@ -76,6 +79,8 @@ def test_mnist5k_is_mlxtends_digits():
     (['--data', '/no/such/mnist'], '--data /no/such/mnist: no such folder'),
     (['--out', '/proc/nano-run'], '--out /proc/nano-run: cannot write there'),
     (['--epochs', 0], '--epochs must be at least 1'),
+    (['--device', 'tpu'], 'argument --device: tpu: not a device (give cpu, cuda, cuda:N or mps)'),
+    (['--device', 'cuda:99'], 'argument --device: cuda:99: this machine has'), # no CUDA device, or fewer than 100
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     full = ['--out', tmp_path / 'run'] + args if '--out' not in args else args
@@ -111,3 +116,113 @@ def test_omega_similarity_reads_the_trained_network_and_the_initial_one(tmp_path
     assert saved['layers'].shape == (21, 100, 100) and np.allclose(np.diagonal(saved['mean']), 1, atol=1e-5)
     assert np.allclose(saved['mean'], saved['layers'].mean(0)) and np.abs(saved['mean'] - saved['mean_at_init']).max() > 0.5
     assert PIL.Image.open(tmp_path / 'omega.png').size[0] > 500
+
+
+# ---------------------------------------------------------------------------- samplers
+
+def notebook_ddpm(network):
+    return nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
+
+
+class NoiseFor(torch.nn.Module):
+    """A stand-in for MyTinyUNet: the noise estimate that makes the sampler's predicted clean digit
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) equal to clean(x_t)."""
+
+    def __init__(self, clean):
+        super().__init__()
+        self.clean = clean
+        betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64)
+        self.alpha_bar = torch.cumprod(1 - betas, 0)
+
+    def forward(self, x, t):
+        alpha_bar = self.alpha_bar[t.reshape(-1)].reshape(-1, 1, 1, 1)
+        return ((x - alpha_bar.sqrt() * self.clean(x)) / (1 - alpha_bar).sqrt()).float()
+
+
+def test_the_clipped_sampler_is_the_notebooks_while_x0_stays_in_range():
+    # x0 = 0.9 tanh(x_t) lies inside [-1, 1]: nothing is clipped, and the posterior mean is DDPM.step's mean.
+    model = notebook_ddpm(NoiseFor(lambda x: 0.9 * torch.tanh(x.double())))
+    notebook = nano_cli.sample(model, 3, seed=5, sampler='notebook')
+    clipped = nano_cli.sample(model, 3, seed=5, sampler='clip-x0')
+    assert notebook.shape == (3, 1, 32, 32) and notebook.std() > 0.1
+    assert (clipped - notebook).abs().max() < 1e-4, 'the same noise, drawn in the same order: the same samples (but for rounding)'
+    assert not torch.equal(nano_cli.sample(model, 3, seed=6, sampler='clip-x0'), clipped), 'the seed sets the noise'
+
+
+def test_the_clipped_step_clamps_an_off_range_x0():
+    # eps = 0: x0 = x_t / sqrt(abar_t), far outside [-1, 1] for most pixels. The expected step is
+    # Ho et al. (2020) eq. 7, computed here in float64: the posterior mean of q(x_t-1 | x_t, clamp(x0)),
+    # plus sqrt(beta_t) z.
+    model = notebook_ddpm(lambda x, t: torch.zeros_like(x))
+    betas = np.linspace(0.0001, 0.02, 1000)
+    alpha_bar = np.cumprod(1 - betas)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2
+    for t in [500, 0]:
+        torch.manual_seed(7)
+        got = nano_cli.clipped_step(model, torch.zeros_like(x), torch.tensor([t]), x)
+        torch.manual_seed(7)
+        z = torch.randn(x.shape).double().numpy() if t > 0 else 0
+        x_t = x.double().numpy()
+        x0 = np.clip(x_t / np.sqrt(alpha_bar[t]), -1, 1)
+        alpha_bar_prev = alpha_bar[t - 1] if t > 0 else 1.0
+        mean = (np.sqrt(alpha_bar_prev) * betas[t] * x0 + np.sqrt(1 - betas[t]) * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar[t])
+        expected = mean + np.sqrt(betas[t]) * z
+        assert np.abs(got.double().numpy() - expected).max() < 1e-5, t
+    assert (np.abs(x.numpy() / np.sqrt(alpha_bar[500])) > 1).mean() > 0.5, 'most pixels were clamped'
+    assert np.abs(got.numpy() - np.clip(x.numpy() / np.sqrt(alpha_bar[0]), -1, 1)).max() < 1e-6, 'the last step: the clamped x0, no noise'
+    torch.manual_seed(7)
+    notebook = model.step(torch.zeros_like(x), torch.tensor([500]), x)
+    assert (notebook - x / np.sqrt(1 - betas[500])).abs().max() > 0.1, "the notebook's step: no clamp (x_t / sqrt(alpha_t) plus noise)"
+
+
+def test_the_kept_samples_are_keyed_on_the_sampler(tmp_path, capsys):
+    # nano.py keeps its samples in samples.pt for scoring again; changing --sampler must draw anew.
+    import argparse
+    model = notebook_ddpm(NoiseFor(lambda x: x.double().clamp(-2, 2))) # x0 off range early on: the samplers differ
+    args = argparse.Namespace(out=str(tmp_path), seed=0, samples=2, sampler='clip-x0', device='cpu')
+    clipped, _, device = nano_cli.kept_or_new_samples(model, 3, args)
+    assert device == 'cpu' and torch.equal(torch.load(tmp_path / 'samples.pt')['samples'], clipped)
+    args.sampler = 'notebook'
+    notebook, _, _ = nano_cli.kept_or_new_samples(model, 3, args)
+    assert not torch.allclose(notebook, clipped), "never the other sampler's samples"
+    assert 'reusing' not in capsys.readouterr().out
+    assert torch.equal(nano_cli.kept_or_new_samples(model, 3, args)[0], notebook)
+    assert 'reusing the 2 samples (notebook sampler)' in capsys.readouterr().out, 'the same sampler: kept'
+    assert torch.equal(nano_cli.kept_or_new_samples(model, 3, args)[0], nano_cli.sample(model, 2, seed=1, sampler='notebook'))
+
+
+# ---------------------------------------------------------------------------- scores
+
+def test_the_frechet_distance_is_exact_for_singular_covariances_and_warns_nothing():
+    # Columns of these 4 rows have mean 0, are orthogonal, and have squares summing to 4: the sample
+    # covariance of rows * s + mu is diag(4/3 s^2), and the distance is |mu_a - mu_b|^2 + 4/3 |s_a - s_b|^2.
+    signs = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=float)
+    s_a, s_b, mu_a, mu_b = np.array([1.0, 2.0, 0.5]), np.array([3.0, 0.0, 0.0]), np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error') # scipy.linalg.sqrtm warns "Matrix is singular" here
+        got = nano_metrics.frechet_distance(signs * s_a + mu_a, signs * s_b + mu_b)
+    assert abs(got - (np.sum((mu_a - mu_b) ** 2) + 4 / 3 * np.sum((s_a - s_b) ** 2))) < 1e-9
+    import scipy.linalg
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 5)), rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)) + 1 # full rank: sqrtm is fine
+    mean_term = np.sum((a.mean(0) - b.mean(0)) ** 2)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = mean_term + np.trace(cov_a + cov_b - 2 * np.real(scipy.linalg.sqrtm(cov_a @ cov_b)))
+    assert abs(nano_metrics.frechet_distance(a, b) - reference) < 1e-8 * reference
+
+
+def test_the_kernel_distance_is_the_unbiased_mmd():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(7, 3)) + 0.5
+    def k(x, y):
+        return (x @ y / 3 + 1) ** 3
+    within_a = sum(k(a[i], a[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    within_b = sum(k(b[i], b[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    across = sum(k(x, y) for x in a for y in b) / (5 * 7)
+    assert abs(nano_metrics.kernel_distance(a, b) - (within_a + within_b - 2 * across)) < 1e-9
+    # Unbiased: sets of one distribution score 0 on average even at 10 samples (FID: well above 0).
+    same = [nano_metrics.kernel_distance(rng.normal(size=(10, 4)), rng.normal(size=(50, 4))) for _ in range(400)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+    assert np.mean([nano_metrics.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(50, 4))) for _ in range(50)]) > 1
+    shifted = [nano_metrics.kernel_distance(rng.normal(size=(10, 4)) + 1, rng.normal(size=(50, 4))) for _ in range(50)]
+    assert np.mean(shifted) > 10 * np.std(same) / np.sqrt(len(same))

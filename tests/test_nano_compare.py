@@ -18,14 +18,15 @@ pytestmark = pytest.mark.first # the longest module of `make test`
 
 
 # Three methods at a tiny budget: 32 digits, 2 epochs of 2 steps, 2 samples; one seed. One comparison
-# serves every test of this module (each nano.py run pays the 1000-step sampler); `make smoke` runs all
-# five methods (make nano-compare at the same budget).
+# serves every test of this module (each nano.py run pays the 1000-step sampler), with the notebook's
+# sampler only; `make smoke` runs all five methods with both samplers (make nano-compare at the same budget).
 METHODS = ['shift', 'timelora-random', 'uclora']
-COMPARE = ['--epochs', '2', '--batch-size', '16', '--train-digits', '32', '--samples', '2', '--seeds', '0', '--methods', *METHODS]
+COMPARE = ['--epochs', '2', '--batch-size', '16', '--train-digits', '32', '--samples', '2', '--seeds', '0', '--methods', *METHODS,
+           '--clip-x0', 'none']
 
 
-def compare(out):
-    command = [sys.executable, '-m', 'tools.paper.nano_compare', *COMPARE, '--out', str(out)]
+def compare(out, *extra):
+    command = [sys.executable, '-m', 'tools.paper.nano_compare', *COMPARE, *extra, '--out', str(out)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -50,6 +51,7 @@ def test_comparison_writes_its_table_and_figures(compared):
     assert 'omega_similarity_near' in results['timelora-random'][0] and 'omega_similarity_near' not in results['shift'][0]
     for png in ['compare.png', 'omega_similarity.png']:
         assert PIL.Image.open(compared / png).size[0] > 500
+    assert 'clipped sampler' not in table and not (compared / 'uclora-seed0' / 'clip-x0').exists(), '--clip-x0 none'
 
 
 def test_a_run_writes_denormalised_pngs_and_metrics(compared):
@@ -79,11 +81,6 @@ def test_rescoring_reuses_the_samples(compared, tmp_path):
     assert 0 <= first['off_range_share'] <= 1 and 'proxy_fid_rescaled' in first
 
 
-def test_finished_runs_are_reused(compared):
-    again = compare(compared)
-    assert again.returncode == 0 and 'nano.py' not in again.stdout, 'finished runs are reused, not run again'
-
-
 def test_the_sample_panels_are_the_first_digits_of_a_runs_grid(tmp_path):
     # compare.png re-tiles each run's samples.png (16 digits a row, drawn 2x) 8 a row; nothing else writes grids.
     digits = np.random.default_rng(0).integers(0, 256, (20, 32, 32), dtype=np.uint8)
@@ -94,3 +91,39 @@ def test_the_sample_panels_are_the_first_digits_of_a_runs_grid(tmp_path):
     assert np.array_equal(first[:, ::2, ::2], digits[:16])
     panel = tile(first, 8)
     assert panel.shape == (2 * 64, 8 * 64) and np.array_equal(panel[64:, :64], first[8])
+
+
+def test_finished_runs_are_reused_and_the_clipped_sampler_resamples_their_checkpoints(compared, tmp_path):
+    # The clip-x0 run's samples are planted where nano.py keeps them (samples.pt, which it reuses only
+    # for the same checkpoint, seed and sampler): this test pays no second 1000-step sampling. The
+    # sampler itself is tested in test_nano_cli.py.
+    out = tmp_path / 'compare'
+    shutil.copytree(compared, out)
+    run, clipped_run = out / 'shift-seed0', out / 'shift-seed0' / 'clip-x0'
+    planted = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    clipped_run.mkdir()
+    torch.save(dict(epoch=2, seed=0, sampler='clip-x0', samples=planted, seconds=0.0, device='cpu'), clipped_run / 'samples.pt')
+    result = compare(out, '--clip-x0', 'shift')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count('[vendor/dataflowr]$') == 1 and '--sampler clip-x0' in result.stdout, 'the notebook runs are reused'
+    assert 'after epoch 2' in result.stdout and 'reusing the 2 samples (clip-x0 sampler)' in result.stdout
+    notebook, clipped = (json.loads((folder / 'metrics.json').read_text()) for folder in [run, clipped_run])
+    assert (notebook['sampler'], clipped['sampler']) == ('notebook', 'clip-x0') and clipped['optimizer_steps'] == notebook['optimizer_steps']
+    assert torch.equal(torch.load(run / 'checkpoint.pt', weights_only=False)['network']['conv_out.weight'],
+                       torch.load(clipped_run / 'checkpoint.pt', weights_only=False)['network']['conv_out.weight']), 'the same network'
+    drawn = np.asarray(PIL.Image.open(clipped_run / 'samples.png'))[::2, :2 * 64:2].reshape(32, 2, 32).transpose(1, 0, 2)
+    assert np.array_equal(drawn, to_uint8(planted)[:, 0]), 'scored: the clip-x0 samples'
+    table = (out / 'results.md').read_text()
+    main, second = table.split("## The same checkpoints, clipped sampler (nano.py --sampler clip-x0: not the notebook's)")
+    label = 'scale-and-shift (fixed embedding)'
+    assert f'| {label} | {notebook["proxy_fid"]:.1f} ± 0.0 |' in main and '| UC-LoRA |' in main
+    assert f'| {label} | {clipped["proxy_fid"]:.1f} ± 0.0 | {clipped["proxy_fid"]:.1f} | {clipped["proxy_kid"]:.1f} ± 0.0 |' in second
+    assert '| UC-LoRA |' not in second, 'only the --clip-x0 methods'
+    assert json.loads((out / 'results.json').read_text())['shift-clip-x0'][0]['sampler'] == 'clip-x0'
+    assert PIL.Image.open(out / 'compare.png').size[0] > 500
+
+
+def test_clip_x0_takes_all_none_or_methods(tmp_path):
+    command = [sys.executable, '-m', 'tools.paper.nano_compare', '--clip-x0', 'none', 'uclora', '--out', str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and '--clip-x0: all, none, or method names' in result.stderr and 'Traceback' not in result.stderr

@@ -181,8 +181,8 @@ class ComposedLoRAConv(torch.nn.Module):
         where the spatial size is large and the channels few (nano diffusion's 16x16 and 32x32 layers), the low-rank
         path at small sizes and many channels (EDM's and IDDPM's attention layers, nano's 4x4 and 8x8 layers).
         """
-        c_out, c_in, kernel = self.weight.shape[0], self.weight.shape[1], self.weight[0, 0].numel()
-        pixels, ranks = x[0, 0].numel(), self.lora_A.shape[0]
+        c_out, c_in, kernel = self.weight.shape[0], self.weight.shape[1], self.weight.shape[2:].numel()
+        pixels, ranks = x.shape[2:].numel(), self.lora_A.shape[0]
         merge = c_out * ranks * c_in * kernel + self.GROUPED_CONV_OVERHEAD * pixels * c_out * c_in * kernel
         low_rank = pixels * ranks * (c_in * kernel + c_out)
         return merge < low_rank

@@ -3,17 +3,27 @@
 
     python nano.py --cond uclora --out runs/nano-uclora
     python nano.py --cond timelora --omega-init random --epochs 100 --data mnist5k --out runs/nano-random
+    python nano.py --cond uclora --sampler clip-x0 --out runs/nano-uclora   # the same run, sampled again with clipping
 
 The model and the DDPM process are the notebook's own (nano_diffusion.py, with the sinusoidal fix
-and the LoRA hooks of patches/dataflowr); so is every sampler step (DDPM.step on DDPM.reverse) and
-training step (DDPM.add_noise, the MSE on the noise). This file adds what a run needs: data
-(nano_data.py), a progress bar, a checkpoint every epoch (rerunning the same command resumes exactly
-where it stopped), seeded sampling, sample grids (de-normalised, and rescaled per digit) and a loss
-curve as PNG, and metrics.json with the scores of nano_metrics.py. Budgets are also reported in
-optimizer steps and images seen.
+and the LoRA hooks of patches/dataflowr); so is every training step (DDPM.add_noise, the MSE on the
+noise) and, by default, every sampler step (DDPM.step on DDPM.reverse). This file adds what a run
+needs: data (nano_data.py), a progress bar, a checkpoint every epoch (rerunning the same command
+resumes exactly where it stopped), seeded sampling, sample grids (de-normalised, and rescaled per
+digit) and a loss curve as PNG, and metrics.json with the scores of nano_metrics.py. Budgets are
+also reported in optimizer steps and images seen.
+
+One departure from the notebook, opt-in: --sampler clip-x0 clips the predicted clean digit to
+[-1, 1] at every step (improved-diffusion's clip_denoised), which bounds the drift of the samples'
+means (MyTinyUNet cannot see its input's mean: see nano_metrics.mean_drift).
+
+--device runs the networks (diffusion and digit classifier) on a GPU; every random draw (data
+order, training noise, sampling noise) stays on the CPU's generator, so a seed gives the same draws
+on any device, and the DDPM's few elementwise operations run there beside them.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -35,7 +45,25 @@ import nano_lora
 import nano_metrics
 
 # Options a checkpoint may be resumed with other values of (the rest must match).
-FREE_ON_RESUME = ('epochs', 'samples', 'out', 'classifier')
+FREE_ON_RESUME = ('epochs', 'samples', 'out', 'classifier', 'sampler', 'device')
+SAMPLERS = ('notebook', 'clip-x0')
+
+
+def device_name(name):
+    """--device: a device this machine has (cpu, cuda, cuda:N, mps), kept as its name (a checkpoint's options are plain values)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda', 'mps'):
+        raise argparse.ArgumentTypeError(f'{name}: not a device (give cpu, cuda, cuda:N or mps)')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f'{name}: this machine has no CUDA device (or this PyTorch, {torch.__version__}, has no CUDA)')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f'{name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 onwards')
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f'{name}: this machine has no MPS device')
+    return name
 
 
 def parse_args():
@@ -49,6 +77,11 @@ def parse_args():
     parser.add_argument('--data', default='mnist5k', help='mnist5k (offline, 5,000 digits) or a folder of the official MNIST files')
     parser.add_argument('--out', required=True, help='run folder: checkpoint, PNGs, metrics.json')
     parser.add_argument('--samples', type=int, default=256, help='samples drawn for the grid and the metrics; 0: train only')
+    parser.add_argument('--sampler', choices=SAMPLERS, default='notebook',
+                        help="notebook: the notebook's DDPM.step; clip-x0: the same step with the predicted clean digit clipped to [-1, 1] "
+                             "(improved-diffusion's clip_denoised; not in the notebook), which bounds the drift of the samples' means")
+    parser.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='where the networks run (default: cuda if there is one, else cpu); random draws stay on the CPU, the same on any device')
     parser.add_argument('--train-digits', type=int, help='train on the first N training digits only (quick checks)')
     parser.add_argument('--lora-bases', type=int, default=10, help='LoRA bases m (10: t = 0, 111, ..., 999)')
     parser.add_argument('--lora-rank', type=int, default=4, help='rank of each basis')
@@ -88,7 +121,7 @@ def resume(checkpoint_path, args, network, optimizer):
     restored); ValueError if that checkpoint was written with other options."""
     if not os.path.exists(checkpoint_path):
         return dict(epoch=0, losses=[])
-    saved = torch.load(checkpoint_path, weights_only=False)
+    saved = torch.load(checkpoint_path, map_location='cpu', weights_only=False) # written on any device
     changed = {k: (saved['options'][k], v) for k, v in vars(args).items() if k not in FREE_ON_RESUME and saved['options'].get(k) != v}
     if changed:
         raise ValueError(f'{checkpoint_path} was written with other options {changed}; use another --out')
@@ -100,7 +133,9 @@ def resume(checkpoint_path, args, network, optimizer):
 
 def train(model, optimizer, train_x, state, args, checkpoint_path):
     """Train from state['epoch'] to --epochs on the notebook's noise-prediction loss; a checkpoint
-    ends every epoch (written whole, then renamed). Appends to state['losses']; returns the seconds."""
+    ends every epoch (written whole, then renamed). Appends to state['losses']; returns the seconds.
+    The batches, noise and time steps are drawn and noised on the CPU (model: a DDPM on the CPU), the
+    network runs on --device."""
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
     start_time = time.time()
     for epoch in range(state['epoch'], args.epochs):
@@ -111,7 +146,8 @@ def train(model, optimizer, train_x, state, args, checkpoint_path):
             batch = train_x[order[step * args.batch_size:(step + 1) * args.batch_size]]
             noise = torch.randn(batch.shape)
             timesteps = torch.randint(0, model.num_timesteps, (batch.shape[0],)).long()
-            loss = F.mse_loss(model.reverse(model.add_noise(batch, noise, timesteps), timesteps), noise)
+            noisy = model.add_noise(batch, noise, timesteps)
+            loss = F.mse_loss(model.reverse(noisy.to(args.device), timesteps.to(args.device)), noise.to(args.device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -125,8 +161,31 @@ def train(model, optimizer, train_x, state, args, checkpoint_path):
     return time.time() - start_time
 
 
-def sample(model, count, seed, batch=256):
-    """count samples in the model's range with the notebook's 1000-step sampler (DDPM.step), seeded, in batches."""
+def clipped_step(model, model_output, timestep, sample):
+    """DDPM.step (same arguments) with the predicted clean digit clipped to the data's range [-1, 1],
+    as improved-diffusion's clip_denoised: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clamped,
+    then the mean of the posterior q(x_t-1 | x_t, x0), plus DDPM.step's own noise (sqrt(beta_t) z for
+    t > 0, z drawn as it draws it). For an x0 inside [-1, 1] that mean is DDPM.step's mean, so the two
+    samplers differ only by the clipping. Not in the notebook: a sample's mean, which MyTinyUNet cannot
+    see and DDPM.step divides by sqrt(alpha_t) at every step, can then no longer leave [-1, 1]."""
+    t = int(timestep)
+    # The notebook's betas; what derives from them in float64, as improved-diffusion does (1 - alpha_bar_0
+    # in float32 is 2e-4 off, which would scale the last step's x0 by 0.9998).
+    betas = model.betas.double()
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    alpha_bar_prev = alpha_bar[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
+    x0 = ((sample - (1 - alpha_bar[t]).sqrt() * model_output) / alpha_bar[t].sqrt()).clamp(-1, 1)
+    mean = (alpha_bar_prev.sqrt() * betas[t] * x0 + (1 - betas[t]).sqrt() * (1 - alpha_bar_prev) * sample) / (1 - alpha_bar[t])
+    if t > 0:
+        mean = mean + model.betas[t] ** 0.5 * torch.randn_like(model_output)
+    return mean
+
+
+def sample(model, count, seed, sampler='notebook', device='cpu', batch=256):
+    """count samples in the model's range with the 1000-step sampler (DDPM.step, or clipped_step for
+    sampler 'clip-x0'), seeded, in batches. The network runs on `device`; each step (its noise and
+    arithmetic) on the CPU beside the DDPM's schedules, so a seed gives the same noise on any device."""
+    step = model.step if sampler == 'notebook' else functools.partial(clipped_step, model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model.eval()
@@ -137,26 +196,27 @@ def sample(model, count, seed, batch=256):
             x = torch.randn(n, 1, 32, 32)
             for t in tqdm(range(model.num_timesteps - 1, -1, -1), desc=f'sampling {start + n}/{count}', leave=False, disable=None):
                 time_tensor = (torch.ones(n, 1) * t).long()
-                x = model.step(model.reverse(x, time_tensor), time_tensor[0], x)
+                x = step(model.reverse(x.to(device), time_tensor.to(device)).cpu(), time_tensor[0], x)
             samples.append(x)
-            print(f'sampled {start + n}/{count} digits ({model.num_timesteps} steps each)')
+            print(f'sampled {start + n}/{count} digits ({model.num_timesteps} steps each, {sampler} sampler)')
     torch.random.set_rng_state(generator_state)
     return torch.cat(samples)
 
 
 def kept_or_new_samples(model, epoch, args):
-    """(samples, seconds it took to draw them): those kept in samples.pt for this checkpoint, so that
-    scoring again costs no sampling, or new ones (then kept there)."""
+    """(samples, seconds it took to draw them, device they were drawn on): those kept in samples.pt for
+    this checkpoint, seed and sampler, so that scoring again costs no sampling, or new ones (then kept there)."""
     samples_path = os.path.join(args.out, 'samples.pt')
-    saved = torch.load(samples_path) if os.path.exists(samples_path) else {}
-    if saved.get('epoch') == epoch and saved.get('seed') == args.seed and len(saved['samples']) >= args.samples:
-        print(f'reusing the {args.samples} samples in {samples_path}')
-        return saved['samples'][:args.samples], saved['seconds']
+    saved = torch.load(samples_path, map_location='cpu') if os.path.exists(samples_path) else {}
+    drawn_by = saved.get('sampler', 'notebook') # files written before --sampler existed hold the notebook's samples, drawn on the CPU
+    if (saved.get('epoch'), saved.get('seed'), drawn_by) == (epoch, args.seed, args.sampler) and len(saved['samples']) >= args.samples:
+        print(f'reusing the {args.samples} samples ({args.sampler} sampler) in {samples_path}')
+        return saved['samples'][:args.samples], saved['seconds'], saved.get('device', 'cpu')
     start_time = time.time()
-    samples = sample(model, args.samples, seed=args.seed + 1)
+    samples = sample(model, args.samples, seed=args.seed + 1, sampler=args.sampler, device=args.device)
     seconds = time.time() - start_time
-    torch.save(dict(epoch=epoch, seed=args.seed, samples=samples, seconds=seconds), samples_path)
-    return samples, seconds
+    torch.save(dict(epoch=epoch, seed=args.seed, sampler=args.sampler, samples=samples, seconds=seconds, device=args.device), samples_path)
+    return samples, seconds, args.device
 
 
 def save_loss_curve(losses, steps_per_epoch, path, title):
@@ -178,17 +238,26 @@ def save_loss_curve(losses, steps_per_epoch, path, title):
 def score(samples, network, args, digits):
     """(scores of the samples, omega similarity of a LoRA run) for metrics.json, and the PNGs they come with:
     samples.png (de-normalised), samples-rescaled.png (each digit stretched to its own range), for LoRA
-    runs omega_similarity.png."""
+    runs omega_similarity.png. Real training digits, as many as the samples, are scored beside them
+    (5 draws, the same for every run): the proxy FID and KID of a perfect model at this sample count,
+    and their spread between draws."""
     (train_images, train_labels), (held_out_images, held_out_labels) = digits
     pixels, rescaled_pixels = to_uint8(samples)[:, 0], nano_metrics.rescaled_pixels(samples)[:, 0].numpy()
+    draw = np.random.default_rng(0)
+    real_sets = [train_images[draw.choice(len(train_images), min(len(samples), len(train_images)), replace=False)] for _ in range(5)]
     save_grid(pixels[:128], os.path.join(args.out, 'samples.png'), columns=16, scale=2)
     save_grid(rescaled_pixels[:128], os.path.join(args.out, 'samples-rescaled.png'), columns=16, scale=2)
     similarity = {}
-    if args.cond != 'shift':
-        similarity = nano_metrics.omega_similarity(network, build_network(args), os.path.join(args.out, 'omega_similarity.png'), args.cond)
-    metrics, rescaled = nano_metrics.evaluate([pixels, rescaled_pixels], train_images, train_labels, held_out_images, held_out_labels,
-                                              classifier_cache=args.classifier or os.path.join(args.out, 'digit-classifier.pt'))
-    metrics.update(proxy_fid_rescaled=rescaled['proxy_fid'], class_shares_rescaled=rescaled['class_shares'],
+    if args.cond != 'shift': # the composition weights: a few hundred numbers, read on the CPU beside the initial network's
+        similarity = nano_metrics.omega_similarity(network.cpu(), build_network(args), os.path.join(args.out, 'omega_similarity.png'), args.cond)
+    metrics, rescaled, *real = nano_metrics.evaluate([pixels, rescaled_pixels, *real_sets], train_images, train_labels, held_out_images,
+                                                     held_out_labels, args.classifier or os.path.join(args.out, 'digit-classifier.pt'), args.device)
+    real_fids, real_kids = [m['proxy_fid'] for m in real], [m['proxy_kid'] for m in real]
+    metrics.update(proxy_fid_rescaled=rescaled['proxy_fid'], proxy_kid_rescaled=rescaled['proxy_kid'], class_shares_rescaled=rescaled['class_shares'],
+                   real_digits_proxy_fid=round(float(np.mean(real_fids)), 3), real_digits_proxy_fid_std=round(float(np.std(real_fids)), 3),
+                   real_digits_proxy_kid=round(float(np.mean(real_kids)), 3), real_digits_proxy_kid_std=round(float(np.std(real_kids)), 3),
+                   real_digits_note=f'{len(real_sets)} draws of {len(real_sets[0])} real training digits scored as the samples are: '
+                                    'a perfect model\'s scores at this count (mean and std over the draws)',
                    **nano_metrics.mean_drift(samples, nano_data.to_model_range(held_out_images)))
     return metrics, similarity
 
@@ -202,7 +271,8 @@ def main():
     (train_images, train_labels), held_out = nano_data.split(images, labels)
     train_x = nano_data.to_model_range(train_images[:args.train_digits])
 
-    network = build_network(args)
+    network = build_network(args).to(args.device)
+    # The DDPM's schedules stay on the CPU, where every random draw is made (the same draws on any device).
     model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
@@ -215,23 +285,25 @@ def main():
         print(f'resuming {args.out} after epoch {state["epoch"]} ({state["epoch"] * steps_per_epoch} steps)')
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     print(f'nano diffusion, cond={args.cond}' + (f' (omega init: {args.omega_init})' if args.cond == 'timelora' else '') +
-          f': {trainable:,} trainable parameters; {len(train_x)} training digits, {steps_per_epoch} steps an epoch')
+          f': {trainable:,} trainable parameters; {len(train_x)} training digits, {steps_per_epoch} steps an epoch; on {args.device}')
     train_seconds = train(model, optimizer, train_x, state, args, checkpoint_path)
     if args.samples == 0:
         return
 
     save_loss_curve(state['losses'], steps_per_epoch, os.path.join(args.out, 'loss.png'), f'nano diffusion, {args.cond}')
-    samples, sample_seconds = kept_or_new_samples(model, state['epoch'], args)
+    samples, sample_seconds, sample_device = kept_or_new_samples(model, state['epoch'], args)
+    start_time = time.time()
     metrics, similarity = score(samples, network, args, ((train_images, train_labels), held_out))
     metrics.update(cond=args.cond, omega_init=args.omega_init if args.cond == 'timelora' else None, epochs=state['epoch'],
                    optimizer_steps=state['epoch'] * steps_per_epoch, images_seen=state['epoch'] * len(train_x),
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data, samples=args.samples,
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data, samples=args.samples, sampler=args.sampler,
                    trainable_parameters=trainable, final_epoch_loss=float(np.mean(state['losses'][-steps_per_epoch:])),
-                   train_seconds_this_run=round(train_seconds, 1), sample_seconds=round(sample_seconds, 1), **similarity)
+                   device=args.device, train_seconds_this_run=round(train_seconds, 1), sample_device=sample_device,
+                   sample_seconds=round(sample_seconds, 1), score_seconds=round(time.time() - start_time, 1), **similarity)
     with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
-    print(json.dumps({k: metrics[k] for k in ['proxy_fid', 'proxy_fid_rescaled', 'off_range_share', 'classifier_test_accuracy',
-                                              'class_shares', 'optimizer_steps']}, indent=None))
+    print(json.dumps({k: metrics[k] for k in ['sampler', 'proxy_fid', 'proxy_kid', 'real_digits_proxy_fid', 'real_digits_proxy_kid',
+                                              'off_range_share', 'classifier_test_accuracy', 'class_shares', 'optimizer_steps']}, indent=None))
     print(f'wrote {args.out}/samples.png, samples-rescaled.png, loss.png, metrics.json')
 
 

@@ -1,17 +1,18 @@
-"""What nano diffusion's samples and LoRA layers are scored by: a proxy FID and the share of each
-digit, the mean drift, and the Fig. 4 similarity of composition weights between time steps.
+"""What nano diffusion's samples and LoRA layers are scored by: a proxy FID and KID, the share of
+each digit, the mean drift, and the Fig. 4 similarity of composition weights between time steps.
 
 The proxy FID is a Frechet distance between generated digits and held-out real digits in the
 64-dimensional feature space of a small CNN classifier trained here on the training digits: a
-proxy, not Inception FID, so its values are comparable between runs of this project only. The
-classifier's test accuracy on the held-out digits is reported beside it, and its predictions give
-the share of each digit class among the samples (a collapse to a few digits shows there).
+proxy, not Inception FID, so its values are comparable between runs of this project only, and
+only at an equal number of samples (FID is biased upward, the more so the fewer the samples). The
+proxy KID, in the same features, is unbiased at any sample count. The classifier's test accuracy
+on the held-out digits is reported beside them, and its predictions give the share of each digit
+class among the samples (a collapse to a few digits shows there).
 """
 
 import os
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +38,12 @@ class DigitClassifier(torch.nn.Module):
         return self.head(self.embed(x))
 
 
-def train_classifier(images, labels, epochs=8, seed=0):
+def train_classifier(images, labels, epochs=8, seed=0, device='cpu'):
+    """The classifier, initialised and its batches drawn on the CPU (the same on any device), trained on `device`."""
     torch.manual_seed(seed)
-    net = DigitClassifier()
+    net = DigitClassifier().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x, y = to_model_range(images), torch.from_numpy(labels)
+    x, y = to_model_range(images).to(device), torch.from_numpy(labels).to(device)
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
         for start in range(0, len(x), 64):
@@ -53,23 +55,46 @@ def train_classifier(images, labels, epochs=8, seed=0):
     return net.eval()
 
 
-def load_or_train_classifier(path, train_images, train_labels):
-    """The proxy FID's classifier kept at `path`, trained on the training digits (and saved there) if missing."""
+def load_or_train_classifier(path, train_images, train_labels, device='cpu'):
+    """The proxy FID's classifier kept at `path` (whichever device saved it), on `device`; trained on the
+    training digits (and saved there) if missing."""
     if os.path.exists(path):
         classifier = DigitClassifier()
-        classifier.load_state_dict(torch.load(path))
-        return classifier.eval()
-    classifier = train_classifier(train_images, train_labels)
+        classifier.load_state_dict(torch.load(path, map_location='cpu'))
+        return classifier.to(device).eval()
+    classifier = train_classifier(train_images, train_labels, device=device)
     torch.save(classifier.state_dict(), path)
     return classifier
 
 
+def psd_sqrt(matrix):
+    """The symmetric square root of a symmetric positive semi-definite matrix (rounding's tiny negative eigenvalues taken as 0)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
 def frechet_distance(a, b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets [N, D]."""
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets [N, D].
+
+    tr (S_a S_b)^1/2 is taken as the sum of the square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2
+    (the same eigenvalues as S_a S_b, but of a symmetric matrix): exact for singular covariances too,
+    where scipy.linalg.sqrtm(S_a @ S_b) warns "Matrix is singular". They are singular here whatever the
+    sample count: about half of the classifier's 64 ReLU features are 0 for every digit."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(s_a @ s_b)
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a + s_b - 2 * np.real(root)))
+    root_a = psd_sqrt(s_a)
+    trace_of_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * trace_of_root)
+
+
+def kernel_distance(a, b):
+    """KID (Binkowski et al. 2018): the unbiased estimate of the squared MMD between two feature sets
+    [N, D] and [M, D] under the kernel k(x, y) = (x . y / D + 1)^3. Unbiased at any N, M >= 2 (unlike
+    FID): it compares runs scored on few samples, and two sets drawn from one distribution score 0 on
+    average (a single draw may be slightly negative)."""
+    n, m, width = len(a), len(b), a.shape[1]
+    k_aa, k_bb, k_ab = ((x @ y.T / width + 1) ** 3 for x, y in [(a, a), (b, b), (a, b)])
+    return float((k_aa.sum() - np.trace(k_aa)) / (n * (n - 1)) + (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1)) - 2 * k_ab.mean())
 
 
 def digit_shares(predicted):
@@ -77,22 +102,27 @@ def digit_shares(predicted):
     return [round(float(share), 3) for share in np.bincount(predicted, minlength=10) / len(predicted)]
 
 
-def evaluate(sample_sets, train_images, train_labels, held_out_images, held_out_labels, classifier_cache):
+def evaluate(sample_sets, train_images, train_labels, held_out_images, held_out_labels, classifier_cache, device='cpu'):
     """Metrics of each set of generated digits (uint8 [N, 32, 32], or real 28-pixel ones) against the
     held-out real ones, a dict a set; the classifier is loaded (or trained) and the real digits
-    embedded once for all."""
-    classifier = load_or_train_classifier(classifier_cache, train_images, train_labels)
+    embedded once for all, on `device`."""
+    classifier = load_or_train_classifier(classifier_cache, train_images, train_labels, device)
     with torch.no_grad():
-        real = classifier.embed(to_model_range(held_out_images))
-        accuracy = (classifier.head(real).argmax(1).numpy() == held_out_labels).mean()
+        real = classifier.embed(to_model_range(held_out_images).to(device))
+        accuracy = (classifier.head(real).argmax(1).cpu().numpy() == held_out_labels).mean()
+    real = real.double().cpu().numpy()
     metrics = []
     for sample_pixels in sample_sets:
         with torch.no_grad():
-            generated = classifier.embed(to_model_range(sample_pixels))
-            predicted = classifier.head(generated).argmax(1).numpy()
+            generated = classifier.embed(to_model_range(sample_pixels).to(device))
+            predicted = classifier.head(generated).argmax(1).cpu().numpy()
+        generated = generated.double().cpu().numpy()
         metrics.append(dict(
-            proxy_fid=round(frechet_distance(generated.double().numpy(), real.double().numpy()), 3),
-            proxy_fid_note='Frechet distance in a small MNIST classifier\'s 64-d features, generated vs held-out digits; not Inception FID',
+            proxy_fid=round(frechet_distance(generated, real), 3),
+            proxy_fid_note=f'Frechet distance in a small MNIST classifier\'s 64-d features, {len(generated)} generated vs '
+                           f'{len(real)} held-out digits; not Inception FID; biased upward at few samples: compare at equal counts',
+            proxy_kid=round(kernel_distance(generated, real), 3),
+            proxy_kid_note='KID (unbiased squared MMD, cubic polynomial kernel) in the same features; about 0 for real digits',
             classifier_test_accuracy=round(float(accuracy), 4),
             class_shares=digit_shares(predicted),
             held_out_digits=len(held_out_labels),
@@ -106,7 +136,7 @@ def mean_drift(samples, real):
     MyTinyUNet is blind to its input's mean, so nothing in the sampler holds a sample's mean where
     digits have it: each step divides it by sqrt(alpha_t), 1 / sqrt(alpha_bar_T) over the 1000 steps
     (157x for the notebook's betas), and a sample whose mean leaves the real range comes out all
-    white or all black.
+    white or all black. nano.py --sampler clip-x0 bounds the drift to [-1, 1] (not to the real range).
     """
     sample_means, real_means = samples.mean(dim=(1, 2, 3)), real.mean(dim=(1, 2, 3))
     low, high = real_means.min(), real_means.max()
