@@ -58,26 +58,37 @@ def test_composed_layer_matches_the_formula(num_dims, kernel, lora_bias):
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
-    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, False)])
-def test_one_condition_for_the_batch_takes_the_merged_path_with_the_same_function(num_dims, kernel, base_bias, lora_bias, trainable_scale):
-    # weights [1, m] (a sampler's one noise level or step): merged into the base weight; weights [N, m]: the low-rank path.
-    torch.manual_seed(7)
+def random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale):
+    """A layer with every parameter drawn from N(0, 1), so that every term of the formula counts."""
     layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, bases=4, rank=3,
                                   base_bias=base_bias, lora_bias=lora_bias, trainable_scale=trainable_scale)
     with torch.no_grad():
         for param in layer.parameters():
             param.normal_()
+    return layer
+
+
+def assert_same_outputs_and_gradients(computations, inputs, output_grad):
+    """Each computation's output and the gradients of `inputs` equal the last computation's (1e-5 x max |.|)."""
+    results = []
+    for compute in computations:
+        output = compute()
+        results.append([output, *torch.autograd.grad((output * output_grad).sum(), inputs)])
+    for result in results[:-1]:
+        for got, expected in zip(result, results[-1]): # the output, then the gradient of each input
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
+    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, False)])
+def test_one_condition_for_the_batch_takes_the_merged_path_with_the_same_function(num_dims, kernel, base_bias, lora_bias, trainable_scale):
+    # weights [1, m] (a sampler's one noise level or step): merged into the base weight; weights [N, m]: a per-sample path.
+    torch.manual_seed(7)
+    layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale)
     x = torch.randn(5, 6, *[7] * num_dims, requires_grad=True)
     weights = torch.randn(1, 4, requires_grad=True)
-    output_grad = torch.randn(5, 10, *[7] * num_dims)
-    inputs = [x, weights, *layer.parameters()]
-    results = {}
-    for path, w in [('merged', weights), ('low-rank', weights.expand(5, 4))]:
-        output = layer(x, w)
-        results[path] = [output, *torch.autograd.grad((output * output_grad).sum(), inputs)]
-    for merged, low_rank in zip(results['merged'], results['low-rank']): # the output, then the gradient of x, w and each parameter
-        assert (merged - low_rank).abs().max() <= 1e-5 * low_rank.abs().max()
+    assert_same_outputs_and_gradients([lambda: layer(x, weights), lambda: layer(x, weights.expand(5, 4))],
+                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims))
 
 
 PATHS = ['per_sample_merged_forward', 'low_rank_forward', 'reference_forward', 'forward']
@@ -90,22 +101,14 @@ def test_every_per_sample_path_is_the_formula_forward_and_backward(path, num_dim
     # Each sample its own composition weights (training): every way the layer can compute it is the paper's formula,
     # in its output and in the gradient of the input, the weights and every parameter.
     torch.manual_seed(11)
-    layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, bases=4, rank=3,
-                                  base_bias=base_bias, lora_bias=lora_bias, trainable_scale=trainable_scale)
-    with torch.no_grad():
-        for param in layer.parameters():
-            param.normal_()
+    layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale)
     x = torch.randn(5, 6, *[7] * num_dims, requires_grad=True)
     weights = torch.randn(5, 4, requires_grad=True)
-    output_grad = torch.randn(5, 10, *[7] * num_dims)
-    inputs = [x, weights, *layer.parameters()]
-    results = []
-    for compute in [lambda: getattr(layer, path)(x, weights), lambda: reference(layer, x, weights) if layer.lora_scale is None else
-                    layer.base_forward(x) + layer.lora_scale * (reference(layer, x, weights) - layer.base_forward(x))]:
-        output = compute()
-        results.append([output, *torch.autograd.grad((output * output_grad).sum(), inputs)])
-    for got, expected in zip(*results):
-        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    def formula(): # reference() leaves out the trainable scale, which multiplies the whole update
+        scale = 1 if layer.lora_scale is None else layer.lora_scale
+        return layer.base_forward(x) + scale * (reference(layer, x, weights) - layer.base_forward(x))
+    assert_same_outputs_and_gradients([lambda: getattr(layer, path)(x, weights), formula],
+                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims))
 
 
 @pytest.mark.parametrize('channels,size,kernel,merges', [
