@@ -105,14 +105,13 @@ def build_edm(row, device, tiny, batch):
 def build_iddpm(row, device, tiny, batch):
     import torch
     from improved_diffusion.resample import UniformSampler
-    from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-    parser = argparse.ArgumentParser()
-    add_dict_to_argparser(parser, model_and_diffusion_defaults())
-    args = parser.parse_args([str(flag) for flag in row.flags] + (['--num_channels', '32', '--num_res_blocks', '1'] if tiny else []))
-    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    from improved_diffusion.script_util import create_model_and_diffusion
+    from tools.paper.params import iddpm_options
+    options = iddpm_options(row, *(['--num_channels', 32, '--num_res_blocks', 1] if tiny else []))
+    model, diffusion = create_model_and_diffusion(**options)
     model.to(device).train()
-    images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
-    kwargs = dict(y=torch.arange(batch, device=device) % 10) if args.class_cond else {}
+    images = torch.randn(batch, 3, options['image_size'], options['image_size'], device=device)
+    kwargs = dict(y=torch.arange(batch, device=device) % 10) if options['class_cond'] else {}
     schedule = UniformSampler(diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     torch.manual_seed(0)

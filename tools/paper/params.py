@@ -53,16 +53,23 @@ def edm_count(row):
     return sum(p.numel() for p in net.parameters())
 
 
-def iddpm_count(row):
-    """Trainable parameters of the model that image_train.py builds from this row's flags (parsed by its own parser)."""
-    import_vendor_tree('improved-diffusion', 'params')
-    import torch
-    from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+def iddpm_options(row, *extra):
+    """What image_train.py passes to create_model_and_diffusion() for this row's flags (and `extra` flags after
+    them), parsed by its own parser. Needs vendor/improved-diffusion on the path (import_vendor_tree)."""
+    from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, model_and_diffusion_defaults
     parser = argparse.ArgumentParser()
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
-    args = parser.parse_args([str(flag) for flag in row.flags])
+    args = parser.parse_args([str(flag) for flag in (*row.flags, *extra)])
+    return args_to_dict(args, model_and_diffusion_defaults().keys())
+
+
+def iddpm_count(row):
+    """Trainable parameters of the model that image_train.py builds from this row's flags."""
+    import_vendor_tree('improved-diffusion', 'params')
+    import torch
+    from improved_diffusion.script_util import create_model_and_diffusion
     with torch.device('meta'):
-        model, _ = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+        model, _ = create_model_and_diffusion(**iddpm_options(row))
     return sum(p.numel() for p in model.parameters())
 
 
