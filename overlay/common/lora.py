@@ -187,27 +187,32 @@ class ComposedLoRAConv(torch.nn.Module):
         low_rank = pixels * ranks * (c_in * kernel + c_out)
         return merge < low_rank
 
-    def merged_update(self, weights):
-        """(sum_i w_i B_i A_i, sum_i w_i E_i) for weights [N, m], scaled: [N, C_out, C_in * k^d] and [N, C_out] or None."""
+    def kernel_update(self, weights):
+        """sum_i w_i B_i A_i for weights [N, m], scaled: [N, C_out, C_in * k^d]."""
         w = weights.to(self.lora_B.dtype).repeat_interleave(self.rank, dim=1) # [N, m*r]: basis i's weight on its r rows
-        scale = self.lora_scale if self.lora_scale is not None else 1
-        weight = scale * ((self.lora_B * w[:, None, :]) @ self.lora_A.flatten(1))
-        bias = scale * (w @ self.lora_bias) if self.lora_bias is not None else None
-        return weight, bias
+        update = (self.lora_B * w[:, None, :]) @ self.lora_A.flatten(1)
+        return update if self.lora_scale is None else self.lora_scale * update
+
+    def composed_bias(self, weights):
+        """The base bias plus sum_i w_i E_i (scaled) for weights [N, m]: [N, C_out], [C_out] without E, or None."""
+        if self.lora_bias is None:
+            return self.bias
+        w = weights.to(self.lora_bias.dtype).repeat_interleave(self.rank, dim=1)
+        delta = w @ self.lora_bias if self.lora_scale is None else self.lora_scale * (w @ self.lora_bias)
+        return delta if self.bias is None else self.bias + delta
 
     def per_sample_merged_forward(self, x, weights):
         """forward() as one convolution a sample with its own merged kernel W + sum_i w_i B_i A_i: a grouped
         convolution, one group a sample, in channels-last layout (where MKL-DNN's grouped kernels are fast)."""
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
         n, c_in, c_out = x.shape[0], x.shape[1], self.weight.shape[0]
-        delta_weight, delta_bias = self.merged_update(weights)
-        weight = (self.weight.flatten(1) + delta_weight).reshape(n * c_out, c_in, *self.weight.shape[2:])
+        weight = (self.weight.flatten(1) + self.kernel_update(weights)).reshape(n * c_out, c_in, *self.weight.shape[2:])
         grouped = x.reshape(1, n * c_in, *x.shape[2:])
         if x.ndim == 4:
             grouped = grouped.contiguous(memory_format=torch.channels_last)
         # Back to the batch's own layout: left as the grouped view's strides, every later elementwise op would be slow.
         y = conv(grouped, weight.to(x.dtype), padding=self.padding, groups=n).reshape(n, c_out, *x.shape[2:]).contiguous()
-        bias = delta_bias if self.bias is None else self.bias if delta_bias is None else self.bias + delta_bias
+        bias = self.composed_bias(weights)
         if bias is not None: # [C_out] or [N, C_out]
             y = y + bias.to(x.dtype).reshape(-1, c_out, *[1] * (x.ndim - 2))
         return y
@@ -221,25 +226,19 @@ class ComposedLoRAConv(torch.nn.Module):
         w = weights.to(x.dtype).repeat_interleave(self.rank, dim=1) # [N, m*r]
         lora_B = self.lora_B if self.lora_scale is None else self.lora_B * self.lora_scale
         y = h[:, :c_out] + torch.matmul(lora_B.to(x.dtype), h[:, c_out:] * w[:, :, None])
-        bias = self.bias.to(x.dtype)[None] if self.bias is not None else None
-        if self.lora_bias is not None:
-            delta_bias = w @ self.lora_bias.to(x.dtype)
-            if self.lora_scale is not None:
-                delta_bias = delta_bias * self.lora_scale.to(x.dtype)
-            bias = delta_bias if bias is None else bias + delta_bias
-        if bias is not None:
-            y = y + bias[:, :, None]
+        bias = self.composed_bias(weights)
+        if bias is not None: # [C_out] or [N, C_out]
+            y = y + bias.to(x.dtype).reshape(-1, c_out, 1)
         return y.reshape(n, c_out, *x.shape[2:])
 
     def merged_forward(self, x, weights):
         """forward() for weights [1, m]: the update sum_i w_i (B_i A_i x + E_i) is the same linear map for every
         sample, so it is added to the base weight and bias once, and the layer runs one convolution instead of
         the base one plus the low-rank path at every pixel of every sample. Same function (to rounding)."""
-        delta_weight, delta_bias = self.merged_update(weights)
-        weight = self.weight + delta_weight[0].reshape(self.weight.shape)
-        bias = self.bias if delta_bias is None else delta_bias[0] if self.bias is None else self.bias + delta_bias[0]
+        weight = self.weight + self.kernel_update(weights)[0].reshape(self.weight.shape)
+        bias = self.composed_bias(weights)
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
-        return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=self.padding)
+        return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype).reshape(-1), padding=self.padding)
 
     def base_forward(self, x):
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
