@@ -118,7 +118,7 @@ def figure(results, clipped, args, path):
     for i, (name, label, _) in enumerate(compared(results)):
         for j, (png, view) in enumerate(views):
             ax = fig.add_subplot(panels[i, j])
-            if j == 2 and name not in clipped: # a method left out of --clip-x0
+            if png.startswith('clip-x0') and name not in clipped: # a method left out of --clip-x0
                 ax.axis('off')
                 continue
             grid = np.asarray(PIL.Image.open(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', png)))
