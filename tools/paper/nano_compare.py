@@ -73,6 +73,10 @@ def run(method_flags, out, args, seed, sampler='notebook', start_from=None):
         return json.load(f)
 
 
+# Below these, a comparison checks the plumbing only (make smoke runs 2 epochs and 2 samples).
+SMOKE_EPOCHS, SMOKE_SAMPLES = 5, 16
+
+
 def figure(results, clipped, args, path):
     """compare.png: proxy FID per method and the loss curves on top, then one row a method with its
     first samples (first seed) large enough to read, de-normalised beside rescaled per digit, and
@@ -86,6 +90,9 @@ def figure(results, clipped, args, path):
     rows_shown = min(2, args.samples // columns)
     panel_height = 0.8 * rows_shown + 0.4 # inches: digits 0.8 high (8 a row fill half the width), a title or a gap above
     fig = plt.figure(figsize=(16, 5.5 + panel_height * len(compared(results))), layout='constrained')
+    if args.epochs < SMOKE_EPOCHS or args.samples < SMOKE_SAMPLES: # make smoke's budget: say what the picture is for
+        fig.suptitle(f'Smoke budget ({args.epochs} epochs, {args.samples} samples): a check that every step runs. '
+                     'The samples are noise and the scores mean nothing at this size.', color='tab:red', fontsize=13)
     top, bottom = fig.add_gridspec(2, 1, height_ratios=[5.5, panel_height * len(compared(results))])
     ax_bars, ax_loss = top.subgridspec(1, 2).subplots()
     labels = [label for _, label, _ in compared(results)]
