@@ -13,10 +13,11 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import NANO, nano
+from conftest import IDDPM, NANO, nano
 from tools.images import to_uint8
 
 sys.path.insert(0, NANO)
+sys.path.append(IDDPM) # improved-diffusion's respaced sampler, which --sample-steps follows
 import nano as nano_cli  # noqa: E402
 import nano_data  # noqa: E402
 import nano_diffusion as nd  # noqa: E402
@@ -26,16 +27,44 @@ TINY = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
 
 
 def test_rerunning_resumes_exactly(tmp_path):
-    nano('--cond', 'timelora', *TINY, '--epochs', 2, '--samples', 0, '--device', 'cpu', '--out', tmp_path / 'straight')
-    nano('--cond', 'timelora', *TINY, '--epochs', 1, '--samples', 0, '--device', 'cpu', '--out', tmp_path / 'resumed')
-    result = nano('--cond', 'timelora', *TINY, '--epochs', 2, '--samples', 0, '--device', 'cpu', '--out', tmp_path / 'resumed')
+    flags = ['--cond', 'timelora', *TINY, '--ema', 0.9, '--samples', 0, '--device', 'cpu', '--out']
+    nano('--epochs', 2, *flags, tmp_path / 'straight')
+    nano('--epochs', 1, *flags, tmp_path / 'resumed')
+    result = nano('--epochs', 2, *flags, tmp_path / 'resumed')
     assert 'resuming' in result.stdout and 'after epoch 1' in result.stdout and 'on cpu' in result.stdout
     straight, resumed = (torch.load(tmp_path / run / 'checkpoint.pt', weights_only=False) for run in ['straight', 'resumed'])
     assert resumed['epoch'] == straight['epoch'] == 2 and resumed['losses'] == straight['losses']
-    for name, value in straight['network'].items():
-        assert torch.equal(resumed['network'][name], value), name
-    changed = nano('--cond', 'uclora', *TINY, '--epochs', 3, '--samples', 0, '--out', tmp_path / 'resumed', expect_ok=False)
-    assert changed.returncode == 2 and 'other options' in changed.stderr
+    for kept in ['network', 'ema']: # the weights and their average
+        for name, value in straight[kept].items():
+            assert torch.equal(resumed[kept][name], value), (kept, name)
+    assert not torch.equal(straight['ema']['conv_out.weight'], straight['network']['conv_out.weight']), 'an average, not a copy'
+    for other in [['--cond', 'uclora'], ['--cond', 'timelora', '--ema', 0.5]]:
+        changed = nano(*other, *TINY, '--epochs', 3, '--samples', 0, '--out', tmp_path / 'resumed', expect_ok=False)
+        assert changed.returncode == 2 and 'other options' in changed.stderr
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes(tmp_path):
+    nano('--cond', 'shift', *TINY, '--epochs', 1, '--samples', 0, '--out', tmp_path)
+    saved = torch.load(tmp_path / 'checkpoint.pt', weights_only=False)
+    del saved['options']['ema'], saved['ema'] # as nano.py wrote them before --ema
+    torch.save(saved, tmp_path / 'checkpoint.pt')
+    assert 'after epoch 1' in nano('--cond', 'shift', *TINY, '--epochs', 2, '--samples', 0, '--out', tmp_path).stdout
+
+
+def test_the_weights_average_ramps_up_to_its_decay():
+    network, ema = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    start = ema.weight.detach().clone()
+    with torch.no_grad():
+        network.weight.fill_(1)
+    nano_cli.update_ema(ema, network, 0.99, 1) # after the first step: decay (1 + 1) / (10 + 1)
+    assert torch.allclose(ema.weight, 2 / 11 * start + 9 / 11)
+    for step in range(2, 1000):
+        nano_cli.update_ema(ema, network, 0.99, step)
+    assert torch.allclose(ema.weight, torch.ones(1, 3)) and torch.allclose(ema.bias, network.bias)
+    with torch.no_grad():
+        network.weight.fill_(2)
+    nano_cli.update_ema(ema, network, 0.99, 5000) # the ramp is past 0.99: the decay itself
+    assert torch.allclose(ema.weight, torch.full((1, 3), 0.99 + 0.01 * 2))
 
 
 def test_the_model_range_and_pixels_convert_both_ways():
@@ -81,6 +110,9 @@ def test_mnist5k_is_mlxtends_digits():
     (['--epochs', 0], '--epochs must be at least 1'),
     (['--device', 'tpu'], 'argument --device: tpu: not a device (give cpu, cuda, cuda:N or mps)'),
     (['--device', 'cuda:99'], 'argument --device: cuda:99: this machine has'), # no CUDA device, or fewer than 100
+    (['--sample-steps', 1, '--sampler', 'clip-x0'], '--sample-steps must be between 2 and 1000'),
+    (['--sample-steps', 250], '--sample-steps below 1000 needs --sampler clip-x0'),
+    (['--ema', 1], '--ema must be at least 0 (none) and below 1'),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     full = ['--out', tmp_path / 'run'] + args if '--out' not in args else args
@@ -175,11 +207,33 @@ def test_the_clipped_step_clamps_an_off_range_x0():
     assert (notebook - x / np.sqrt(1 - betas[500])).abs().max() > 0.1, "the notebook's step: no clamp (x_t / sqrt(alpha_t) plus noise)"
 
 
+def test_fewer_clipped_steps_are_improved_diffusions_respaced_sampler():
+    # --sample-steps K: improved-diffusion's SpacedDiffusion over the notebook's betas, its p_sample_loop
+    # with clip_denoised and the fixed large variance (beta of the respaced schedule). Both draw the
+    # starting noise, then one draw a step, from the same seed.
+    from improved_diffusion import gaussian_diffusion as gd
+    from improved_diffusion.respace import SpacedDiffusion, space_timesteps
+    assert nano_cli.spaced_steps(1000, 1000) == list(range(999, -1, -1)), 'all steps: the notebook\'s'
+    for count in [2, 50, 250]:
+        assert nano_cli.spaced_steps(1000, count) == sorted(space_timesteps(1000, str(count)), reverse=True)
+    network = NoiseFor(lambda x: x.double().clamp(-2, 2)) # x0 off range early on: the clipping acts
+    model = notebook_ddpm(network)
+    respaced = SpacedDiffusion(space_timesteps(1000, '50'), betas=model.betas.double().numpy(), model_mean_type=gd.ModelMeanType.EPSILON,
+                               model_var_type=gd.ModelVarType.FIXED_LARGE, loss_type=gd.LossType.MSE)
+    torch.manual_seed(3)
+    expected = respaced.p_sample_loop(network, (2, 1, 32, 32), clip_denoised=True, device='cpu')
+    got = nano_cli.sample(model, 2, seed=3, sampler='clip-x0', steps=50)
+    assert got.std() > 0.1 and (got - expected).abs().max() < 1e-4
+    assert (got - nano_cli.sample(model, 2, seed=3, sampler='clip-x0')).abs().max() > 0.1, 'fewer steps: other samples'
+    with pytest.raises(ValueError, match='every step'):
+        nano_cli.sample(model, 2, seed=3, sampler='notebook', steps=50)
+
+
 def test_the_kept_samples_are_keyed_on_the_sampler(tmp_path, capsys):
-    # nano.py keeps its samples in samples.pt for scoring again; changing --sampler must draw anew.
+    # nano.py keeps its samples in samples.pt for scoring again; changing --sampler or --sample-steps must draw anew.
     import argparse
     model = notebook_ddpm(NoiseFor(lambda x: x.double().clamp(-2, 2))) # x0 off range early on: the samplers differ
-    args = argparse.Namespace(out=str(tmp_path), seed=0, samples=2, sampler='clip-x0', device='cpu')
+    args = argparse.Namespace(out=str(tmp_path), seed=0, samples=2, sampler='clip-x0', sample_steps=1000, device='cpu')
     clipped, _, device = nano_cli.kept_or_new_samples(model, 3, args)
     assert device == 'cpu' and torch.equal(torch.load(tmp_path / 'samples.pt')['samples'], clipped)
     args.sampler = 'notebook'
@@ -187,8 +241,12 @@ def test_the_kept_samples_are_keyed_on_the_sampler(tmp_path, capsys):
     assert not torch.allclose(notebook, clipped), "never the other sampler's samples"
     assert 'reusing' not in capsys.readouterr().out
     assert torch.equal(nano_cli.kept_or_new_samples(model, 3, args)[0], notebook)
-    assert 'reusing the 2 samples (notebook sampler)' in capsys.readouterr().out, 'the same sampler: kept'
+    assert 'reusing the 2 samples (notebook sampler, 1000 steps)' in capsys.readouterr().out, 'the same sampler: kept'
     assert torch.equal(nano_cli.kept_or_new_samples(model, 3, args)[0], nano_cli.sample(model, 2, seed=1, sampler='notebook'))
+    capsys.readouterr()
+    args.sampler, args.sample_steps = 'clip-x0', 20
+    fewer_steps, _, _ = nano_cli.kept_or_new_samples(model, 3, args)
+    assert 'reusing' not in capsys.readouterr().out and not torch.allclose(fewer_steps, clipped), 'nor the same sampler\'s at other steps'
 
 
 # ---------------------------------------------------------------------------- scores

@@ -106,7 +106,7 @@ def test_finished_runs_are_reused_and_the_clipped_sampler_resamples_their_checkp
     result = compare(out, '--clip-x0', 'shift')
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count('[vendor/dataflowr]$') == 1 and '--sampler clip-x0' in result.stdout, 'the notebook runs are reused'
-    assert 'after epoch 2' in result.stdout and 'reusing the 2 samples (clip-x0 sampler)' in result.stdout
+    assert 'after epoch 2' in result.stdout and 'reusing the 2 samples (clip-x0 sampler, 1000 steps)' in result.stdout
     notebook, clipped = (json.loads((folder / 'metrics.json').read_text()) for folder in [run, clipped_run])
     assert (notebook['sampler'], clipped['sampler']) == ('notebook', 'clip-x0') and clipped['optimizer_steps'] == notebook['optimizer_steps']
     assert torch.equal(torch.load(run / 'checkpoint.pt', weights_only=False)['network']['conv_out.weight'],

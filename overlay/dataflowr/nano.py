@@ -13,9 +13,13 @@ resumes exactly where it stopped), seeded sampling, sample grids (de-normalised,
 digit) and a loss curve as PNG, and metrics.json with the scores of nano_metrics.py. Budgets are
 also reported in optimizer steps and images seen.
 
-One departure from the notebook, opt-in: --sampler clip-x0 clips the predicted clean digit to
+Departures from the notebook, opt-in: --sampler clip-x0 clips the predicted clean digit to
 [-1, 1] at every step (improved-diffusion's clip_denoised), which bounds the drift of the samples'
-means (MyTinyUNet cannot see its input's mean: see nano_metrics.mean_drift).
+means (MyTinyUNet cannot see its input's mean: see nano_metrics.mean_drift); with it, --sample-steps
+K < 1000 visits K of the 1000 steps, evenly spaced, with the schedule respaced over them
+(improved-diffusion's timestep_respacing): the same network, K network calls a sample. --ema D
+keeps an exponential moving average of the weights (decay D, as improved-diffusion and EDM keep
+one) and samples with it.
 
 --device runs the networks (diffusion and digit classifier) on a GPU; every random draw (data
 order, training noise, sampling noise) stays on the CPU's generator, so a seed gives the same draws
@@ -23,7 +27,7 @@ on any device, and the DDPM's few elementwise operations run there beside them.
 """
 
 import argparse
-import functools
+import copy
 import json
 import os
 import sys
@@ -45,8 +49,10 @@ import nano_lora
 import nano_metrics
 
 # Options a checkpoint may be resumed with other values of (the rest must match).
-FREE_ON_RESUME = ('epochs', 'samples', 'out', 'classifier', 'sampler', 'device')
+FREE_ON_RESUME = ('epochs', 'samples', 'out', 'classifier', 'sampler', 'sample_steps', 'device')
 SAMPLERS = ('notebook', 'clip-x0')
+# Options added after runs had been written, with the value those runs had.
+ADDED_OPTIONS = dict(ema=0)
 
 
 def device_name(name):
@@ -80,8 +86,14 @@ def parse_args():
     parser.add_argument('--sampler', choices=SAMPLERS, default='notebook',
                         help="notebook: the notebook's DDPM.step; clip-x0: the same step with the predicted clean digit clipped to [-1, 1] "
                              "(improved-diffusion's clip_denoised; not in the notebook), which bounds the drift of the samples' means")
+    parser.add_argument('--sample-steps', type=int, default=1000,
+                        help="steps of the clip-x0 sampler: 1000 (all), or K of them evenly spaced from 999 to 0, the schedule respaced "
+                             "(improved-diffusion's timestep_respacing); K network calls a sample. The notebook's sampler runs all 1000")
     parser.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='where the networks run (default: cuda if there is one, else cpu); random draws stay on the CPU, the same on any device')
+    parser.add_argument('--ema', type=float, default=0,
+                        help="decay of an exponential moving average of the weights, kept in the checkpoint and used for sampling "
+                             "(0: none, the notebook's way; the decay ramps up as (1 + step) / (10 + step) to it)")
     parser.add_argument('--train-digits', type=int, help='train on the first N training digits only (quick checks)')
     parser.add_argument('--lora-bases', type=int, default=10, help='LoRA bases m (10: t = 0, 111, ..., 999)')
     parser.add_argument('--lora-rank', type=int, default=4, help='rank of each basis')
@@ -96,6 +108,12 @@ def parse_args():
         parser.error('--samples must be at least 0 and --train-digits at least 1')
     if args.lr <= 0:
         parser.error('--lr must be positive')
+    if not 0 <= args.ema < 1:
+        parser.error(f'--ema must be at least 0 (none) and below 1, got {args.ema}')
+    if not 2 <= args.sample_steps <= 1000:
+        parser.error(f'--sample-steps must be between 2 and 1000 (the process has 1000 steps), got {args.sample_steps}')
+    if args.sample_steps != 1000 and args.sampler == 'notebook':
+        parser.error("--sample-steps below 1000 needs --sampler clip-x0: the notebook's DDPM.step takes every one of the 1000 steps")
     try:
         os.makedirs(args.out, exist_ok=True)
         probe = os.path.join(args.out, '.writable')
@@ -116,24 +134,38 @@ def build_network(args):
     return network
 
 
-def resume(checkpoint_path, args, network, optimizer):
-    """The run's state, from its checkpoint if there is one (network, optimizer and random state
-    restored); ValueError if that checkpoint was written with other options."""
+def resume(checkpoint_path, args, network, optimizer, ema=None):
+    """The run's state, from its checkpoint if there is one (network, optimizer, the weights' average
+    if kept, and random state restored); ValueError if that checkpoint was written with other options."""
     if not os.path.exists(checkpoint_path):
         return dict(epoch=0, losses=[])
     saved = torch.load(checkpoint_path, map_location='cpu', weights_only=False) # written on any device
-    changed = {k: (saved['options'][k], v) for k, v in vars(args).items() if k not in FREE_ON_RESUME and saved['options'].get(k) != v}
+    options = {**ADDED_OPTIONS, **saved['options']}
+    changed = {k: (options.get(k), v) for k, v in vars(args).items() if k not in FREE_ON_RESUME and options.get(k) != v}
     if changed:
         raise ValueError(f'{checkpoint_path} was written with other options {changed}; use another --out')
     network.load_state_dict(saved['network'])
+    if ema is not None:
+        ema.load_state_dict(saved['ema'])
     optimizer.load_state_dict(saved['optimizer'])
     torch.random.set_rng_state(saved['torch_rng'])
     return dict(epoch=saved['epoch'], losses=saved['losses'])
 
 
-def train(model, optimizer, train_x, state, args, checkpoint_path):
-    """Train from state['epoch'] to --epochs on the notebook's noise-prediction loss; a checkpoint
-    ends every epoch (written whole, then renamed). Appends to state['losses']; returns the seconds.
+def update_ema(ema, network, decay, steps):
+    """ema's weights <- their exponential moving average with network's after optimizer step `steps`
+    (from 1). The decay ramps up as (1 + steps) / (10 + steps) until it reaches `decay`, so that the
+    random initial weights fade out within the first few dozen steps."""
+    rate = min(decay, (1 + steps) / (10 + steps))
+    with torch.no_grad():
+        for averaged, current in zip(ema.parameters(), network.parameters()):
+            averaged.lerp_(current, 1 - rate)
+
+
+def train(model, optimizer, train_x, state, args, checkpoint_path, ema=None):
+    """Train from state['epoch'] to --epochs on the notebook's noise-prediction loss, updating ema (the
+    weights' average) if given; a checkpoint ends every epoch (written whole, then renamed). Appends to
+    state['losses']; returns the seconds.
     The batches, noise and time steps are drawn and noised on the CPU (model: a DDPM on the CPU), the
     network runs on --device."""
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
@@ -152,40 +184,56 @@ def train(model, optimizer, train_x, state, args, checkpoint_path):
             loss.backward()
             optimizer.step()
             state['losses'].append(loss.item())
+            if ema is not None:
+                update_ema(ema, model.network, args.ema, len(state['losses']))
             bar.set_postfix(loss=f'{loss.item():.4f}')
         state['epoch'] = epoch + 1
-        torch.save(dict(network=model.network.state_dict(), optimizer=optimizer.state_dict(), torch_rng=torch.random.get_rng_state(),
+        torch.save(dict(network=model.network.state_dict(), ema=None if ema is None else ema.state_dict(),
+                        optimizer=optimizer.state_dict(), torch_rng=torch.random.get_rng_state(),
                         epoch=state['epoch'], losses=state['losses'], options=vars(args)), checkpoint_path + '.partial')
         os.replace(checkpoint_path + '.partial', checkpoint_path)
         print(f'epoch {epoch + 1}/{args.epochs}: loss {np.mean(state["losses"][-steps_per_epoch:]):.4f}, {time.time() - start_time:.0f} s')
     return time.time() - start_time
 
 
-def clipped_step(model, model_output, timestep, sample):
-    """DDPM.step (same arguments) with the predicted clean digit clipped to the data's range [-1, 1],
+def spaced_steps(num_timesteps, count):
+    """count of the time steps num_timesteps - 1 .. 0, evenly spaced, both ends kept, in sampling order
+    (improved-diffusion's space_timesteps for one section)."""
+    stride = (num_timesteps - 1) / (count - 1)
+    return [round(i * stride) for i in range(count - 1, -1, -1)]
+
+
+def clipped_step(model, model_output, timestep, sample, previous=None):
+    """DDPM.step (same first arguments) with the predicted clean digit clipped to the data's range [-1, 1],
     as improved-diffusion's clip_denoised: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clamped,
-    then the mean of the posterior q(x_t-1 | x_t, x0), plus DDPM.step's own noise (sqrt(beta_t) z for
-    t > 0, z drawn as it draws it). For an x0 inside [-1, 1] that mean is DDPM.step's mean, so the two
-    samplers differ only by the clipping. Not in the notebook: a sample's mean, which MyTinyUNet cannot
-    see and DDPM.step divides by sqrt(alpha_t) at every step, can then no longer leave [-1, 1]."""
+    then the mean of the posterior q(x_s | x_t, x0) for the previous visited step s (t - 1 unless given;
+    -1: none, the end), plus DDPM.step's kind of noise (sqrt(beta) z for t > 0, z drawn as it draws it),
+    beta = 1 - abar_t / abar_s the respaced schedule's (beta_t itself for s = t - 1). For an x0 inside
+    [-1, 1] and s = t - 1 that mean is DDPM.step's mean, so the two samplers differ only by the clipping.
+    Not in the notebook: a sample's mean, which MyTinyUNet cannot see and DDPM.step divides by
+    sqrt(alpha_t) at every step, can then no longer leave [-1, 1]."""
     t = int(timestep)
+    s = t - 1 if previous is None else previous
     # The notebook's betas; what derives from them in float64, as improved-diffusion does (1 - alpha_bar_0
     # in float32 is 2e-4 off, which would scale the last step's x0 by 0.9998).
-    betas = model.betas.double()
-    alpha_bar = torch.cumprod(1 - betas, 0)
-    alpha_bar_prev = alpha_bar[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - model.betas.double(), 0)
+    alpha_bar_prev = alpha_bar[s] if s >= 0 else torch.tensor(1.0, dtype=torch.float64)
+    beta = 1 - alpha_bar[t] / alpha_bar_prev
     x0 = ((sample - (1 - alpha_bar[t]).sqrt() * model_output) / alpha_bar[t].sqrt()).clamp(-1, 1)
-    mean = (alpha_bar_prev.sqrt() * betas[t] * x0 + (1 - betas[t]).sqrt() * (1 - alpha_bar_prev) * sample) / (1 - alpha_bar[t])
+    mean = (alpha_bar_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - alpha_bar_prev) * sample) / (1 - alpha_bar[t])
     if t > 0:
-        mean = mean + model.betas[t] ** 0.5 * torch.randn_like(model_output)
-    return mean
+        mean = mean + beta.float() ** 0.5 * torch.randn_like(model_output)
+    return mean.float()
 
 
-def sample(model, count, seed, sampler='notebook', device='cpu', batch=256):
+def sample(model, count, seed, sampler='notebook', device='cpu', batch=256, steps=1000):
     """count samples in the model's range with the 1000-step sampler (DDPM.step, or clipped_step for
-    sampler 'clip-x0'), seeded, in batches. The network runs on `device`; each step (its noise and
-    arithmetic) on the CPU beside the DDPM's schedules, so a seed gives the same noise on any device."""
-    step = model.step if sampler == 'notebook' else functools.partial(clipped_step, model)
+    sampler 'clip-x0', which may visit fewer steps), seeded, in batches. The network runs on `device`;
+    each step (its noise and arithmetic) on the CPU beside the DDPM's schedules, so a seed gives the
+    same noise on any device."""
+    visited = spaced_steps(model.num_timesteps, steps)
+    if sampler == 'notebook' and len(visited) != model.num_timesteps:
+        raise ValueError("the notebook's sampler takes every step")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model.eval()
@@ -194,28 +242,34 @@ def sample(model, count, seed, sampler='notebook', device='cpu', batch=256):
         for start in range(0, count, batch):
             n = min(batch, count - start)
             x = torch.randn(n, 1, 32, 32)
-            for t in tqdm(range(model.num_timesteps - 1, -1, -1), desc=f'sampling {start + n}/{count}', leave=False, disable=None):
+            for t, previous in tqdm(list(zip(visited, visited[1:] + [-1])), desc=f'sampling {start + n}/{count}', leave=False, disable=None):
                 time_tensor = (torch.ones(n, 1) * t).long()
-                x = step(model.reverse(x.to(device), time_tensor.to(device)).cpu(), time_tensor[0], x)
+                model_output = model.reverse(x.to(device), time_tensor.to(device)).cpu()
+                if sampler == 'notebook':
+                    x = model.step(model_output, time_tensor[0], x)
+                else:
+                    x = clipped_step(model, model_output, time_tensor[0], x, previous)
             samples.append(x)
-            print(f'sampled {start + n}/{count} digits ({model.num_timesteps} steps each, {sampler} sampler)')
+            print(f'sampled {start + n}/{count} digits ({len(visited)} steps each, {sampler} sampler)')
     torch.random.set_rng_state(generator_state)
     return torch.cat(samples)
 
 
 def kept_or_new_samples(model, epoch, args):
     """(samples, seconds it took to draw them, device they were drawn on): those kept in samples.pt for
-    this checkpoint, seed and sampler, so that scoring again costs no sampling, or new ones (then kept there)."""
+    this checkpoint, seed, sampler and steps, so that scoring again costs no sampling, or new ones (then kept there)."""
     samples_path = os.path.join(args.out, 'samples.pt')
     saved = torch.load(samples_path, map_location='cpu') if os.path.exists(samples_path) else {}
-    drawn_by = saved.get('sampler', 'notebook') # files written before --sampler existed hold the notebook's samples, drawn on the CPU
-    if (saved.get('epoch'), saved.get('seed'), drawn_by) == (epoch, args.seed, args.sampler) and len(saved['samples']) >= args.samples:
-        print(f'reusing the {args.samples} samples ({args.sampler} sampler) in {samples_path}')
+    # Files written before --sampler (--sample-steps) existed hold the notebook's samples (of 1000 steps), drawn on the CPU.
+    drawn_by = saved.get('sampler', 'notebook'), saved.get('steps', 1000)
+    if (saved.get('epoch'), saved.get('seed'), drawn_by) == (epoch, args.seed, (args.sampler, args.sample_steps)) and len(saved['samples']) >= args.samples:
+        print(f'reusing the {args.samples} samples ({args.sampler} sampler, {args.sample_steps} steps) in {samples_path}')
         return saved['samples'][:args.samples], saved['seconds'], saved.get('device', 'cpu')
     start_time = time.time()
-    samples = sample(model, args.samples, seed=args.seed + 1, sampler=args.sampler, device=args.device)
+    samples = sample(model, args.samples, seed=args.seed + 1, sampler=args.sampler, device=args.device, steps=args.sample_steps)
     seconds = time.time() - start_time
-    torch.save(dict(epoch=epoch, seed=args.seed, sampler=args.sampler, samples=samples, seconds=seconds, device=args.device), samples_path)
+    torch.save(dict(epoch=epoch, seed=args.seed, sampler=args.sampler, steps=args.sample_steps, samples=samples, seconds=seconds,
+                    device=args.device), samples_path)
     return samples, seconds, args.device
 
 
@@ -275,10 +329,11 @@ def main():
     # The DDPM's schedules stay on the CPU, where every random draw is made (the same draws on any device).
     model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
+    ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
     checkpoint_path = os.path.join(args.out, 'checkpoint.pt')
     try:
-        state = resume(checkpoint_path, args, network, optimizer)
+        state = resume(checkpoint_path, args, network, optimizer, ema)
     except ValueError as err:
         parser.error(str(err))
     if state['epoch']:
@@ -286,23 +341,27 @@ def main():
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     print(f'nano diffusion, cond={args.cond}' + (f' (omega init: {args.omega_init})' if args.cond == 'timelora' else '') +
           f': {trainable:,} trainable parameters; {len(train_x)} training digits, {steps_per_epoch} steps an epoch; on {args.device}')
-    train_seconds = train(model, optimizer, train_x, state, args, checkpoint_path)
+    train_seconds = train(model, optimizer, train_x, state, args, checkpoint_path, ema)
     if args.samples == 0:
         return
 
     save_loss_curve(state['losses'], steps_per_epoch, os.path.join(args.out, 'loss.png'), f'nano diffusion, {args.cond}')
+    if ema is not None: # the average is the network sampled and scored
+        network = ema
+        model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
     samples, sample_seconds, sample_device = kept_or_new_samples(model, state['epoch'], args)
     start_time = time.time()
     metrics, similarity = score(samples, network, args, ((train_images, train_labels), held_out))
     metrics.update(cond=args.cond, omega_init=args.omega_init if args.cond == 'timelora' else None, epochs=state['epoch'],
                    optimizer_steps=state['epoch'] * steps_per_epoch, images_seen=state['epoch'] * len(train_x),
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data, samples=args.samples, sampler=args.sampler,
+                   sample_steps=args.sample_steps, ema=args.ema,
                    trainable_parameters=trainable, final_epoch_loss=float(np.mean(state['losses'][-steps_per_epoch:])),
                    device=args.device, train_seconds_this_run=round(train_seconds, 1), sample_device=sample_device,
                    sample_seconds=round(sample_seconds, 1), score_seconds=round(time.time() - start_time, 1), **similarity)
     with open(os.path.join(args.out, 'metrics.json'), 'w') as f:
         json.dump(metrics, f, indent=2)
-    print(json.dumps({k: metrics[k] for k in ['sampler', 'proxy_fid', 'proxy_kid', 'real_digits_proxy_fid', 'real_digits_proxy_kid',
+    print(json.dumps({k: metrics[k] for k in ['sampler', 'sample_steps', 'proxy_fid', 'proxy_kid', 'real_digits_proxy_fid', 'real_digits_proxy_kid',
                                               'off_range_share', 'classifier_test_accuracy', 'class_shares', 'optimizer_steps']}, indent=None))
     print(f'wrote {args.out}/samples.png, samples-rescaled.png, loss.png, metrics.json')
 
