@@ -26,45 +26,26 @@ import nano_metrics  # noqa: E402
 TINY = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
 
 
-def test_rerunning_resumes_exactly(tmp_path):
-    flags = ['--cond', 'timelora', *TINY, '--ema', 0.9, '--samples', 0, '--device', 'cpu', '--out']
-    nano('--epochs', 2, *flags, tmp_path / 'straight')
-    nano('--epochs', 1, *flags, tmp_path / 'resumed')
-    result = nano('--epochs', 2, *flags, tmp_path / 'resumed')
-    assert 'resuming' in result.stdout and 'after epoch 1' in result.stdout and 'on cpu' in result.stdout
+def run_nano(monkeypatch, capsys, *args):
+    """nano.py ARGS in this process (its main(), as the command line calls it; no interpreter to start): what it printed."""
+    monkeypatch.setattr(sys, 'argv', ['nano.py', *[str(a) for a in args]])
+    nano_cli.main()
+    return capsys.readouterr().out
+
+
+def test_rerunning_resumes_exactly(tmp_path, monkeypatch, capsys):
+    flags = ['--cond', 'timelora', *TINY, '--samples', 0, '--device', 'cpu', '--out']
+    run_nano(monkeypatch, capsys, '--epochs', 2, *flags, tmp_path / 'straight')
+    run_nano(monkeypatch, capsys, '--epochs', 1, *flags, tmp_path / 'resumed')
+    printed = run_nano(monkeypatch, capsys, '--epochs', 2, *flags, tmp_path / 'resumed')
+    assert 'resuming' in printed and 'after epoch 1' in printed and 'on cpu' in printed
     straight, resumed = (torch.load(tmp_path / run / 'checkpoint.pt', weights_only=False) for run in ['straight', 'resumed'])
     assert resumed['epoch'] == straight['epoch'] == 2 and resumed['losses'] == straight['losses']
-    for kept in ['network', 'ema']: # the weights and their average
-        for name, value in straight[kept].items():
-            assert torch.equal(resumed[kept][name], value), (kept, name)
-    assert not torch.equal(straight['ema']['conv_out.weight'], straight['network']['conv_out.weight']), 'an average, not a copy'
-    for other in [['--cond', 'uclora'], ['--cond', 'timelora', '--ema', 0.5]]:
-        changed = nano(*other, *TINY, '--epochs', 3, '--samples', 0, '--out', tmp_path / 'resumed', expect_ok=False)
-        assert changed.returncode == 2 and 'other options' in changed.stderr
-
-
-def test_a_checkpoint_from_before_an_option_existed_resumes(tmp_path):
-    nano('--cond', 'shift', *TINY, '--epochs', 1, '--samples', 0, '--out', tmp_path)
-    saved = torch.load(tmp_path / 'checkpoint.pt', weights_only=False)
-    del saved['options']['ema'], saved['ema'] # as nano.py wrote them before --ema
-    torch.save(saved, tmp_path / 'checkpoint.pt')
-    assert 'after epoch 1' in nano('--cond', 'shift', *TINY, '--epochs', 2, '--samples', 0, '--out', tmp_path).stdout
-
-
-def test_the_weights_average_ramps_up_to_its_decay():
-    network, ema = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
-    start = ema.weight.detach().clone()
-    with torch.no_grad():
-        network.weight.fill_(1)
-    nano_cli.update_ema(ema, network, 0.99, 1) # after the first step: decay (1 + 1) / (10 + 1)
-    assert torch.allclose(ema.weight, 2 / 11 * start + 9 / 11)
-    for step in range(2, 1000):
-        nano_cli.update_ema(ema, network, 0.99, step)
-    assert torch.allclose(ema.weight, torch.ones(1, 3)) and torch.allclose(ema.bias, network.bias)
-    with torch.no_grad():
-        network.weight.fill_(2)
-    nano_cli.update_ema(ema, network, 0.99, 5000) # the ramp is past 0.99: the decay itself
-    assert torch.allclose(ema.weight, torch.full((1, 3), 0.99 + 0.01 * 2))
+    for name, value in straight['network'].items():
+        assert torch.equal(resumed['network'][name], value), name
+    with pytest.raises(SystemExit) as stopped:
+        run_nano(monkeypatch, capsys, '--cond', 'uclora', *TINY, '--epochs', 3, '--samples', 0, '--out', tmp_path / 'resumed')
+    assert stopped.value.code == 2 and 'other options' in capsys.readouterr().err
 
 
 def test_the_model_range_and_pixels_convert_both_ways():
@@ -112,12 +93,21 @@ def test_mnist5k_is_mlxtends_digits():
     (['--device', 'cuda:99'], 'argument --device: cuda:99: this machine has'), # no CUDA device, or fewer than 100
     (['--sample-steps', 1, '--sampler', 'clip-x0'], '--sample-steps must be between 2 and 1000'),
     (['--sample-steps', 250], '--sample-steps below 1000 needs --sampler clip-x0'),
-    (['--ema', 1], '--ema must be at least 0 (none) and below 1'),
 ])
-def test_bad_input_is_one_line(args, message, tmp_path):
+def test_bad_input_is_one_line(args, message, tmp_path, monkeypatch, capsys):
+    # In this process: each case stops before any work.
     full = ['--out', tmp_path / 'run'] + args if '--out' not in args else args
-    result = nano(*full, expect_ok=False)
-    assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
+    with pytest.raises(SystemExit) as stopped:
+        run_nano(monkeypatch, capsys, *full)
+    said = capsys.readouterr().err + (stopped.value.code if isinstance(stopped.value.code, str) else '')
+    assert stopped.value.code not in (0, None) and message in said
+
+
+def test_bad_input_from_the_command_line_is_one_line_without_a_traceback(tmp_path):
+    result = nano('--epochs', 0, '--out', tmp_path, expect_ok=False)
+    assert result.returncode == 2 and '--epochs must be at least 1' in result.stderr and 'Traceback' not in result.stderr
+    result = nano('--data', '/no/such/mnist', '--out', tmp_path, expect_ok=False)
+    assert result.returncode == 1 and result.stderr.strip().startswith('nano: ') and 'Traceback' not in result.stderr
 
 
 def test_rescaled_view_stretches_each_sample_and_ignores_its_mean():

@@ -17,9 +17,7 @@ Departures from the notebook, opt-in: --sampler clip-x0 clips the predicted clea
 [-1, 1] at every step (improved-diffusion's clip_denoised), which bounds the drift of the samples'
 means (MyTinyUNet cannot see its input's mean: see nano_metrics.mean_drift); with it, --sample-steps
 K < 1000 visits K of the 1000 steps, evenly spaced, with the schedule respaced over them
-(improved-diffusion's timestep_respacing): the same network, K network calls a sample. --ema D
-keeps an exponential moving average of the weights (decay D, as improved-diffusion and EDM keep
-one) and samples with it.
+(improved-diffusion's timestep_respacing): the same network, K network calls a sample.
 
 --device runs the networks (diffusion and digit classifier) on a GPU; every random draw (data
 order, training noise, sampling noise) stays on the CPU's generator, so a seed gives the same draws
@@ -27,7 +25,6 @@ on any device, and the DDPM's few elementwise operations run there beside them.
 """
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -51,8 +48,6 @@ import nano_metrics
 # Options a checkpoint may be resumed with other values of (the rest must match).
 FREE_ON_RESUME = ('epochs', 'samples', 'out', 'classifier', 'sampler', 'sample_steps', 'device')
 SAMPLERS = ('notebook', 'clip-x0')
-# Options added after runs had been written, with the value those runs had.
-ADDED_OPTIONS = dict(ema=0)
 
 
 def device_name(name):
@@ -91,9 +86,6 @@ def parse_args():
                              "(improved-diffusion's timestep_respacing); K network calls a sample. The notebook's sampler runs all 1000")
     parser.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='where the networks run (default: cuda if there is one, else cpu); random draws stay on the CPU, the same on any device')
-    parser.add_argument('--ema', type=float, default=0,
-                        help="decay of an exponential moving average of the weights, kept in the checkpoint and used for sampling "
-                             "(0: none, the notebook's way; the decay ramps up as (1 + step) / (10 + step) to it)")
     parser.add_argument('--train-digits', type=int, help='train on the first N training digits only (quick checks)')
     parser.add_argument('--lora-bases', type=int, default=10, help='LoRA bases m (10: t = 0, 111, ..., 999)')
     parser.add_argument('--lora-rank', type=int, default=4, help='rank of each basis')
@@ -108,8 +100,6 @@ def parse_args():
         parser.error('--samples must be at least 0 and --train-digits at least 1')
     if args.lr <= 0:
         parser.error('--lr must be positive')
-    if not 0 <= args.ema < 1:
-        parser.error(f'--ema must be at least 0 (none) and below 1, got {args.ema}')
     if not 2 <= args.sample_steps <= 1000:
         parser.error(f'--sample-steps must be between 2 and 1000 (the process has 1000 steps), got {args.sample_steps}')
     if args.sample_steps != 1000 and args.sampler == 'notebook':
@@ -134,38 +124,24 @@ def build_network(args):
     return network
 
 
-def resume(checkpoint_path, args, network, optimizer, ema=None):
-    """The run's state, from its checkpoint if there is one (network, optimizer, the weights' average
-    if kept, and random state restored); ValueError if that checkpoint was written with other options."""
+def resume(checkpoint_path, args, network, optimizer):
+    """The run's state, from its checkpoint if there is one (network, optimizer and random state
+    restored); ValueError if that checkpoint was written with other options."""
     if not os.path.exists(checkpoint_path):
         return dict(epoch=0, losses=[])
     saved = torch.load(checkpoint_path, map_location='cpu', weights_only=False) # written on any device
-    options = {**ADDED_OPTIONS, **saved['options']}
-    changed = {k: (options.get(k), v) for k, v in vars(args).items() if k not in FREE_ON_RESUME and options.get(k) != v}
+    changed = {k: (saved['options'][k], v) for k, v in vars(args).items() if k not in FREE_ON_RESUME and saved['options'].get(k) != v}
     if changed:
         raise ValueError(f'{checkpoint_path} was written with other options {changed}; use another --out')
     network.load_state_dict(saved['network'])
-    if ema is not None:
-        ema.load_state_dict(saved['ema'])
     optimizer.load_state_dict(saved['optimizer'])
     torch.random.set_rng_state(saved['torch_rng'])
     return dict(epoch=saved['epoch'], losses=saved['losses'])
 
 
-def update_ema(ema, network, decay, steps):
-    """ema's weights <- their exponential moving average with network's after optimizer step `steps`
-    (from 1). The decay ramps up as (1 + steps) / (10 + steps) until it reaches `decay`, so that the
-    random initial weights fade out within the first few dozen steps."""
-    rate = min(decay, (1 + steps) / (10 + steps))
-    with torch.no_grad():
-        for averaged, current in zip(ema.parameters(), network.parameters()):
-            averaged.lerp_(current, 1 - rate)
-
-
-def train(model, optimizer, train_x, state, args, checkpoint_path, ema=None):
-    """Train from state['epoch'] to --epochs on the notebook's noise-prediction loss, updating ema (the
-    weights' average) if given; a checkpoint ends every epoch (written whole, then renamed). Appends to
-    state['losses']; returns the seconds.
+def train(model, optimizer, train_x, state, args, checkpoint_path):
+    """Train from state['epoch'] to --epochs on the notebook's noise-prediction loss; a checkpoint
+    ends every epoch (written whole, then renamed). Appends to state['losses']; returns the seconds.
     The batches, noise and time steps are drawn and noised on the CPU (model: a DDPM on the CPU), the
     network runs on --device."""
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
@@ -184,12 +160,9 @@ def train(model, optimizer, train_x, state, args, checkpoint_path, ema=None):
             loss.backward()
             optimizer.step()
             state['losses'].append(loss.item())
-            if ema is not None:
-                update_ema(ema, model.network, args.ema, len(state['losses']))
             bar.set_postfix(loss=f'{loss.item():.4f}')
         state['epoch'] = epoch + 1
-        torch.save(dict(network=model.network.state_dict(), ema=None if ema is None else ema.state_dict(),
-                        optimizer=optimizer.state_dict(), torch_rng=torch.random.get_rng_state(),
+        torch.save(dict(network=model.network.state_dict(), optimizer=optimizer.state_dict(), torch_rng=torch.random.get_rng_state(),
                         epoch=state['epoch'], losses=state['losses'], options=vars(args)), checkpoint_path + '.partial')
         os.replace(checkpoint_path + '.partial', checkpoint_path)
         print(f'epoch {epoch + 1}/{args.epochs}: loss {np.mean(state["losses"][-steps_per_epoch:]):.4f}, {time.time() - start_time:.0f} s')
@@ -329,11 +302,10 @@ def main():
     # The DDPM's schedules stay on the CPU, where every random draw is made (the same draws on any device).
     model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
-    ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
     steps_per_epoch = int(np.ceil(len(train_x) / args.batch_size))
     checkpoint_path = os.path.join(args.out, 'checkpoint.pt')
     try:
-        state = resume(checkpoint_path, args, network, optimizer, ema)
+        state = resume(checkpoint_path, args, network, optimizer)
     except ValueError as err:
         parser.error(str(err))
     if state['epoch']:
@@ -341,21 +313,18 @@ def main():
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     print(f'nano diffusion, cond={args.cond}' + (f' (omega init: {args.omega_init})' if args.cond == 'timelora' else '') +
           f': {trainable:,} trainable parameters; {len(train_x)} training digits, {steps_per_epoch} steps an epoch; on {args.device}')
-    train_seconds = train(model, optimizer, train_x, state, args, checkpoint_path, ema)
+    train_seconds = train(model, optimizer, train_x, state, args, checkpoint_path)
     if args.samples == 0:
         return
 
     save_loss_curve(state['losses'], steps_per_epoch, os.path.join(args.out, 'loss.png'), f'nano diffusion, {args.cond}')
-    if ema is not None: # the average is the network sampled and scored
-        network = ema
-        model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device('cpu'))
     samples, sample_seconds, sample_device = kept_or_new_samples(model, state['epoch'], args)
     start_time = time.time()
     metrics, similarity = score(samples, network, args, ((train_images, train_labels), held_out))
     metrics.update(cond=args.cond, omega_init=args.omega_init if args.cond == 'timelora' else None, epochs=state['epoch'],
                    optimizer_steps=state['epoch'] * steps_per_epoch, images_seen=state['epoch'] * len(train_x),
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data, samples=args.samples, sampler=args.sampler,
-                   sample_steps=args.sample_steps, ema=args.ema,
+                   sample_steps=args.sample_steps,
                    trainable_parameters=trainable, final_epoch_loss=float(np.mean(state['losses'][-steps_per_epoch:])),
                    device=args.device, train_seconds_this_run=round(train_seconds, 1), sample_device=sample_device,
                    sample_seconds=round(sample_seconds, 1), score_seconds=round(time.time() - start_time, 1), **similarity)
