@@ -70,9 +70,10 @@ patches: setup
 # ---------------------------------------------------------------------------- checks
 
 # One pytest-xdist worker a core, each taking whole modules (their shared fixtures built once) in the
-# order tests/conftest.py gives them: the longest first.
+# order tests/conftest.py gives them: the longest first, each worker (and what it starts) on one torch thread, so that
+# two workers never share a core between four threads. Modules marked smoke (slow, end to end) run in make smoke.
 test: vendor
-	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m 'not smoke' tests
 
 params: vendor-edm vendor-iddpm
 	$(PY) -m tools.paper.params
@@ -86,6 +87,7 @@ bench: vendor
 	    $(if $(BENCH_ROUNDS),--rounds $(BENCH_ROUNDS)) $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
 smoke: vendor-edm vendor-iddpm
+	$(PY) -m pytest -q -n auto --dist loadfile -m smoke tests
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=baseline

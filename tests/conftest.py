@@ -97,6 +97,7 @@ def assert_lora_off_is_pristine(dumps, config, spellings):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'first: start this module first (the longest)')
+    config.addinivalue_line('markers', 'smoke: a slow end-to-end check: make smoke runs it, make test does not')
 
 
 def pytest_collection_modifyitems(items):

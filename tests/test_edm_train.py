@@ -9,6 +9,8 @@ import torch
 
 from conftest import EDM, HELPERS, PRISTINE_EDM, run_in
 
+pytestmark = pytest.mark.first # the longest module of `make test`
+
 # A tiny DDPM++ (8 base channels, two levels, attention at 16x16) for 1 kimg (train.py's least): 20 steps of 50
 # images (the 40 of the dataset, repeated; fewer, larger steps cost less time on a CPU).
 TINY = ['--cond=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--batch=50', '--duration=0.001',

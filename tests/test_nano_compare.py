@@ -14,7 +14,9 @@ import torch
 from conftest import ROOT, nano
 from tools.images import save_grid, tile, to_uint8, untile
 
-pytestmark = pytest.mark.first # the longest module of `make test`
+# A tool end to end, each run paying the notebook's 1000-step sampler: `make smoke` runs this module, `make test`
+# does not (nano.py's sampler, scores and resuming are tested in test_nano_cli.py).
+pytestmark = pytest.mark.smoke
 
 
 # Two methods at a tiny budget: 32 digits, 2 epochs of 2 steps, 2 samples; one seed. One comparison
