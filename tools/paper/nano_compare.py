@@ -164,7 +164,8 @@ def heatmaps(results, args, path):
     lora = [(name, label) for name, label, _ in compared(results) if 'omega_similarity_near' in results[name][0]]
     if not lora: # --methods without a LoRA method: no composition weights
         return None
-    fig, axes = plt.subplots(2, len(lora), figsize=(5.5 * len(lora), 9.5), squeeze=False, gridspec_kw=dict(wspace=0.35, hspace=0.3))
+    # At least 7 inches wide: with a single LoRA method, the title's lines still fit.
+    fig, axes = plt.subplots(2, len(lora), figsize=(max(7, 5.5 * len(lora)), 9.5), squeeze=False, gridspec_kw=dict(wspace=0.35, hspace=0.3))
     for column, (name, label) in enumerate(lora):
         saved = np.load(os.path.join(args.out, f'{name}-seed{args.seeds[0]}', 'omega_similarity.npz'))
         first = results[name][0]
@@ -174,7 +175,7 @@ def heatmaps(results, args, path):
             suffix = '' if row == 0 else '_at_init'
             ax.set_title(f'{label}, {when}\nnear {two_places(first["omega_similarity_near" + suffix])}, far {two_places(first["omega_similarity_far" + suffix])}')
     fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02)
-    fig.suptitle(f'cosine similarity of composition weights between time steps, mean over layers (seed {args.seeds[0]}; '
+    fig.suptitle(f'cosine similarity of composition weights between time steps,\nmean over layers (seed {args.seeds[0]}; '
                  'near: 0 < |t - t\'| <= 50, far: >= 500)')
     fig.savefig(path, dpi=90)
     plt.close(fig)
