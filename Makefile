@@ -86,7 +86,7 @@ bench: vendor
 	$(PY) -m tools.bench.networks $(if $(DEVICE),--device $(DEVICE)) $(if $(BENCH_NETWORKS),--networks $(BENCH_NETWORKS)) \
 	    $(if $(BENCH_ROUNDS),--rounds $(BENCH_ROUNDS)) $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
-smoke: vendor-edm vendor-iddpm
+smoke: vendor
 	$(PY) -m pytest -q -n auto --dist loadfile -m smoke tests
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond edm-ffhq SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=only-lora
