@@ -134,13 +134,14 @@ def build_nano(row, device, tiny, batch):
     import torch
     import torch.nn.functional as F
     import nano_diffusion as nd
+    from nano import adam
     flags = dict(zip(row.flags[::2], row.flags[1::2]))
     torch.manual_seed(0)
     network = nd.MyTinyUNet(cond=flags['--cond'], omega_init=flags.get('--omega-init', 'interp')).to(device)
     model = nd.DDPM(network, 1000, beta_start=0.0001, beta_end=0.02, device=torch.device(device))
     images = torch.randn(batch, 1, 32, 32, device=device)
     noise = torch.randn_like(images)
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    optimizer = adam(network, 1e-3, device) # nano.py's
 
     def train_step(): # nano.py's training step
         t = torch.randint(0, model.num_timesteps, (batch,), device=device)
