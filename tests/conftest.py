@@ -11,6 +11,8 @@ import pytest
 # tests many times slower; tiny test batches gain nothing from more threads). Set before torch starts.
 os.environ['OMP_NUM_THREADS'] = '1'
 
+import torch  # noqa: E402
+
 from tools.data.synthetic import write_folder  # noqa: E402
 
 from tools import ROOT
@@ -23,6 +25,17 @@ PRISTINE_IDDPM = os.path.join(ROOT, 'vendor', 'pristine', 'improved-diffusion')
 NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
 PRISTINE_NANO = os.path.join(ROOT, 'vendor', 'pristine', 'dataflowr')
 HELPERS = os.path.join(ROOT, 'tests', 'helpers')
+
+
+# A test (or parameter) that needs a CUDA GPU: make gpu-check runs it on a GPU machine; elsewhere it skips, saying why.
+CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (make gpu-check on a GPU machine)')]
+
+
+def cuda_only(test):
+    """CUDA_ONLY as a decorator."""
+    for mark in CUDA_ONLY:
+        test = mark(test)
+    return test
 
 
 def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
@@ -98,6 +111,7 @@ def assert_lora_off_is_pristine(dumps, config, spellings):
 def pytest_configure(config):
     config.addinivalue_line('markers', 'first: start this module first (the longest)')
     config.addinivalue_line('markers', 'smoke: a slow end-to-end check: make smoke runs it, make test does not')
+    config.addinivalue_line('markers', 'gpu: a check that matters on a CUDA GPU: make gpu-check runs these there (CUDA_ONLY ones skip elsewhere)')
 
 
 def pytest_collection_modifyitems(items):

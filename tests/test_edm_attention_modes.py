@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import EDM, HELPERS, PRISTINE_EDM, run_in, tool
+from conftest import EDM, HELPERS, PRISTINE_EDM, cuda_only, run_in, tool
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
 ADM = dict(TINY, model_type='DhariwalUNet', model_channels=64, attn_resolutions=[16,8])
@@ -230,5 +230,38 @@ def test_the_unet_runs_in_half_precision_with_attention_conditioning(mode, share
         results[dtype] = [output.float(), *grads]
     assert conditioning and all(p.dtype == torch.float32 for p in conditioning), 'the parameters stay in float32'
     for half, full in zip(results[torch.float16], results[torch.float32]): # the output, then each conditioning gradient
+        assert torch.isfinite(half).all() and half.dtype == torch.float32
+        assert relative_error(half, full) < 2e-2
+
+
+@cuda_only
+@pytest.mark.parametrize('shared_sigma', [False, True], ids=['per-sample-sigma', 'one-sigma'])
+@pytest.mark.parametrize('mode', [dict(lora='uc'), dict(lora='class', lora_rank=3)], ids=['uc-lora', 'classlora'])
+def test_fp16_on_cuda_runs_the_lora_layers_in_half_precision(mode, shared_sigma, edm):
+    # On a GPU, EDMPrecond(use_fp16=True) itself casts the U-Net's input to float16: every LoRA layer then computes in
+    # float16 from float32 parameters, and the result (and each conditioning gradient) is close to force_fp32's.
+    build, networks, lora_edm = edm
+    net = build(**mode, use_fp16=True)
+    randomise(net, ('lora_B', 'lora_bias', *ZERO_INIT))
+    net.cuda()
+    x, sigma = (t.cuda() for t in inputs(net))
+    if shared_sigma:
+        sigma = sigma[2:3]
+    labels = torch.eye(10, device='cuda')[[3, 1, 4, 1]]
+    lora_layers = [module for module in net.modules() if hasattr(module, 'lora_A')]
+    seen = []
+    for layer in lora_layers:
+        layer.register_forward_hook(lambda module, args, output: seen.append((args[0].dtype, output.dtype)))
+    conditioning = [p for name, p in net.named_parameters() if 'lora_' in name]
+    output_grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).cuda()
+    results = {}
+    for force_fp32 in [False, True]:
+        seen.clear()
+        output = net(x, sigma, labels, force_fp32=force_fp32)
+        layer_dtype = torch.float32 if force_fp32 else torch.float16
+        assert lora_layers and seen == [(layer_dtype, layer_dtype)] * len(lora_layers)
+        results[force_fp32] = [output, *torch.autograd.grad((output * output_grad).sum(), conditioning)]
+    assert all(p.dtype == torch.float32 for p in conditioning), 'the parameters stay in float32'
+    for half, full in zip(results[False], results[True]): # the output, then each conditioning gradient
         assert torch.isfinite(half).all() and half.dtype == torch.float32
         assert relative_error(half, full) < 2e-2

@@ -4,10 +4,11 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import EDM, HELPERS, PRISTINE_EDM, run_in
+from conftest import EDM, HELPERS, PRISTINE_EDM, cuda_only, run_in
 
 pytestmark = pytest.mark.first # the longest module of `make test`
 
@@ -59,6 +60,23 @@ def test_generate_writes_images(lora_run, tmp_path):
     run_in(EDM, ['generate.py', f'--network={lora_run / "network-snapshot-000001.pkl"}', f'--outdir={tmp_path}',
                  '--seeds=0-5', '--batch=3', '--steps=4'])
     assert sorted(os.listdir(tmp_path)) == [f'{seed:06d}.png' for seed in range(6)]
+
+
+@cuda_only
+def test_fp16_training_and_sampling_with_lora_on_cuda(edm_dataset, tmp_path):
+    # --fp16=True: EDMPrecond runs the U-Net in float16 on CUDA only (on the CPU the flag changes nothing), LoRA layers
+    # included; train.py and generate.py as a user runs them, on the GPU they pick.
+    train(edm_dataset, tmp_path / 'run', *LORA, '--fp16=True')
+    with open(tmp_path / 'run' / 'training_options.json') as f:
+        assert json.load(f)['network_kwargs']['use_fp16'] is True
+    with open(tmp_path / 'run' / 'stats.jsonl') as f:
+        losses = [json.loads(line)['Loss/loss']['mean'] for line in f]
+    assert losses and all(np.isfinite(losses))
+    snapshot = tmp_path / 'run' / 'network-snapshot-000001.pkl'
+    ema = load(EDM, snapshot, tmp_path, 'ema')['ema']
+    assert all(torch.count_nonzero(value) > 0 for name, value in ema.items() if name.endswith('lora_B')), 'the LoRA layers learn in float16'
+    run_in(EDM, ['generate.py', f'--network={snapshot}', f'--outdir={tmp_path / "images"}', '--seeds=0-3', '--batch=4', '--steps=4'])
+    assert sorted(os.listdir(tmp_path / 'images')) == [f'{seed:06d}.png' for seed in range(4)]
 
 
 def test_resume_restores_network_ema_optimizer_and_progress(lora_run, edm_dataset, tmp_path):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import CUDA_ONLY, ROOT
 
 # Loaded from overlay/ under its own name, as the pure-PyTorch module IDDPM and nano diffusion get (where EDM's
 # torch_utils is absent, its classes are plain torch modules); registered, as an import would be.
@@ -16,6 +16,19 @@ lora = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = lora
 spec.loader.exec_module(lora)
 assert 'torch_utils' not in sys.modules, 'no test module puts EDM on the path while tests are collected'
+
+
+@pytest.fixture(params=['cpu', pytest.param('cuda', marks=CUDA_ONLY)])
+def device(request):
+    """Where an equivalence test runs: the CPU, and a CUDA GPU where there is one (cuDNN's and cuBLAS's own kernels), there
+    in true float32: torch lets convolutions use TF32 by default, whose 10-bit mantissa the 1e-5 tolerance would not pass."""
+    if request.param == 'cpu':
+        yield 'cpu'
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield 'cuda'
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def reference(layer, x, weights):
@@ -81,14 +94,14 @@ def assert_same_outputs_and_gradients(computations, inputs, output_grad):
 
 @pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
     (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, False)])
-def test_one_condition_for_the_batch_takes_the_merged_path_with_the_same_function(num_dims, kernel, base_bias, lora_bias, trainable_scale):
+def test_one_condition_for_the_batch_takes_the_merged_path_with_the_same_function(num_dims, kernel, base_bias, lora_bias, trainable_scale, device):
     # weights [1, m] (a sampler's one noise level or step): merged into the base weight; weights [N, m]: a per-sample path.
     torch.manual_seed(7)
-    layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale)
-    x = torch.randn(5, 6, *[7] * num_dims, requires_grad=True)
-    weights = torch.randn(1, 4, requires_grad=True)
+    layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale).to(device)
+    x = torch.randn(5, 6, *[7] * num_dims).to(device).requires_grad_()
+    weights = torch.randn(1, 4).to(device).requires_grad_()
     assert_same_outputs_and_gradients([lambda: layer(x, weights), lambda: layer(x, weights.expand(5, 4))],
-                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims))
+                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims).to(device))
 
 
 PATHS = ['per_sample_merged_forward', 'low_rank_forward', 'reference_forward', 'forward']
@@ -97,18 +110,18 @@ PATHS = ['per_sample_merged_forward', 'low_rank_forward', 'reference_forward', '
 @pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
     (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, True), (1, 3, False, False, False)])
-def test_every_per_sample_path_is_the_formula_forward_and_backward(path, num_dims, kernel, base_bias, lora_bias, trainable_scale):
+def test_every_per_sample_path_is_the_formula_forward_and_backward(path, num_dims, kernel, base_bias, lora_bias, trainable_scale, device):
     # Each sample its own composition weights (training): every way the layer can compute it is the paper's formula,
     # in its output and in the gradient of the input, the weights and every parameter.
     torch.manual_seed(11)
-    layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale)
-    x = torch.randn(5, 6, *[7] * num_dims, requires_grad=True)
-    weights = torch.randn(5, 4, requires_grad=True)
+    layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale).to(device)
+    x = torch.randn(5, 6, *[7] * num_dims).to(device).requires_grad_()
+    weights = torch.randn(5, 4).to(device).requires_grad_()
     def formula(): # reference() leaves out the trainable scale, which multiplies the whole update
         scale = 1 if layer.lora_scale is None else layer.lora_scale
         return layer.base_forward(x) + scale * (reference(layer, x, weights) - layer.base_forward(x))
     assert_same_outputs_and_gradients([lambda: getattr(layer, path)(x, weights), formula],
-                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims))
+                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims).to(device))
 
 
 @pytest.mark.parametrize('channels,size,kernel,merges', [
@@ -121,16 +134,16 @@ def test_the_path_is_chosen_by_cost(channels, size, kernel, merges):
 
 
 @pytest.mark.parametrize('widths', [[16, 8], [12], [64, 32]])
-def test_composition_weights_computed_together_are_each_layers_own_forward_and_backward(widths):
+def test_composition_weights_computed_together_are_each_layers_own_forward_and_backward(widths, device):
     torch.manual_seed(12)
-    layers = [lora.UCLoRAConv(in_channels=4, out_channels=6, kernel=3, num_dims=2, bases=5, rank=2, emb_channels=20, mlp_widths=widths)
+    layers = [lora.UCLoRAConv(in_channels=4, out_channels=6, kernel=3, num_dims=2, bases=5, rank=2, emb_channels=20, mlp_widths=widths).to(device)
               for _ in range(4)]
     parameters = [p for layer in layers for p in layer.lora_mlp.parameters()]
     with torch.no_grad():
         for p in parameters: # GroupNorm's affine away from 1 and 0, so that it counts
             p.add_(0.3 * torch.randn_like(p))
-    emb = torch.randn(7, 20, requires_grad=True)
-    output_grads = [torch.randn(7, 5) for _ in layers]
+    emb = torch.randn(7, 20).to(device).requires_grad_()
+    output_grads = [torch.randn(7, 5).to(device) for _ in layers]
     together = lora.composition_weights_together(layers, emb)
     alone = {layer: layer.lora_mlp(emb) for layer in layers}
     results = []
@@ -141,7 +154,7 @@ def test_composition_weights_computed_together_are_each_layers_own_forward_and_b
     for got, expected in zip(*results): # each layer's weights, then the gradient of emb and of every MLP parameter
         assert got.shape == expected.shape
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-    x = torch.randn(7, 4, 5, 5)
+    x = torch.randn(7, 4, 5, 5).to(device)
     for layer in layers: # a layer handed everyone's weights takes its own
         assert torch.equal(layer(x, together), layer.reference_forward(x, together[layer]))
 
@@ -236,17 +249,22 @@ def test_bad_mlp_widths_are_refused(widths):
         lora.CompositionMLP(in_features=8, hidden_widths=widths, out_features=3)
 
 
-def test_low_precision_activations_keep_their_dtype():
-    # EDM's --fp16 runs the U-Net in half precision with fp32 parameters; bfloat16 stands in on the CPU.
+@pytest.mark.parametrize('path', ['forward', 'merged_forward', 'per_sample_merged_forward', 'low_rank_forward'])
+def test_low_precision_activations_keep_their_dtype(path, device):
+    # EDM's --fp16 runs the U-Net in half precision with fp32 parameters: float16 on a GPU, bfloat16 stands in on the CPU.
+    # forward(): the UC-LoRA MLP (in float32) on the embedding, then the path the layer picks; the others, each path itself.
     torch.manual_seed(5)
-    layer = lora.UCLoRAConv(in_channels=8, out_channels=24, kernel=1, num_dims=2, bases=3, rank=2, emb_channels=16, mlp_widths=[8])
-    layer.adopt_base(torch.nn.Conv2d(8, 24, 1))
+    layer = lora.UCLoRAConv(in_channels=8, out_channels=24, kernel=3, num_dims=2, bases=3, rank=2, emb_channels=16, mlp_widths=[8])
+    layer.adopt_base(torch.nn.Conv2d(8, 24, 3, padding=1))
+    layer.to(device)
     with torch.no_grad():
         layer.lora_B.normal_()
-    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 16)
-    low = layer(x.to(torch.bfloat16), emb)
-    assert low.dtype == torch.bfloat16
-    full = layer(x, emb)
+    x, emb = torch.randn(2, 8, 6, 6).to(device), torch.randn(2, 16).to(device)
+    weights = layer.lora_mlp(emb)[:1 if path == 'merged_forward' else 2] # merged: one condition for the batch
+    low_dtype = torch.float16 if device == 'cuda' else torch.bfloat16
+    low = layer(x.to(low_dtype), emb) if path == 'forward' else getattr(layer, path)(x.to(low_dtype), weights)
+    assert low.dtype == low_dtype
+    full = layer.reference_forward(x, weights)
     assert (low.float() - full).abs().max() <= 0.05 * full.abs().max()
 
 

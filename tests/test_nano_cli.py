@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import IDDPM, NANO, nano
+from conftest import IDDPM, NANO, cuda_only, nano
 from tools.images import to_uint8
 
 sys.path.insert(0, NANO)
@@ -46,6 +46,26 @@ def test_rerunning_resumes_exactly(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         run_nano(monkeypatch, capsys, '--cond', 'uclora', *TINY, '--epochs', 3, '--samples', 0, '--out', tmp_path / 'resumed')
     assert stopped.value.code == 2 and 'other options' in capsys.readouterr().err
+
+
+@cuda_only
+def test_on_cuda_the_run_is_the_cpus_to_rounding(tmp_path, monkeypatch, capsys):
+    # --device cuda: the networks on the GPU, every random draw on the CPU, so the same seed gives the same run as on the
+    # CPU, to float rounding (cuDNN's kernels; TF32 off, which would round convolutions to 10-bit mantissas).
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    flags = ['--cond', 'uclora', *TINY, '--epochs', 2, '--samples', 4, '--sampler', 'clip-x0', '--sample-steps', 20]
+    runs = {}
+    for device in ['cpu', 'cuda']:
+        printed = run_nano(monkeypatch, capsys, *flags, '--device', device, '--out', tmp_path / device)
+        assert f'on {device}' in printed
+        runs[device] = (torch.load(tmp_path / device / 'checkpoint.pt', map_location='cpu', weights_only=False),
+                        torch.load(tmp_path / device / 'samples.pt')['samples'])
+    (cpu, cpu_samples), (gpu, gpu_samples) = runs['cpu'], runs['cuda']
+    # Loose bounds: Adam's first steps move a parameter by +-lr whatever its gradient's size, so rounding can flip a tiny
+    # one; other draws (or a broken device path) would differ by the samples' whole range.
+    assert np.allclose(gpu['losses'], cpu['losses'], rtol=1e-2)
+    assert (gpu_samples - cpu_samples).abs().max() < 5e-2
 
 
 def test_the_model_range_and_pixels_convert_both_ways():
