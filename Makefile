@@ -35,7 +35,7 @@ help:
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
-	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS"
+	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_BATCH NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS"
 	@echo "                          NANO_CLIP_X0=all|none|\"shift uclora\": the runs also sampled with the clipped sampler)"
 	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
 	@echo "                          levels or time steps, from an EDM .pkl, IDDPM .pt or nano checkpoint.pt [OUT=folder]"
@@ -136,7 +136,7 @@ composition-maps: vendor-edm vendor-dataflowr
 nano-compare: vendor-dataflowr
 	$(PY) -m tools.paper.nano_compare $(if $(NANO_EPOCHS),--epochs $(NANO_EPOCHS)) $(if $(NANO_SEEDS),--seeds $(NANO_SEEDS)) \
 	    $(if $(NANO_SAMPLES),--samples $(NANO_SAMPLES)) $(if $(NANO_OUT),--out $(NANO_OUT)) $(if $(NANO_METHODS),--methods $(NANO_METHODS)) \
-	    $(if $(NANO_CLIP_X0),--clip-x0 $(NANO_CLIP_X0))
+	    $(if $(NANO_CLIP_X0),--clip-x0 $(NANO_CLIP_X0)) $(if $(NANO_BATCH),--batch-size $(NANO_BATCH))
 
 # ---------------------------------------------------------------------------- paper rows
 
