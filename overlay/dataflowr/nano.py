@@ -137,7 +137,7 @@ def resume(checkpoint_path, args, network, optimizer):
     if not os.path.exists(checkpoint_path):
         return dict(epoch=0, losses=[])
     saved = torch.load(checkpoint_path, map_location='cpu', weights_only=False) # written on any device
-    changed = {k: (saved['options'][k], v) for k, v in vars(args).items() if k not in FREE_ON_RESUME and saved['options'].get(k) != v}
+    changed = {k: (saved['options'].get(k), v) for k, v in vars(args).items() if k not in FREE_ON_RESUME and saved['options'].get(k) != v}
     if changed:
         raise ValueError(f'{checkpoint_path} was written with other options {changed}; use another --out')
     network.load_state_dict(saved['network'])
