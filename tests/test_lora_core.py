@@ -71,9 +71,9 @@ def test_composed_layer_matches_the_formula(num_dims, kernel, lora_bias):
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-def random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale):
+def random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale, in_channels=6):
     """A layer with every parameter drawn from N(0, 1), so that every term of the formula counts."""
-    layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, bases=4, rank=3,
+    layer = lora.ComposedLoRAConv(in_channels=in_channels, out_channels=10, kernel=kernel, num_dims=num_dims, bases=4, rank=3,
                                   base_bias=base_bias, lora_bias=lora_bias, trainable_scale=trainable_scale)
     with torch.no_grad():
         for param in layer.parameters():
@@ -124,9 +124,30 @@ def test_every_per_sample_path_is_the_formula_forward_and_backward(path, num_dim
                                       [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims).to(device))
 
 
+@pytest.mark.parametrize('batch,in_channels,size', [
+    (25, 6, 12), # more rows than one panel of the layout's transposes, both ways (25 x 6 = 150 and 12 x 12 = 144 > 128)
+    (5, 1, 7)])  # one input channel: the grouped convolution in the plain layout
+def test_per_sample_merged_path_is_the_formula_across_panels_and_for_one_input_channel(batch, in_channels, size, device):
+    torch.manual_seed(12)
+    layer = random_layer(2, 3, True, True, False, in_channels=in_channels).to(device)
+    x = torch.randn(batch, in_channels, size, size).to(device).requires_grad_()
+    weights = torch.randn(batch, 4).to(device).requires_grad_()
+    assert_same_outputs_and_gradients([lambda: layer.per_sample_merged_forward(x, weights), lambda: reference(layer, x, weights)],
+                                      [x, weights, *layer.parameters()], torch.randn(batch, 10, size, size).to(device))
+
+
+def test_the_grouped_layout_holds_the_batchs_values_in_channels_last_order():
+    x = torch.randn(25, 6, 12, 12)
+    grouped = lora.batch_to_groups(x)
+    assert grouped.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(grouped, x.reshape(1, 150, 12, 12))
+    assert torch.equal(lora.groups_to_batch(grouped, 25), x) and lora.groups_to_batch(grouped, 25).is_contiguous()
+
+
 @pytest.mark.parametrize('channels,size,kernel,merges', [
     ((10, 10), 32, 3, True), ((20, 10), 16, 3, True),     # nano diffusion's large layers: one merged kernel a sample
-    ((40, 40), 8, 3, False), ((40, 20), 4, 3, False),     # nano diffusion's small layers: the low-rank path
+    ((40, 40), 8, 3, False), ((40, 20), 8, 3, False),     # nano diffusion's small layers: the low-rank path
+    ((20, 40), 8, 3, False), ((40, 20), 4, 3, False),
     ((256, 768), 16, 1, False), ((256, 256), 8, 1, False)]) # EDM's and IDDPM's attention qkv and proj
 def test_the_path_is_chosen_by_cost(channels, size, kernel, merges):
     layer = lora.ComposedLoRAConv(in_channels=channels[0], out_channels=channels[1], kernel=kernel, num_dims=2, bases=10, rank=4)

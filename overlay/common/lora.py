@@ -169,21 +169,24 @@ class ComposedLoRAConv(torch.nn.Module):
             delta = delta * self.lora_scale.to(x.dtype)
         return self.base_forward(x) + delta
 
-    # Relative cost of a grouped convolution (one group a sample) over the plain one of the same work, measured
-    # on CPU (MKL-DNN, channels-last) for nano diffusion's layers: 1.5-1.9x the base convolution.
-    GROUPED_CONV_OVERHEAD = 0.7
+    # Costs per multiply-add relative to the low-rank path's, fitted to forward + backward times on CPU (one
+    # thread, batch 128) of nano diffusion's 16 layer shapes: forming the merged kernels is small batched matrix
+    # products, 3.5x as dear; a grouped convolution (one group a sample) costs about twice the plain one it replaces.
+    KERNEL_FORMING_COST = 3.5
+    GROUPED_CONV_OVERHEAD = 1.0
 
     def per_sample_merge_pays(self, x):
         """Is merging each sample's update into its own kernel cheaper than the low-rank path, for this input's shape?
 
-        Multiply-adds a sample, beyond the base convolution: forming a merged kernel costs C_out * m r * C_in * k^d
-        (plus the grouped convolution's overhead), the low-rank path HW * m r * (C_in * k^d + C_out). Merging wins
-        where the spatial size is large and the channels few (nano diffusion's 16x16 and 32x32 layers), the low-rank
-        path at small sizes and many channels (EDM's and IDDPM's attention layers, nano's 4x4 and 8x8 layers).
+        Multiply-adds a sample, beyond the base convolution: forming a merged kernel costs C_out * m r * C_in * k^d,
+        and the grouped convolution's overhead is counted in the base convolution's HW * C_out * C_in * k^d; the
+        low-rank path costs HW * m r * (C_in * k^d + C_out). Merging wins where the spatial size is large and the
+        channels few (nano diffusion's 16x16 and 32x32 layers), the low-rank path at small sizes and many channels
+        (EDM's and IDDPM's attention layers, nano's 4x4 and 8x8 layers).
         """
         c_out, c_in, kernel = self.weight.shape[0], self.weight.shape[1], self.weight.shape[2:].numel()
         pixels, ranks = x.shape[2:].numel(), self.lora_A.shape[0]
-        merge = c_out * ranks * c_in * kernel + self.GROUPED_CONV_OVERHEAD * pixels * c_out * c_in * kernel
+        merge = self.KERNEL_FORMING_COST * c_out * ranks * c_in * kernel + self.GROUPED_CONV_OVERHEAD * pixels * c_out * c_in * kernel
         low_rank = pixels * ranks * (c_in * kernel + c_out)
         return merge < low_rank
 
@@ -202,20 +205,19 @@ class ComposedLoRAConv(torch.nn.Module):
         return delta if self.bias is None else self.bias + delta
 
     def per_sample_merged_forward(self, x, weights):
-        """forward() as one convolution a sample with its own merged kernel W + sum_i w_i B_i A_i: a grouped
-        convolution, one group a sample, in channels-last layout (where MKL-DNN's grouped kernels are fast)."""
+        """forward() as one convolution a sample with its own merged kernel W + sum_i w_i B_i A_i (and its own bias): a
+        grouped convolution, one group a sample, in channels-last layout (where MKL-DNN's grouped kernels are fast)."""
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
         n, c_in, c_out = x.shape[0], x.shape[1], self.weight.shape[0]
         weight = (self.weight.flatten(1) + self.kernel_update(weights)).reshape(n * c_out, c_in, *self.weight.shape[2:])
-        grouped = x.reshape(1, n * c_in, *x.shape[2:])
-        if x.ndim == 4:
-            grouped = grouped.contiguous(memory_format=torch.channels_last)
-        # Back to the batch's own layout: left as the grouped view's strides, every later elementwise op would be slow.
-        y = conv(grouped, weight.to(x.dtype), padding=self.padding, groups=n).reshape(n, c_out, *x.shape[2:]).contiguous()
-        bias = self.composed_bias(weights)
-        if bias is not None: # [C_out] or [N, C_out]
-            y = y + bias.to(x.dtype).reshape(-1, c_out, *[1] * (x.ndim - 2))
-        return y
+        bias = self.composed_bias(weights) # [C_out] or [N, C_out]: the grouped convolution's bias is one a sample's channel
+        bias = None if bias is None else bias.expand(n, c_out).reshape(-1).to(x.dtype)
+        # With one input channel a sample, the plain layout is already what the grouped kernel reads fast (measured on
+        # nano diffusion's first layer: 0.4x the channels-last time, whose output copy would then cost most).
+        if x.ndim != 4 or c_in == 1:
+            return conv(x.reshape(1, n * c_in, *x.shape[2:]), weight.to(x.dtype), bias, padding=self.padding, groups=n).reshape(n, c_out, *x.shape[2:])
+        y = conv(BatchToGroups.apply(x), weight.to(x.dtype), bias, padding=self.padding, groups=n)
+        return GroupsToBatch.apply(y, n)
 
     def low_rank_forward(self, x, weights):
         """forward() through the low-rank path: the base convolution and A share one convolution (one pass over x),
@@ -260,6 +262,60 @@ class ComposedLoRAConv(torch.nn.Module):
         if self.lora_bias is not None:
             delta = delta + (w @ self.lora_bias[rows].to(x.dtype)).reshape(w.shape[0], -1, *spatial)
         return delta
+
+#----------------------------------------------------------------------------
+# The grouped convolution's layout: a batch [N, C, H, W] seen as one sample of N*C channels, [1, N*C, H, W],
+# in channels-last memory order ([H, W, N*C]), and back. Each way is a transpose of the [N*C, H*W] matrix;
+# torch's own copies between these layouts (4-D strided, some hidden inside convolution_backward) are
+# slower than a 2-D transpose copied in panels of rows that stay in cache. With the bias folded into the
+# grouped convolution and the plain layout for one input channel, nano diffusion's UC-LoRA training step
+# took 0.89-0.90x the time of the 4-D copies (whole steps alternated in one process, 15 pairs).
+
+def copy_transposed(out, matrix, panel=128):
+    """out[:] = matrix.t() for a 2-D matrix [R, S] and out [S, R], copied a panel of `panel` rows at a time on the CPU."""
+    if matrix.device.type != 'cpu':
+        return out.copy_(matrix.t())
+    for start in range(0, matrix.shape[0], panel):
+        out[:, start:start + panel].copy_(matrix[start:start + panel].t())
+    return out
+
+
+def batch_to_groups(x):
+    """[N, C, H, W] -> the same values as [1, N*C, H, W], channels-last."""
+    n, c, h, w = x.shape
+    grouped = torch.empty((1, n * c, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    copy_transposed(grouped.permute(0, 2, 3, 1).view(h * w, n * c), x.reshape(n * c, h * w))
+    return grouped
+
+
+def groups_to_batch(y, n):
+    """[1, N*C, H, W] (any layout) -> the same values as [N, C, H, W], contiguous."""
+    _, nc, h, w = y.shape
+    y = y.contiguous(memory_format=torch.channels_last) # already so when it comes from batch_to_groups' convolution
+    batch = y.new_empty(n, nc // n, h, w)
+    copy_transposed(batch.view(nc, h * w), y.permute(0, 2, 3, 1).reshape(h * w, nc))
+    return batch
+
+
+class BatchToGroups(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.batch = x.shape[0]
+        return batch_to_groups(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return groups_to_batch(grad, ctx.batch)
+
+
+class GroupsToBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, n):
+        return groups_to_batch(y, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return batch_to_groups(grad), None
 
 #----------------------------------------------------------------------------
 # The MLP that maps a condition embedding to composition weights (paper Appendix A.5):
