@@ -192,16 +192,18 @@ class ComposedLoRAConv(torch.nn.Module):
 
     def kernel_update(self, weights):
         """sum_i w_i B_i A_i for weights [N, m], scaled: [N, C_out, C_in * k^d]."""
-        w = weights.to(self.lora_B.dtype).repeat_interleave(self.rank, dim=1) # [N, m*r]: basis i's weight on its r rows
-        update = (self.lora_B * w[:, None, :]) @ self.lora_A.flatten(1)
+        # B's columns times their basis' weight: B as [C_out, m, r] times w as [N, 1, m, 1] (no repeated copy of w).
+        weighted_B = self.lora_B.unflatten(1, (self.bases, self.rank)) * weights.to(self.lora_B.dtype)[:, None, :, None]
+        update = weighted_B.flatten(2) @ self.lora_A.flatten(1)
         return update if self.lora_scale is None else self.lora_scale * update
 
     def composed_bias(self, weights):
         """The base bias plus sum_i w_i E_i (scaled) for weights [N, m]: [N, C_out], [C_out] without E, or None."""
         if self.lora_bias is None:
             return self.bias
-        w = weights.to(self.lora_bias.dtype).repeat_interleave(self.rank, dim=1)
-        delta = w @ self.lora_bias if self.lora_scale is None else self.lora_scale * (w @ self.lora_bias)
+        per_basis = self.lora_bias.unflatten(0, (self.bases, self.rank)).sum(1) # [m, C_out]: E_i summed over its r rows
+        delta = weights.to(per_basis.dtype) @ per_basis
+        delta = delta if self.lora_scale is None else self.lora_scale * delta
         return delta if self.bias is None else self.bias + delta
 
     def per_sample_merged_forward(self, x, weights):
@@ -361,26 +363,26 @@ def composition_weights_together(layers, emb):
     (a GroupNorm's groups never cross a layer's channels), so a network of L adapted layers launches a handful
     of operations instead of 7 L tiny ones. Layers whose MLPs differ in shape are computed one by one.
     """
-    mlps = [layer.lora_mlp for layer in layers]
-    shapes = {tuple(tuple(p.shape) for p in mlp.parameters()) for mlp in mlps}
+    mlps = [list(layer.lora_mlp.layers) for layer in layers] # each layer's modules; a Sequential's indexing is slow
+    shapes = {tuple(tuple(module.weight.shape) for module in mlp if not isinstance(module, torch.nn.SiLU)) for mlp in mlps}
     if len(shapes) != 1 or len(layers) == 1:
         return {layer: layer.lora_mlp(emb) for layer in layers}
     h = emb.to(torch.float32)
-    for index, module in enumerate(mlps[0].layers):
+    for index, module in enumerate(mlps[0]):
+        modules = [mlp[index] for mlp in mlps] # this module of every layer's MLP
         if isinstance(module, torch.nn.Linear):
-            weight = torch.stack([mlp.layers[index].weight for mlp in mlps]) # [L, out, in]
-            bias = torch.stack([mlp.layers[index].bias for mlp in mlps])     # [L, out]
+            weight = torch.stack([m.weight for m in modules]) # [L, out, in]
+            bias = torch.stack([m.bias for m in modules])     # [L, out]
             if h.ndim == 2: # the shared input: one product for every layer
                 h = (h @ weight.flatten(0, 1).T).unflatten(1, weight.shape[:2]) + bias
             else:           # h [N, L, in]: each layer its own matrix
                 h = torch.einsum('nli,loi->nlo', h, weight) + bias
         elif isinstance(module, torch.nn.GroupNorm):
-            groups = [mlp.layers[index] for mlp in mlps]
-            h = torch.nn.functional.group_norm(h.flatten(1), len(groups) * module.num_groups, torch.cat([g.weight for g in groups]),
-                torch.cat([g.bias for g in groups]), module.eps).unflatten(1, h.shape[1:])
+            h = torch.nn.functional.group_norm(h.flatten(1), len(modules) * module.num_groups, torch.cat([m.weight for m in modules]),
+                torch.cat([m.bias for m in modules]), module.eps).unflatten(1, h.shape[1:])
         else:
             h = module(h)
-    return {layer: h[:, index] for index, layer in enumerate(layers)}
+    return dict(zip(layers, h.unbind(1)))
 
 #----------------------------------------------------------------------------
 # Unified compositional LoRA (UC-LoRA, paper Section 4.1): composition weights from an MLP on the
@@ -506,7 +508,7 @@ class TimeClassLoRAConv(ComposedLoRAConv):
     def forward(self, x, t, c=None):
         if self.compositional:
             weights = ([self.lora_table(t)] if self.lora_table is not None else []) + ([c] if self.num_classes else [])
-            return super().forward(x, torch.cat(weights, dim=1))
+            return super().forward(x, weights[0] if len(weights) == 1 else torch.cat(weights, dim=1))
         y = self.base_forward(x)
         if self.time_bases:
             y = y + self.step_delta(x, t)
