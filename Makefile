@@ -42,7 +42,7 @@ help:
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
 	@echo "make audit                what the patches change in each upstream"
 	@echo "make bench [DEVICE=cuda]  whole networks without and with LoRA: train step, sampling call, memory (results/bench/)"
-	@echo "                          BENCH_NETWORKS=nano-mnist,... BENCH_ROUNDS=7 BENCH_OUT=results/bench"
+	@echo "                          BENCH_NETWORKS=nano-mnist,... BENCH_ROUNDS=N BENCH_OUT=results/bench"
 	@echo "make gpu-check            on a CUDA GPU: the tests marked gpu (fast paths, fp16, devices), then make bench DEVICE=cuda"
 	@echo "make data-cifar10         CIFAR-10 for EDM (download, MD5-checked); data-cifar10-folder: for improved-diffusion"
 	@echo "make data-ffhq FFHQ_ZIP=  FFHQ 64x64 for EDM from your images1024x1024 zip [FFHQ_SHA256=]"

@@ -51,17 +51,18 @@ NETWORKS = {
 }
 VARIANT_LABELS = {('iddpm', 'with-lora'): 'TimeLoRA (+ ClassLoRA when cond)'}
 
-# Batch and calls per timed block, per device. GPU: the paper's batch for EDM as each of its 8 GPUs
-# computes it (512 / 8), improved-diffusion's 128, the notebook's 128; CPU: reduced.
+# Batch, calls per timed block and rounds, per device. GPU: the paper's batch for EDM as each of its 8 GPUs
+# computes it (512 / 8), improved-diffusion's 128, the notebook's 128; CPU: reduced. Nano diffusion on the CPU:
+# blocks of one training step (about a second) and many rounds, because a shared host's speed drifts within
+# seconds; alternating short blocks lets a drift hit all variants alike.
 SETTINGS = {
-    'cuda': {'edm': dict(batch=64, train_calls=5, sample_calls=10), 'iddpm': dict(batch=128, train_calls=5, sample_calls=10),
-             'dataflowr': dict(batch=128, train_calls=20, sample_calls=50)},
-    'cpu': {'edm': dict(batch=2, train_calls=1, sample_calls=2), 'iddpm': dict(batch=2, train_calls=1, sample_calls=2),
-            'dataflowr': dict(batch=128, train_calls=4, sample_calls=10)},
-    'tiny': {'edm': dict(batch=2, train_calls=1, sample_calls=1), 'iddpm': dict(batch=2, train_calls=1, sample_calls=1),
-             'dataflowr': dict(batch=4, train_calls=1, sample_calls=1)},
+    'cuda': {'edm': dict(batch=64, train_calls=5, sample_calls=10, rounds=7), 'iddpm': dict(batch=128, train_calls=5, sample_calls=10, rounds=7),
+             'dataflowr': dict(batch=128, train_calls=20, sample_calls=50, rounds=7)},
+    'cpu': {'edm': dict(batch=2, train_calls=1, sample_calls=2, rounds=7), 'iddpm': dict(batch=2, train_calls=1, sample_calls=2, rounds=7),
+            'dataflowr': dict(batch=128, train_calls=1, sample_calls=3, rounds=21)},
+    'tiny': {'edm': dict(batch=2, train_calls=1, sample_calls=1, rounds=1), 'iddpm': dict(batch=2, train_calls=1, sample_calls=1, rounds=1),
+             'dataflowr': dict(batch=4, train_calls=1, sample_calls=1, rounds=1)},
 }
-ROUNDS = {'cuda': 7, 'cpu': 7, 'tiny': 1}
 
 # The issue's targets (ratio to the baseline, at most), by device and mode; None: reported only.
 TARGETS = {
@@ -292,7 +293,7 @@ def markdown(lines, header):
     memory_name = 'peak alloc' if header['device'] == 'cuda' else 'peak RSS'
     out = [f'# Whole-network benchmark: {header["device_name"]}', '',
            f'{header["date"]}, commit {header["commit"]}, torch {header["torch"]}, {header["threads"]} CPU threads; '
-           f'{header["rounds"]} rounds. Ratios: the median over rounds of variant / baseline within a round, [range]. '
+           f'rounds: {", ".join(f"{n} {r}" for n, r in header["rounds"].items())}. Ratios: the median over rounds of variant / baseline within a round, [range]. '
            f'Targets (issue 11) marked "ok" or "MISSED".', '',
            f'| network | mode | variant | batch | parameters | train step ms | train ratio | sampling eval ms | sampling ratio | {memory_name} MiB | memory ratio |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -332,7 +333,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu', help='where the networks run')
     parser.add_argument('--networks', default=','.join(NETWORKS), help=f'comma-separated, from {", ".join(NETWORKS)}')
-    parser.add_argument('--rounds', type=int, help='timed blocks of each variant (default: 7, tiny 1)')
+    parser.add_argument('--rounds', type=int, help='timed blocks of each variant (default: 7; nano diffusion on the CPU 21; tiny 1)')
     parser.add_argument('--tiny', action='store_true', help='tiny networks and batches, one round: checks the benchmark runs, measures nothing')
     # One thread: on a 2-core machine a second one gains about 12% and makes single timings vary by 13% instead of 3%.
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads of each worker')
@@ -348,7 +349,7 @@ def main():
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device visible to torch here')
     kind = 'tiny' if args.tiny else args.device
-    rounds = args.rounds or ROUNDS[kind]
+    rounds = {network: args.rounds or SETTINGS[kind][NETWORKS[network]['upstream']]['rounds'] for network in networks}
     modes = ['fp32', 'tf32'] if args.device == 'cuda' else ['fp32']
     # A copy of the tree without its .git (a GPU machine's) names its commit in BENCH_COMMIT.
     commit = os.environ.get('BENCH_COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
@@ -356,12 +357,12 @@ def main():
     header = dict(device=args.device, device_name=device_name(args.device), date=datetime.date.today().isoformat(), commit=commit,
                   torch=torch.__version__, threads=args.threads, rounds=rounds, tiny=args.tiny)
     log = lambda text: print(text, flush=True)
-    log(f'benchmark on {header["device_name"]}: {", ".join(networks)}; modes {", ".join(modes)}; {rounds} rounds')
+    log(f'benchmark on {header["device_name"]}: {", ".join(f"{n} ({r} rounds)" for n, r in rounds.items())}; modes {", ".join(modes)}')
     lines, failures = [], []
     for network in networks:
         start = time.time()
         try:
-            result = bench_network(network, args.device, modes, rounds, args.tiny, args.threads, log)
+            result = bench_network(network, args.device, modes, rounds[network], args.tiny, args.threads, log)
         except Failed as err:
             failures.append(network)
             log(f'{network}: failed:\n{err}')
