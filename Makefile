@@ -15,7 +15,7 @@ scoring = $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) $(if $(FID_EVALS),--fid-ev
 # What a row needs beyond its own tree (the dataset, EDM's fid.py), unless it is a smoke or dry run.
 full_run = $(if $(SMOKE)$(DRY),,$(1))
 
-.PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit bench patches results score kill-check \
+.PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit bench bench-layers patches results score kill-check \
         edm-authors-checkpoint edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
@@ -43,6 +43,7 @@ help:
 	@echo "make audit                what the patches change in each upstream"
 	@echo "make bench [DEVICE=cuda]  whole networks without and with LoRA: train step, sampling call, memory (results/bench/)"
 	@echo "                          BENCH_NETWORKS=nano-mnist,... BENCH_ROUNDS=N BENCH_OUT=results/bench"
+	@echo "make bench-layers         nano's LoRA layers one by one: merged vs low-rank path, and which the cost model picks"
 	@echo "make gpu-check            on a CUDA GPU: the tests marked gpu (fast paths, fp16, devices), then make bench DEVICE=cuda"
 	@echo "make data-cifar10         CIFAR-10 for EDM (download, MD5-checked); data-cifar10-folder: for improved-diffusion"
 	@echo "make data-ffhq FFHQ_ZIP=  FFHQ 64x64 for EDM from your images1024x1024 zip [FFHQ_SHA256=]"
@@ -86,6 +87,10 @@ audit: setup
 bench: vendor
 	$(PY) -m tools.bench.networks $(if $(DEVICE),--device $(DEVICE)) $(if $(BENCH_NETWORKS),--networks $(BENCH_NETWORKS)) \
 	    $(if $(BENCH_ROUNDS),--rounds $(BENCH_ROUNDS)) $(if $(BENCH_OUT),--out $(BENCH_OUT))
+
+# Nano diffusion's LoRA layers one by one: both per-sample paths timed, and the cost model's choice beside them.
+bench-layers: vendor-dataflowr
+	$(PY) -m tools.bench.layers $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
 # On a machine with a CUDA GPU (the CUDA build of torch in .venv: README, "GPUs"): the tests that need the GPU's own
 # kernels (marked gpu; elsewhere they skip), then the GPU benchmark table.

@@ -109,14 +109,14 @@ def assert_lora_off_is_pristine(dumps, config, spellings):
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'first: start this module first (the longest)')
+    config.addinivalue_line('markers', 'first: start these modules first (the longest)')
     config.addinivalue_line('markers', 'smoke: a slow end-to-end check: make smoke runs it, make test does not')
     config.addinivalue_line('markers', 'gpu: a check that matters on a CUDA GPU: make gpu-check runs these there (CUDA_ONLY ones skip elsewhere)')
 
 
 def pytest_collection_modifyitems(items):
-    """The module marked first at the head, the rest in their usual order: pytest-xdist hands whole modules
-    to its workers in this order, so the longest starts at once and the workers finish together."""
+    """The modules marked first at the head, the rest in their usual order: pytest-xdist hands whole modules
+    to its workers in this order, so the longest start at once and the workers finish together."""
     items.sort(key=lambda item: item.get_closest_marker('first') is None)
 
 

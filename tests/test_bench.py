@@ -28,6 +28,16 @@ def test_the_tiny_benchmark_tables_every_variant_against_its_baseline(tmp_path):
     assert 'nano diffusion MNIST | fp32 | uclora' in table
 
 
+def test_the_layer_benchmark_times_every_lora_layer_shape_of_nano_diffusion(tmp_path):
+    result = tool('bench.layers', '--batch', 2, '--repeats', 1, '--out', tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / 'layers-cpu.md').read_text()
+    rows = [line for line in table.splitlines() if line.startswith('| ') and 'x' in line.split('|')[2]]
+    # MyTinyUNet's 21 LoRA layers have 16 distinct shapes (in, out, size), from 1 -> 10 at 32x32 down to 4x4.
+    assert len(rows) == 16 and rows[0].startswith('| 1 -> 10 | 32x32 |') and any('| 4x4 |' in row for row in rows)
+    assert 'of 16 layer shapes' in table
+
+
 def test_an_unknown_network_is_a_usage_error(tmp_path):
     result = tool('bench.networks', '--networks', 'edm-cifar100', '--out', tmp_path)
     assert result.returncode == 2

@@ -2,31 +2,15 @@
 
 import json
 import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import EDM, HELPERS, PRISTINE_EDM, cuda_only, run_in
+from edm_tiny import LORA, TINY, load, train
 
-pytestmark = pytest.mark.first # the longest module of `make test`
-
-# A tiny DDPM++ (8 base channels, two levels, attention at 16x16) for 1 kimg (train.py's least): 20 steps of 50
-# images (the 40 of the dataset, repeated; fewer, larger steps cost less time on a CPU).
-TINY = ['--cond=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--batch=50', '--duration=0.001',
-        '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
-LORA = ['--lora=uc', '--lora-bases=3', '--lora-rank=2', '--lora-mlp=16,8']
-
-
-def train(data, outdir, *extra):
-    return run_in(EDM, ['train.py', f'--outdir={outdir}', '--nosubdir', f'--data={data}', *TINY, *extra])
-
-
-def load(tree, path, tmp_path, tag, *flags):
-    out = tmp_path / f'{tag}.pt'
-    run_in(tree, [os.path.join(HELPERS, 'edm_load.py'), path, out, *flags])
-    return torch.load(out)
+pytestmark = pytest.mark.first # with test_edm_transfer.py, the longest modules of `make test`: each starts a worker
 
 
 @pytest.fixture(scope='module')
@@ -101,52 +85,6 @@ def test_resume_restores_network_ema_optimizer_and_progress(lora_run, edm_datase
         kimg = [json.loads(line)['Progress/kimg']['mean'] for line in f]
     assert kimg[0] == pytest.approx(1.05) and kimg[-1] == pytest.approx(2.0), 'the first tick ends after one step of 50 images'
     assert (tmp_path / 'resumed' / 'network-snapshot-000002.pkl').exists()
-
-
-@pytest.fixture(scope='module')
-def baseline(edm_dataset, tmp_path_factory):
-    """The snapshot of a tiny baseline run (no LoRA), to transfer from."""
-    run_dir = tmp_path_factory.mktemp('baseline-run')
-    train(edm_dataset, run_dir)
-    return run_dir / 'network-snapshot-000001.pkl'
-
-
-def test_transfer_copies_the_base_and_keeps_the_lora_init(baseline, edm_dataset, tmp_path):
-    first_step = tmp_path / 'first-step.pt'
-    run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'first-step', first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
-                 f'--data={edm_dataset}', *TINY, *LORA, f'--transfer={baseline}'])
-    started = torch.load(first_step)
-    source = load(EDM, baseline, tmp_path, 'baseline')['ema']
-    for name, value in source.items(): # attention weights included: names are unchanged
-        assert torch.equal(started['net'][name], value), name
-        assert torch.equal(started['ema'][name], value), name
-    assert any(name.endswith('.qkv.weight') for name in source)
-    added = [name for name in started['net'] if name not in source]
-    assert added and all('lora_' in name for name in added)
-    assert all(torch.count_nonzero(started['net'][name]) == 0 for name in added if name.endswith(('lora_B', 'lora_bias')))
-    assert all(torch.count_nonzero(started['net'][name]) > 0 for name in added if name.endswith('lora_A'))
-
-
-def test_finetuning_trains_the_lora_layers_only(baseline, edm_dataset, tmp_path, monkeypatch):
-    result = train(edm_dataset, tmp_path / 'finetune', *LORA, '--finetune=True', f'--transfer={baseline}')
-    monkeypatch.syspath_prepend(EDM) # read the files here (their classes come from EDM's tree): quicker than a process each
-    state = torch.load(tmp_path / 'finetune' / 'training-state-000001.pt', weights_only=False)
-    state = dict(net=state['net'].state_dict(), optimizer=state['optimizer_state'])
-    ema, source = [pickle.loads(path.read_bytes())['ema'].state_dict() for path in [tmp_path / 'finetune' / 'network-snapshot-000001.pkl', baseline]]
-
-    # After 20 optimiser steps, every base parameter is still the transferred one, in the network and in its EMA.
-    for name, value in source.items():
-        assert torch.equal(state['net'][name], value), name
-        assert torch.equal(ema[name], value), name
-    lora = [name for name in state['net'] if name not in source]
-    assert lora and all('lora_' in name for name in lora)
-    assert all(torch.count_nonzero(state['net'][name]) > 0 for name in lora if name.endswith(('lora_B', 'lora_bias'))), 'LoRA trained away from zero'
-    assert len(state['optimizer']['state']) == len([name for name in lora if 'lora_' in name]), 'Adam keeps state for the LoRA parameters only'
-
-    # The log says how many parameters train: the LoRA layers' own.
-    trainable = sum(state['net'][name].numel() for name in lora)
-    total = trainable + sum(value.numel() for name, value in source.items() if name.endswith(('weight', 'bias')))
-    assert f'LoRA-only fine-tuning: training {trainable:,} of {total:,} parameters' in result.stdout
 
 
 BAD_FLAGS = [

@@ -239,10 +239,16 @@ class ComposedLoRAConv(torch.nn.Module):
         """forward() for weights [1, m]: the update sum_i w_i (B_i A_i x + E_i) is the same linear map for every
         sample, so it is added to the base weight and bias once, and the layer runs one convolution instead of
         the base one plus the low-rank path at every pixel of every sample. Same function (to rounding)."""
-        weight = self.weight + self.kernel_update(weights)[0].reshape(self.weight.shape)
-        bias = self.composed_bias(weights)
+        w = weights.reshape(-1, 1).to(self.lora_A.dtype).expand(self.bases, self.rank).reshape(-1) # [m*r]: w_i on basis i's r rows
+        if self.lora_scale is not None:
+            w = w * self.lora_scale
+        # W + B diag(w) A and b + sum_i w_i E_i, each one fused operation (a sampler calls this at every step).
+        weight = torch.addmm(self.weight.flatten(1), self.lora_B, self.lora_A.flatten(1) * w[:, None]).reshape(self.weight.shape)
+        bias = self.bias
+        if self.lora_bias is not None:
+            bias = w @ self.lora_bias if bias is None else torch.addmv(bias, self.lora_bias.T, w)
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
-        return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype).reshape(-1), padding=self.padding)
+        return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=self.padding)
 
     def base_forward(self, x):
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d

@@ -1,0 +1,58 @@
+"""End to end on CPU: EDM's train.py transferring a baseline snapshot into a UC-LoRA network, and LoRA-only fine-tuning."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import EDM, HELPERS, run_in
+from edm_tiny import LORA, TINY, load, train
+
+pytestmark = pytest.mark.first # with test_edm_train.py, the longest modules of `make test`: each starts a worker
+
+
+@pytest.fixture(scope='module')
+def baseline(edm_dataset, tmp_path_factory):
+    """The snapshot of a tiny baseline run (no LoRA), to transfer from."""
+    run_dir = tmp_path_factory.mktemp('baseline-run')
+    train(edm_dataset, run_dir)
+    return run_dir / 'network-snapshot-000001.pkl'
+
+
+def test_transfer_copies_the_base_and_keeps_the_lora_init(baseline, edm_dataset, tmp_path):
+    first_step = tmp_path / 'first-step.pt'
+    run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'first-step', first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
+                 f'--data={edm_dataset}', *TINY, *LORA, f'--transfer={baseline}'])
+    started = torch.load(first_step)
+    source = load(EDM, baseline, tmp_path, 'baseline')['ema']
+    for name, value in source.items(): # attention weights included: names are unchanged
+        assert torch.equal(started['net'][name], value), name
+        assert torch.equal(started['ema'][name], value), name
+    assert any(name.endswith('.qkv.weight') for name in source)
+    added = [name for name in started['net'] if name not in source]
+    assert added and all('lora_' in name for name in added)
+    assert all(torch.count_nonzero(started['net'][name]) == 0 for name in added if name.endswith(('lora_B', 'lora_bias')))
+    assert all(torch.count_nonzero(started['net'][name]) > 0 for name in added if name.endswith('lora_A'))
+
+
+def test_finetuning_trains_the_lora_layers_only(baseline, edm_dataset, tmp_path, monkeypatch):
+    result = train(edm_dataset, tmp_path / 'finetune', *LORA, '--finetune=True', f'--transfer={baseline}')
+    monkeypatch.syspath_prepend(EDM) # read the files here (their classes come from EDM's tree): quicker than a process each
+    state = torch.load(tmp_path / 'finetune' / 'training-state-000001.pt', weights_only=False)
+    state = dict(net=state['net'].state_dict(), optimizer=state['optimizer_state'])
+    ema, source = [pickle.loads(path.read_bytes())['ema'].state_dict() for path in [tmp_path / 'finetune' / 'network-snapshot-000001.pkl', baseline]]
+
+    # After 20 optimiser steps, every base parameter is still the transferred one, in the network and in its EMA.
+    for name, value in source.items():
+        assert torch.equal(state['net'][name], value), name
+        assert torch.equal(ema[name], value), name
+    lora = [name for name in state['net'] if name not in source]
+    assert lora and all('lora_' in name for name in lora)
+    assert all(torch.count_nonzero(state['net'][name]) > 0 for name in lora if name.endswith(('lora_B', 'lora_bias'))), 'LoRA trained away from zero'
+    assert len(state['optimizer']['state']) == len([name for name in lora if 'lora_' in name]), 'Adam keeps state for the LoRA parameters only'
+
+    # The log says how many parameters train: the LoRA layers' own.
+    trainable = sum(state['net'][name].numel() for name in lora)
+    total = trainable + sum(value.numel() for name, value in source.items() if name.endswith(('weight', 'bias')))
+    assert f'LoRA-only fine-tuning: training {trainable:,} of {total:,} parameters' in result.stdout
