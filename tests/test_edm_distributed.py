@@ -6,7 +6,7 @@ import sys
 import torch
 
 from conftest import EDM, HELPERS, run_in
-from test_edm_train import LORA, TINY
+from edm_tiny import LORA, TINY
 
 
 def test_two_ranks_end_with_identical_parameters(edm_dataset, tmp_path):
