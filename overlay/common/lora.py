@@ -170,8 +170,9 @@ class ComposedLoRAConv(torch.nn.Module):
         return self.base_forward(x) + delta
 
     # Costs per multiply-add relative to the low-rank path's, fitted to forward + backward times on CPU (one
-    # thread, batch 128) of nano diffusion's 16 layer shapes: forming the merged kernels is small batched matrix
-    # products, 3.5x as dear; a grouped convolution (one group a sample) costs about twice the plain one it replaces.
+    # thread, batch 128) of nano diffusion's 16 layer shapes (make bench-layers): forming the merged kernels is
+    # small batched matrix products, 3.5x as dear; the grouped convolution (one group a sample) with its layout
+    # copies costs about one more base convolution.
     KERNEL_FORMING_COST = 3.5
     GROUPED_CONV_OVERHEAD = 1.0
 
