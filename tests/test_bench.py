@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from conftest import tool
+
+pytestmark = pytest.mark.first # one of the longest modules: started early, so that short ones fill the end
 
 NETWORKS = ['edm-cifar10-uncond', 'iddpm-cifar10-cond', 'nano-mnist']
 

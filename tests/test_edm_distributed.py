@@ -3,10 +3,14 @@
 import os
 import sys
 
+import pytest
 import torch
 
 from conftest import EDM, HELPERS, run_in
 from edm_tiny import LORA, TINY
+
+# Two training processes on the 2 cores that make test shares between its workers: about 45 s, so make smoke runs it.
+pytestmark = pytest.mark.smoke
 
 
 def test_two_ranks_end_with_identical_parameters(edm_dataset, tmp_path):

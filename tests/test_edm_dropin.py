@@ -5,6 +5,8 @@ import torch
 
 from conftest import EDM, PRISTINE_EDM, assert_lora_off_is_pristine, net_dumps
 
+pytestmark = pytest.mark.first # one of the longest modules: started early, so that short ones fill the end
+
 # Small versions of each architecture, plus the real CIFAR-10 DDPM++ network of the paper.
 CONFIGS = {
     'ddpmpp-cifar10': dict(class_name='training.networks.EDMPrecond', img_resolution=32, img_channels=3, model_type='SongUNet',

@@ -18,6 +18,8 @@ from tools.fid_standin import standin_weights
 from tools.paper import results, score
 from tools.paper.rows import find
 
+pytestmark = pytest.mark.first # one of the longest modules: started early, so that short ones fill the end
+
 TINY = dict(img_resolution=16, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
 ROW = find('edm', 'cifar10-uncond', 'with-lora')
 
