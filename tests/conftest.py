@@ -109,15 +109,18 @@ def assert_lora_off_is_pristine(dumps, config, spellings):
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'first: start these modules first (the longest)')
+    config.addinivalue_line('markers', 'first(seconds): start this module early, the longest (by its measured seconds) first')
     config.addinivalue_line('markers', 'smoke: a slow end-to-end check: make smoke runs it, make test does not')
     config.addinivalue_line('markers', 'gpu: a check that matters on a CUDA GPU: make gpu-check runs these there (CUDA_ONLY ones skip elsewhere)')
 
 
 def pytest_collection_modifyitems(items):
-    """The modules marked first at the head, the rest in their usual order: pytest-xdist hands whole modules
-    to its workers in this order, so the longest start at once and the workers finish together."""
-    items.sort(key=lambda item: item.get_closest_marker('first') is None)
+    """The modules marked first at the head, longest first, the rest in their usual order: pytest-xdist hands
+    whole modules to its workers in this order, so the longest start at once and the short ones fill the end."""
+    def order(item):
+        first = item.get_closest_marker('first')
+        return (0, -first.args[0]) if first else (1, 0)
+    items.sort(key=order)
 
 
 @pytest.fixture(scope='session', autouse=True)

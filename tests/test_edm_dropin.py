@@ -5,7 +5,7 @@ import torch
 
 from conftest import EDM, PRISTINE_EDM, assert_lora_off_is_pristine, net_dumps
 
-pytestmark = pytest.mark.first # one of the longest modules: started early, so that short ones fill the end
+pytestmark = pytest.mark.first(45) # one of the longest modules, started early (seconds measured by --durations)
 
 # Small versions of each architecture, plus the real CIFAR-10 DDPM++ network of the paper.
 CONFIGS = {

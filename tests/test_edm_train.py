@@ -10,7 +10,7 @@ import torch
 from conftest import EDM, HELPERS, PRISTINE_EDM, cuda_only, run_in
 from edm_tiny import LORA, TINY, load, train
 
-pytestmark = pytest.mark.first # with test_edm_transfer.py, the longest modules of `make test`: each starts a worker
+pytestmark = pytest.mark.first(100) # one of the longest modules, started early (seconds measured by --durations)
 
 
 @pytest.fixture(scope='module')

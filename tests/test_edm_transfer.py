@@ -9,7 +9,7 @@ import torch
 from conftest import EDM, HELPERS, run_in
 from edm_tiny import LORA, TINY, load, train
 
-pytestmark = pytest.mark.first # with test_edm_train.py, the longest modules of `make test`: each starts a worker
+pytestmark = pytest.mark.first(71) # one of the longest modules, started early (seconds measured by --durations)
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ import torch
 from conftest import HELPERS, IDDPM, run_in
 from tools.data.synthetic import write_folder
 
-pytestmark = pytest.mark.first # one of the longest modules: started early, so that short ones fill the end
+pytestmark = pytest.mark.first(80) # one of the longest modules, started early (seconds measured by --durations)
 
 MODEL = ['--image_size', 32, '--num_channels', 32, '--num_res_blocks', 1, '--learn_sigma', True, '--diffusion_steps', 101,
          '--noise_schedule', 'cosine', '--class_cond', True, '--num_classes', 10,
