@@ -191,6 +191,11 @@ class ComposedLoRAConv(torch.nn.Module):
         low_rank = pixels * ranks * (c_in * kernel + c_out)
         return merge < low_rank
 
+    def row_weights(self, weights, dtype):
+        """Composition weights [N, k] as weights of the stacked rows [N, k*r]: basis i owns rows i*r..(i+1)*r of A
+        and of E (columns of B), so w_i is repeated r times."""
+        return weights.to(dtype)[:, :, None].expand(-1, -1, self.rank).reshape(weights.shape[0], -1)
+
     def kernel_update(self, weights):
         """sum_i w_i B_i A_i for weights [N, m], scaled: [N, C_out, C_in * k^d]."""
         # B's columns times their basis' weight: B as [C_out, m, r] times w as [N, 1, m, 1] (no repeated copy of w).
@@ -228,7 +233,7 @@ class ComposedLoRAConv(torch.nn.Module):
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
         n, c_out = x.shape[0], self.weight.shape[0]
         h = conv(x, torch.cat([self.weight, self.lora_A]).to(x.dtype), padding=self.padding).flatten(2) # [N, C_out + m*r, HW]
-        w = weights.to(x.dtype).repeat_interleave(self.rank, dim=1) # [N, m*r]
+        w = self.row_weights(weights, x.dtype) # [N, m*r]
         lora_B = self.lora_B if self.lora_scale is None else self.lora_B * self.lora_scale
         y = h[:, :c_out] + torch.matmul(lora_B.to(x.dtype), h[:, c_out:] * w[:, :, None])
         bias = self.composed_bias(weights)
@@ -240,7 +245,7 @@ class ComposedLoRAConv(torch.nn.Module):
         """forward() for weights [1, m]: the update sum_i w_i (B_i A_i x + E_i) is the same linear map for every
         sample, so it is added to the base weight and bias once, and the layer runs one convolution instead of
         the base one plus the low-rank path at every pixel of every sample. Same function (to rounding)."""
-        w = weights.reshape(-1, 1).to(self.lora_A.dtype).expand(self.bases, self.rank).reshape(-1) # [m*r]: w_i on basis i's r rows
+        w = self.row_weights(weights, self.lora_A.dtype)[0] # [m*r]
         if self.lora_scale is not None:
             w = w * self.lora_scale
         # W + B diag(w) A and b + sum_i w_i E_i, each one fused operation (a sampler calls this at every step).
@@ -263,8 +268,7 @@ class ComposedLoRAConv(torch.nn.Module):
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
         spatial = [1] * (x.ndim - 2)
         rows = slice(first_basis * self.rank, (first_basis + weights.shape[1]) * self.rank)
-        # Basis i owns rows i*r..(i+1)*r of A and E, so each weight is repeated r times.
-        w = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)
+        w = self.row_weights(weights, x.dtype)
         h = conv(x, self.lora_A[rows].to(x.dtype), padding=self.padding) * w.reshape(*w.shape, *spatial)
         lora_B = self.lora_B[:, rows]
         delta = conv(h, lora_B.to(x.dtype).reshape(*lora_B.shape, *spatial))
