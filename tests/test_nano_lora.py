@@ -52,6 +52,20 @@ def test_lora_at_init_is_the_base_without_conditioning(cond):
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize('cond', ['shift', 'timelora', 'uclora'])
+def test_the_first_block_reads_the_input_itself_unless_the_notebook_shifts_it(cond):
+    # Where LoRA conditions, the removed time-embedding additions cost nothing: no pass over the activations.
+    net, seen = build(cond), []
+    net.b1[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        net(x, t)
+        if cond == 'shift':
+            assert torch.equal(seen[0], x + net.te1(net.time_embed(t)).reshape(2, -1, 1, 1))
+        else:
+            assert seen[0] is x
+
+
 def test_timelora_table_starts_as_the_interpolation_or_random():
     interp = build('timelora')
     table = interp.b1[0].conv1.lora_table.weight
