@@ -115,6 +115,31 @@ def test_the_table_sees_the_original_step_in_training_and_respaced_sampling(resc
     assert seen[0][-1] == 400 and seen[0][0] == 0
 
 
+@pytest.mark.parametrize('flags,classes,merged', [
+    (dict(), None, True),                                                     # unconditional sampling
+    (dict(class_cond=True, class_lora=True), [4, 4, 4], True),                # one class for the batch
+    (dict(class_cond=True, class_lora=True), [4, 1, 4], False),               # each sample its class
+    (dict(lora_compositional=False, lora_rank=2), None, False),               # one LoRA a step: nothing to merge
+])
+def test_a_batch_sharing_its_condition_merges_it_into_the_weights_with_the_same_output(flags, classes, merged, monkeypatch):
+    model, _, seen, _ = tiny_model(**dict(diffusion_steps=21, rescale_timesteps=False, **flags))
+    merges = []
+    merged_forward = TimeClassLoRAConv.merged_forward
+    monkeypatch.setattr(TimeClassLoRAConv, 'merged_forward', lambda self, *args: merges.append(self) or merged_forward(self, *args))
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([17, 17, 17]) # the samplers' step: the same for every sample
+    kwargs = {} if classes is None else dict(y=torch.tensor(classes))
+    with torch.no_grad():
+        output = model(x, t, **kwargs)
+        assert bool(merges) == merged
+        assert seen[0] == ([17] if classes in (None, [4, 4, 4]) else [17, 17, 17]), 'one condition row stands for a shared batch'
+        rows = lora_iddpm.condition # the reference: every sample its own row, through the per-sample paths
+        monkeypatch.setattr(lora_iddpm, 'condition', lambda *args: rows(*args).expand(3, -1))
+        merges.clear()
+        expected = model(x, t, **kwargs)
+    assert seen[1] == [17, 17, 17] and not merges
+    assert (output - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_steps_beyond_the_table_are_an_error():
     model, diffusion, _, _ = tiny_model(diffusion_steps=101, rescale_timesteps=False)
     with pytest.raises(ValueError, match=r'time steps must lie in \[0, 100\]'):

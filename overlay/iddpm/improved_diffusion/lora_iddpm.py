@@ -87,7 +87,8 @@ def add_lora(unet, diffusion_steps=None, rescale_timesteps=True, **options):
 
 
 def condition(lora, timesteps, y):
-    """The attention layers' condition for one batch: [N, 1 + K] float, or None without LoRA.
+    """The attention layers' condition for one batch: [N, 1 + K] float ([1, 1 + K] on the CPU when every sample
+    has the same one), or None without LoRA.
 
     Column 0 is the original integer time step. GaussianDiffusion hands the model t * 1000 / T
     when rescale_timesteps=True, and SpacedDiffusion has already mapped respaced steps back to the
@@ -108,11 +109,19 @@ def condition(lora, timesteps, y):
     columns = [steps.float()[:, None]]
     if lora["num_classes"]:
         columns.append(F.one_hot(y, lora["num_classes"]).float())
-    return th.cat(columns, dim=1)
+    cond = th.cat(columns, dim=1)
+    # The samplers give every sample the same step: then one row stands for the batch, and each compositional
+    # LoRA layer merges its update into its weight once (lora.ComposedLoRAConv.merged_forward) instead of running
+    # the low-rank path at every position. Only on the CPU: on a GPU, comparing the rows would stall the device.
+    if len(cond) > 1 and cond.device.type == "cpu" and bool((cond == cond[:1]).all()):
+        cond = cond[:1]
+    return cond
 
 
 class IDDPMLoRAConv(TimeClassLoRAConv):
     """TimeClassLoRAConv taking the packed condition of condition() as one tensor."""
 
     def forward(self, x, cond):
+        if not self.compositional: # one LoRA a step (step_delta): each sample takes its own row
+            cond = cond.expand(x.shape[0], -1)
         return super().forward(x, cond[:, 0].long(), cond[:, 1:])
