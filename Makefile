@@ -20,7 +20,7 @@ full_run = $(if $(SMOKE)$(DRY),,$(1))
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
 help:
-	@echo "make demo                 nano diffusion with UC-LoRA on real MNIST digits (about 9.5 minutes on 2 CPU cores; a GPU if there is one)"
+	@echo "make demo                 nano diffusion with UC-LoRA on real MNIST digits (5 to 10 minutes on 2 CPU cores; a GPU if there is one)"
 	@echo "make test                 the test suite (CPU; builds the environment and vendor/ first)"
 	@echo "make edm-cifar-uncond     paper row; also edm-cifar-cond, edm-ffhq"
 	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained|finetune"
@@ -127,7 +127,7 @@ kill-check: vendor-edm
 
 # The clipped sampler (not the notebook's: README, "The mean drift"), so that samples.png shows the digits drawn,
 # over 250 of the 1000 steps (respaced as improved-diffusion does: a quarter of the sampling time, scores alike within their noise).
-# 24 epochs (768 steps: fewer draw strokes, not digits) and 64 samples: about 9.5 minutes on 2 cores; the scores come
+# 24 epochs (768 steps: fewer draw strokes, not digits) and 64 samples: 5 to 10 minutes on 2 cores; the scores come
 # beside those of 64 real digits (proxy FID about 55 at that count, 30 at 128).
 demo: vendor-dataflowr
 	cd vendor/dataflowr && ../../$(PY) nano.py --cond uclora --data mnist5k --epochs $(DEMO_EPOCHS) --samples 64 \
