@@ -366,6 +366,16 @@ class CompositionMLP(torch.nn.Module):
         return self.layers(emb.to(torch.float32))
 
 
+def one_row_if_shared(rows):
+    """A batch's condition rows [N, ...], or the first row alone [1, ...] where every sample has the same one (the
+    samplers' one step): then each compositional LoRA layer merges its update into its weight once
+    (ComposedLoRAConv.merged_forward) instead of running a per-sample path at every position. Only on the CPU: on a
+    GPU, comparing the rows would stall the device at every forward pass."""
+    if len(rows) > 1 and rows.device.type == 'cpu' and bool((rows == rows[:1]).all()):
+        return rows[:1]
+    return rows
+
+
 def composition_weights_together(layers, emb):
     """{layer: its composition weights [N, m]} for UC-LoRA layers that share one embedding emb [N, F].
 
@@ -483,7 +493,8 @@ class TimeClassLoRAConv(ComposedLoRAConv):
     weighted by the class vector, so the layer is linear in it (interpolating or scaling the class
     vector interpolates or scales the class LoRAs).
     forward(x, t, c): x [N, C_in, *spatial], t [N] integer time steps in [0, T), c [N, K] class
-    vectors (one-hot in training) or None without ClassLoRA -> [N, C_out, *spatial].
+    vectors (one-hot in training) or None without ClassLoRA -> [N, C_out, *spatial]. t [1] and c [1, K]
+    stand for the whole batch (one_row_if_shared).
     """
 
     def __init__(self,
@@ -531,6 +542,7 @@ class TimeClassLoRAConv(ComposedLoRAConv):
         """B_t A_t x for each sample's own step t: a grouped convolution, one group per sample."""
         conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
         n, r = x.shape[0], self.rank
+        t = t.expand(n) # one step for the whole batch: every sample gathers that step's LoRA
         A = self.lora_A[:self.time_bases * r].reshape(self.time_bases, r, *self.lora_A.shape[1:])[t] # [N, r, C_in, *kernel]
         h = conv(x.reshape(1, -1, *x.shape[2:]), A.reshape(n * r, *A.shape[2:]).to(x.dtype), padding=self.padding, groups=n)
         B = self.lora_B[:, :self.time_bases * r].reshape(-1, self.time_bases, r)[:, t] # [C_out, N, r]

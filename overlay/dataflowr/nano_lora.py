@@ -15,7 +15,7 @@ Defaults: 10 bases, so that with T = 1000 they sit exactly at t = 0, 111, ..., 9
 T - 1 = 999), rank 4, MLP widths 64, 32 (the paper leaves its nano-diffusion sizes open).
 """
 
-from lora import TABLE_INITS, TimeClassLoRAConv, UCLoRAConv, composition_weights_together
+from lora import TABLE_INITS, TimeClassLoRAConv, UCLoRAConv, composition_weights_together, one_row_if_shared
 
 CONDITIONING = ['shift', 'timelora', 'uclora']
 OMEGA_INITS = TABLE_INITS # the paper's omega: TimeLoRA's composition table
@@ -49,15 +49,11 @@ def add_lora(unet, cond, n_steps, time_emb_dim, lora_bases=10, lora_rank=4, omeg
 def condition(unet, t):
     """What the LoRA layers take for time steps t ([N] or the sampler's [N, 1]); None for 'shift'.
 
-    The sampler gives every sample the same step: then one step stands for the batch, and each LoRA
-    layer merges its update into its weight once (lora.ComposedLoRAConv.merged_forward) instead of
-    running the low-rank path at every pixel of every sample. Only where t lives on the CPU: on a GPU,
-    comparing its values would stall the device at every forward pass."""
+    The sampler gives every sample the same step: then one step stands for the batch (on the CPU,
+    lora.one_row_if_shared), and each LoRA layer merges its update into its weight once."""
     if unet.cond == 'shift':
         return None
-    t = t.reshape(-1)
-    if len(t) > 1 and t.device.type == 'cpu' and bool((t == t[0]).all()):
-        t = t[:1]
+    t = one_row_if_shared(t.reshape(-1))
     if unet.cond == 'timelora':
         return t
     # UC-LoRA: every layer's MLP reads the same embedding, so all of them run as one batched MLP.

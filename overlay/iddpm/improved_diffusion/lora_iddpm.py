@@ -9,7 +9,7 @@ numbers, and condition() once per forward pass.
 import torch as th
 import torch.nn.functional as F
 
-from .lora import TABLE_INITS, TimeClassLoRAConv
+from .lora import TABLE_INITS, TimeClassLoRAConv, one_row_if_shared
 
 # Flags added to model_and_diffusion_defaults(); the defaults build the upstream network.
 LORA_DEFAULTS = dict(
@@ -109,19 +109,11 @@ def condition(lora, timesteps, y):
     columns = [steps.float()[:, None]]
     if lora["num_classes"]:
         columns.append(F.one_hot(y, lora["num_classes"]).float())
-    cond = th.cat(columns, dim=1)
-    # The samplers give every sample the same step: then one row stands for the batch, and each compositional
-    # LoRA layer merges its update into its weight once (lora.ComposedLoRAConv.merged_forward) instead of running
-    # the low-rank path at every position. Only on the CPU: on a GPU, comparing the rows would stall the device.
-    if len(cond) > 1 and cond.device.type == "cpu" and bool((cond == cond[:1]).all()):
-        cond = cond[:1]
-    return cond
+    return one_row_if_shared(th.cat(columns, dim=1)) # the samplers' one step (and class) for the batch: one row
 
 
 class IDDPMLoRAConv(TimeClassLoRAConv):
     """TimeClassLoRAConv taking the packed condition of condition() as one tensor."""
 
     def forward(self, x, cond):
-        if not self.compositional: # one LoRA a step (step_delta): each sample takes its own row
-            cond = cond.expand(x.shape[0], -1)
         return super().forward(x, cond[:, 0].long(), cond[:, 1:])
