@@ -6,10 +6,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_EPOCHS ?= 24
 
-# A paper row: $(1) the driver (tools/paper/edm.py or iddpm.py), $(2) its dataset; the rows' flags are in tools/paper/rows.py.
-row = $(PY) -m tools.paper.$(1) $(2) $(if $(VARIANT),--variant=$(VARIANT)) $(if $(GPUS),--gpus=$(GPUS)) \
+# A paper row: $(1) the driver (tools/drivers/edm.py or iddpm.py), $(2) its dataset; the rows' flags are in tools/paper/rows.py.
+row = $(PY) -m tools.drivers.$(1) $(2) $(if $(VARIANT),--variant=$(VARIANT)) $(if $(GPUS),--gpus=$(GPUS)) \
       $(if $(SMOKE),--smoke) $(if $(DRY),--dry-run) $(if $(TRAIN_FLAGS),--train-flags="$(TRAIN_FLAGS)") $(scoring)
-# How snapshots are scored (tools/paper/score.py): which, how many FID evaluations, images each, keep them.
+# How snapshots are scored (tools/scoring/score.py): which, how many FID evaluations, images each, keep them.
 scoring = $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) $(if $(FID_EVALS),--fid-evaluations=$(FID_EVALS)) \
       $(if $(FID_IMAGES),--fid-images=$(FID_IMAGES)) $(if $(KEEP_IMAGES),--keep-images)
 # What a row needs beyond its own tree (the dataset, EDM's fid.py), unless it is a smoke or dry run.
@@ -109,7 +109,7 @@ smoke: vendor
 	$(MAKE) --no-print-directory edm-cifar-uncond edm-cifar-cond SMOKE=1 VARIANT=adaln
 	$(MAKE) --no-print-directory edm-cifar-uncond SMOKE=1 VARIANT=finetune
 	$(MAKE) --no-print-directory edm-class-grid SMOKE=1
-	$(PY) -m tools.paper.pristine_check $$(for run in runs/edm-*-smoke; do ls $$run/network-snapshot-*.pkl | tail -n 1; done)
+	$(PY) -m tools.checks.pristine_check $$(for run in runs/edm-*-smoke; do ls $$run/network-snapshot-*.pkl | tail -n 1; done)
 	$(MAKE) --no-print-directory iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=baseline
@@ -121,7 +121,7 @@ smoke: vendor
 
 # A smoke run killed mid-write (a snapshot, then a sample) and rerun ends as an uninterrupted one.
 kill-check: vendor-edm
-	$(PY) -m tools.paper.kill_check
+	$(PY) -m tools.checks.kill_check
 
 # ---------------------------------------------------------------------------- nano diffusion
 
@@ -136,10 +136,10 @@ demo: vendor-dataflowr
 # Any upstream's snapshot: EDM network-snapshot-*.pkl, IDDPM model*.pt / ema_*.pt, nano.py's checkpoint.pt.
 composition-maps: vendor-edm vendor-dataflowr
 	$(if $(SNAPSHOT),,$(error composition-maps needs SNAPSHOT=<EDM .pkl, IDDPM .pt or nano checkpoint.pt>))
-	$(PY) -m tools.paper.composition_maps "$(SNAPSHOT)" $(if $(OUT),--out "$(OUT)")
+	$(PY) -m tools.figures.composition_maps "$(SNAPSHOT)" $(if $(OUT),--out "$(OUT)")
 
 nano-compare: vendor-dataflowr
-	$(PY) -m tools.paper.nano_compare $(if $(NANO_EPOCHS),--epochs $(NANO_EPOCHS)) $(if $(NANO_SEEDS),--seeds $(NANO_SEEDS)) \
+	$(PY) -m tools.figures.nano_compare $(if $(NANO_EPOCHS),--epochs $(NANO_EPOCHS)) $(if $(NANO_SEEDS),--seeds $(NANO_SEEDS)) \
 	    $(if $(NANO_SAMPLES),--samples $(NANO_SAMPLES)) $(if $(NANO_OUT),--out $(NANO_OUT)) $(if $(NANO_METHODS),--methods $(NANO_METHODS)) \
 	    $(if $(NANO_CLIP_X0),--clip-x0 $(NANO_CLIP_X0)) $(if $(NANO_BATCH),--batch-size $(NANO_BATCH))
 
@@ -155,25 +155,23 @@ edm-ffhq: vendor-edm $(call full_run,datasets/ffhq-64x64.zip)
 # Scores land in the run folder (scores/*.json, fid-vs-images.png); `make results` collects them all.
 score: vendor-edm vendor-iddpm
 	$(if $(RUN),,$(error score needs RUN=<a run folder, e.g. runs/edm-cifar10-uncond-with-lora>))
-	$(PY) -m tools.paper.score "$(RUN)" $(if $(GPUS),--gpus=$(GPUS)) $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) \
+	$(PY) -m tools.scoring.score "$(RUN)" $(if $(GPUS),--gpus=$(GPUS)) $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) \
 	    $(if $(FID_EVALS),--evaluations=$(FID_EVALS)) $(if $(FID_IMAGES),--images=$(FID_IMAGES)) $(if $(KEEP_IMAGES),--keep-images)
 
 results: setup
-	$(PY) -m tools.paper.results $(if $(SMOKE),--smoke)
+	$(PY) -m tools.scoring.results $(if $(SMOKE),--smoke)
 
 # The paper authors' released EDM snapshots (github.com/lthilnklover/diffusion_lora; download them yourself):
-# converted into this project's network, then scored as the pretrained row (their README trains from EDM's
-# published network for 100 Mimg: the snapshot is filed at 100,000 kimg).
+# converted into this project's network, then filed and scored as the pretrained row's authors' run.
 edm-authors-checkpoint: vendor-edm
 	$(if $(SRC),,$(error edm-authors-checkpoint needs SRC=<a snapshot of the authors' EDM fork>))
-	$(if $(filter $(DATASET),cifar10-uncond ffhq64),,$(error edm-authors-checkpoint needs DATASET=cifar10-uncond or ffhq64))
-	$(PY) -m tools.paper.authors_checkpoint "$(SRC)" --out runs/edm-$(DATASET)-pretrained-authors/network-snapshot-100000.pkl
-	$(MAKE) --no-print-directory score RUN=runs/edm-$(DATASET)-pretrained-authors
+	$(PY) -m tools.drivers.authors_checkpoint "$(SRC)" --dataset="$(DATASET)" $(if $(GPUS),--gpus=$(GPUS)) \
+	    $(if $(FID_EVALS),--fid-evaluations=$(FID_EVALS)) $(if $(FID_IMAGES),--fid-images=$(FID_IMAGES)) $(if $(KEEP_IMAGES),--keep-images)
 
 # Fig. 5 from the cond baseline and ClassLoRA runs (their smoke runs with SMOKE=1, made first if missing), or from NETS.
 edm-class-grid: vendor-edm
 	$(if $(NETS),,$(if $(SMOKE),$(MAKE) --no-print-directory edm-cifar-cond SMOKE=1 VARIANT=baseline && $(MAKE) --no-print-directory edm-cifar-cond SMOKE=1 VARIANT=classlora))
-	$(PY) -m tools.paper.class_grid $(if $(SMOKE),--smoke) $(if $(NETS),--nets $(NETS))
+	$(PY) -m tools.figures.class_grid $(if $(SMOKE),--smoke) $(if $(NETS),--nets $(NETS))
 
 # improved-diffusion rows score FID with EDM's fid.py.
 iddpm-cifar-uncond: vendor-iddpm $(call full_run,vendor-edm datasets/cifar10-train)

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from tools.data.synthetic import write_folder  # noqa: E402
 
 from tools import ROOT
-from tools.paper.steps import free_port  # noqa: E402
+from tools.vendoring.run import free_port  # noqa: E402
 
 EDM = os.path.join(ROOT, 'vendor', 'edm')
 PRISTINE_EDM = os.path.join(ROOT, 'vendor', 'pristine', 'edm')

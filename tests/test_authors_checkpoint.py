@@ -1,4 +1,4 @@
-"""tools/paper/authors_checkpoint.py on tiny networks pickled in the layout of the paper authors' EDM fork.
+"""tools/drivers/authors_checkpoint.py on tiny networks pickled in the layout of the paper authors' EDM fork.
 
 The fixture is written here, from what their release shows (github.com/lthilnklover/diffusion_lora):
 training/nn.py holds EDM's layers (Linear, Conv2d, GroupNorm, AttentionOp), training/networks.py
@@ -148,7 +148,7 @@ def converter():
     """The tool, imported into this process with EDM's tree on the path (as it puts it there itself)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(EDM)
-        from tools.paper import authors_checkpoint
+        from tools.drivers import authors_checkpoint
         yield authors_checkpoint
 
 
@@ -220,6 +220,6 @@ def test_a_file_it_cannot_convert_is_one_line(name, message, converter, not_auth
 
 
 def test_the_command_line_says_why_in_one_line(not_authors, tmp_path):
-    result = tool('paper.authors_checkpoint', not_authors / 'plain.pkl', '--out', tmp_path / 'out.pkl')
+    result = tool('drivers.authors_checkpoint', not_authors / 'plain.pkl', '--out', tmp_path / 'out.pkl')
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     assert result.stderr.strip().count('\n') == 0 and 'no LoRA layers of theirs' in result.stderr, result.stderr

@@ -1,4 +1,4 @@
-"""The Fig. 5 grid tool (tools/paper/class_grid.py) on two tiny class-conditional EDM networks."""
+"""The Fig. 5 grid tool (tools/figures/class_grid.py) on two tiny class-conditional EDM networks."""
 
 import pickle
 
@@ -17,7 +17,7 @@ def class_grid():
     """The tool, imported into this process with EDM's tree on the path (as it puts it there itself)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(EDM)
-        from tools.paper import class_grid
+        from tools.figures import class_grid
         yield class_grid
 
 

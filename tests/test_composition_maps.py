@@ -1,4 +1,4 @@
-"""tools/paper/composition_maps.py on a snapshot of each upstream: the composition weights it reads are
+"""tools/figures/composition_maps.py on a snapshot of each upstream: the composition weights it reads are
 those the LoRA layers compute (checked against each layer's own table or MLP, fed by hand), its
 matrices are cosine similarities, its PNGs are written; snapshots without composition weights, a
 missing file or the wrong --kind are one-line errors."""
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import EDM, IDDPM, NANO, tool
-from tools.paper import composition_maps
+from tools.figures import composition_maps
 
 sys.path.insert(0, IDDPM)
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
@@ -109,7 +109,7 @@ def test_edm_weights_are_each_mlp_on_edms_own_embedding_of_each_noise_level(tmp_
 
 def test_edm_snapshot_without_uc_lora_is_a_one_line_error(tmp_path):
     edm_snapshot(tmp_path / 'network-snapshot-000000.pkl')
-    result = tool('paper.composition_maps', tmp_path / 'network-snapshot-000000.pkl')
+    result = tool('figures.composition_maps', tmp_path / 'network-snapshot-000000.pkl')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.strip().count('\n') == 0 and 'no UC-LoRA layers' in result.stderr, result.stderr
 

@@ -199,7 +199,7 @@ def test_pristine_edm_loads_and_samples_the_new_modes(mode, edm, tmp_path):
 
     # The same check as a user runs it (make smoke does, on every EDM smoke run).
     if mode == 'class':
-        result = tool('paper.pristine_check', snapshot, tmp_path / 'missing.pkl')
+        result = tool('checks.pristine_check', snapshot, tmp_path / 'missing.pkl')
         assert result.returncode == 1, 'the missing file fails the check'
         assert f'{snapshot}: loads in pristine EDM' in result.stdout and 'missing.pkl: no such file' in result.stdout
         assert 'qkv.lora_A' in result.stdout

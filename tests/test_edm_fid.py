@@ -11,7 +11,7 @@ import pytest
 
 from conftest import EDM, run_in
 from tools import ROOT
-from tools.fid_standin import frechet_distance_through_eigenvalues
+from tools.scoring.fid_standin import frechet_distance_through_eigenvalues
 from tools.data.synthetic import write_folder
 
 
@@ -35,7 +35,7 @@ def folders(tmp_path_factory):
 def fid_py(top, *args):
     # The stand-in's Frechet distance (through eigendecompositions, 2 s instead of sqrtm's 20 s at 2048
     # features) is checked against fid.py's own below, on small covariances.
-    result = run_in(EDM, [os.path.join(ROOT, 'tools', 'fid_standin.py'), *args], env=dict(STANDIN_WEIGHTS=str(top / 'weights.npy')))
+    result = run_in(EDM, [os.path.join(ROOT, 'tools', 'scoring', 'fid_standin.py'), *args], env=dict(STANDIN_WEIGHTS=str(top / 'weights.npy')))
     return result.stdout
 
 

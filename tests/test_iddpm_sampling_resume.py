@@ -1,5 +1,5 @@
 """improved-diffusion survives SIGKILL: sampling into --sample_dir resumes to the same batches, and a
-checkpoint killed mid-write is never taken as complete (patch 0005, tools/paper/iddpm.py)."""
+checkpoint killed mid-write is never taken as complete (patch 0005, tools/drivers/iddpm.py)."""
 
 import glob
 import os
@@ -13,7 +13,7 @@ import torch
 from conftest import IDDPM, run_in
 from tools import ROOT
 from tools.data.synthetic import write_folder
-from tools.paper.iddpm import resumable_checkpoint
+from tools.drivers.iddpm import resumable_checkpoint
 
 sys.path.insert(0, IDDPM)
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
@@ -22,7 +22,7 @@ MODEL = dict(image_size=32, num_channels=32, num_res_blocks=1, diffusion_steps=1
 MODEL_FLAGS = [str(flag) for name, value in MODEL.items() for flag in (f'--{name}', value)]
 SAMPLING = ['--num_samples', 7, '--batch_size', 3, '--seed', 5] # batches of 3, 3 and 1
 BATCHES = ['batch_000000.npz', 'batch_000001.npz', 'batch_000002.npz']
-KILL_MIDWRITE = [sys.executable, os.path.join(ROOT, 'tools', 'kill_midwrite.py')]
+KILL_MIDWRITE = [sys.executable, os.path.join(ROOT, 'tools', 'checks', 'kill_midwrite.py')]
 MPIEXEC = [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', '2', sys.executable]
 
 

@@ -1,9 +1,9 @@
-"""tools/images.py: the pixel conversion and the PNG grid every tool writes with."""
+"""tools/figures/images.py: the pixel conversion and the PNG grid every tool writes with."""
 
 import numpy as np
 import PIL.Image
 
-from tools.images import save_grid, tile, to_uint8
+from tools.figures.images import save_grid, tile, to_uint8
 
 
 def test_model_range_maps_to_pixels_with_clamping():

@@ -1,7 +1,7 @@
 """The nano diffusion CLI (overlay/dataflowr/nano.py) on real MNIST digits, at tiny budgets, its
 samplers (the notebook's DDPM.step and the clipped one), and what it is built from: nano_data.py
 (digits, the conversion to the model's range), nano_metrics.py (proxy FID and KID, the rescaled
-view, the mean drift, the Fig. 4 similarity) and tools/images.py (pixels, grids)."""
+view, the mean drift, the Fig. 4 similarity) and tools/figures/images.py (pixels, grids)."""
 
 import gzip
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import IDDPM, NANO, cuda_only, nano
-from tools.images import to_uint8
+from tools.figures.images import to_uint8
 
 sys.path.insert(0, NANO)
 sys.path.append(IDDPM) # improved-diffusion's respaced sampler, which --sample-steps follows

@@ -1,4 +1,4 @@
-"""tools/paper/nano_compare.py end to end at a tiny budget: every method runs, and the table and figures appear;
+"""tools/figures/nano_compare.py end to end at a tiny budget: every method runs, and the table and figures appear;
 what one nano.py run writes (its PNGs, metrics.json), and scoring it again, read from the comparison's runs."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, nano
-from tools.images import save_grid, tile, to_uint8, untile
+from tools.figures.images import save_grid, tile, to_uint8, untile
 
 # A tool end to end, each run paying the notebook's 1000-step sampler: `make smoke` runs this module, `make test`
 # does not (nano.py's sampler, scores and resuming are tested in test_nano_cli.py).
@@ -28,7 +28,7 @@ COMPARE = ['--epochs', '2', '--batch-size', '16', '--train-digits', '32', '--sam
 
 
 def compare(out, *extra):
-    command = [sys.executable, '-m', 'tools.paper.nano_compare', *COMPARE, *extra, '--out', str(out)]
+    command = [sys.executable, '-m', 'tools.figures.nano_compare', *COMPARE, *extra, '--out', str(out)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -126,6 +126,6 @@ def test_finished_runs_are_reused_and_the_clipped_sampler_resamples_their_checkp
 
 
 def test_clip_x0_takes_all_none_or_methods(tmp_path):
-    command = [sys.executable, '-m', 'tools.paper.nano_compare', '--clip-x0', 'none', 'uclora', '--out', str(tmp_path)]
+    command = [sys.executable, '-m', 'tools.figures.nano_compare', '--clip-x0', 'none', 'uclora', '--out', str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and '--clip-x0: all, none, or method names' in result.stderr and 'Traceback' not in result.stderr

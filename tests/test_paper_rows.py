@@ -73,7 +73,7 @@ def test_datasets_of_the_rows_are_make_targets():
 def dry_run(tmp_path, row, variant, *extra, driver='edm'):
     """The three commands (train, generate or sample, fid calc) a paper-row driver would run for a snapshot
     (ImageNet64 first makes its reference statistics: a fourth)."""
-    result = tool(f'paper.{driver}', row, f'--variant={variant}', '--dry-run', f'--runs={tmp_path}', *extra)
+    result = tool(f'drivers.{driver}', row, f'--variant={variant}', '--dry-run', f'--runs={tmp_path}', *extra)
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if line.startswith('[vendor/') and ' ref ' not in line]
     assert len(commands) == 3, 'train, generate or sample, fid'
@@ -148,7 +148,7 @@ def test_iddpm_targets_use_the_papers_flags(row, variant, expected, absent, tmp_
 
 
 def test_imagenet64_is_scored_against_statistics_of_the_users_training_images(tmp_path):
-    result = tool('paper.iddpm', 'imagenet64', '--variant=baseline', '--dry-run', f'--runs={tmp_path}')
+    result = tool('drivers.iddpm', 'imagenet64', '--variant=baseline', '--dry-run', f'--runs={tmp_path}')
     ref = next(line for line in result.stdout.splitlines() if ' ref ' in line)
     assert f'fid.py ref --data={ROOT}/datasets/imagenet64-train --dest={ROOT}/datasets/imagenet64-train-fid-ref.npz.partial.npz' in ref
     assert '[vendor/edm]' in ref, "EDM's fid.py, with Inception"
@@ -161,9 +161,9 @@ def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
 
 
 def test_smoke_runs_transfer_from_the_recipes_smoke_baseline(tmp_path):
-    result = tool('paper.edm', 'cifar10-uncond', '--variant=finetune', '--smoke', '--dry-run', f'--runs={tmp_path}')
+    result = tool('drivers.edm', 'cifar10-uncond', '--variant=finetune', '--smoke', '--dry-run', f'--runs={tmp_path}')
     assert result.returncode == 0, result.stderr
-    assert f'tools.paper.edm cifar10-uncond --variant=baseline --smoke --runs={tmp_path}' in result.stdout, 'the baseline is made first'
+    assert f'tools.drivers.edm cifar10-uncond --variant=baseline --smoke --runs={tmp_path}' in result.stdout, 'the baseline is made first'
     train = next(line for line in result.stdout.splitlines() if ' train.py ' in line)
     assert f'--transfer={tmp_path}/edm-cifar10-uncond-baseline-smoke/network-snapshot-000001.pkl' in train
     assert '--finetune=True' in train and 'nvlabs-fi-cdn' not in train, "not EDM's full-size published network"

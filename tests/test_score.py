@@ -1,5 +1,5 @@
-"""Scoring every snapshot (tools/paper/score.py) and `make results` (tools/paper/results.py) on two
-tiny EDM snapshots, with the stand-in detector (tools/fid_standin.py) that smoke runs use."""
+"""Scoring every snapshot (tools/scoring/score.py) and `make results` (tools/scoring/results.py) on two
+tiny EDM snapshots, with the stand-in detector (tools/scoring/fid_standin.py) that smoke runs use."""
 
 import glob
 import json
@@ -14,8 +14,8 @@ import torch
 
 from conftest import EDM
 from tools import ROOT
-from tools.fid_standin import standin_weights
-from tools.paper import results, score
+from tools.scoring.fid_standin import standin_weights
+from tools.scoring import records, results, score, upstreams
 from tools.paper.rows import find
 
 pytestmark = pytest.mark.first(57) # one of the longest modules, started early (seconds measured by --durations)
@@ -126,13 +126,13 @@ def test_an_interrupted_generation_resumes_to_the_same_images(run, scored, tmp_p
     runs, folder = run
     kept = folder / 'scores' / 'network-snapshot-000000.nfe3.8' / 'evaluation-0'
     snapshot = str(folder / 'network-snapshot-000000.pkl')
-    killer = [sys.executable, os.path.join(ROOT, 'tools', 'kill_midwrite.py'), '000005', '--']
+    killer = [sys.executable, os.path.join(ROOT, 'tools', 'checks', 'kill_midwrite.py'), '000005', '--']
     with pytest.raises(SystemExit): # the step fails: killed while writing seed 5's PNG
-        score.edm_generate(snapshot, str(tmp_path), list(range(8)), protocol(folder, 1), killer)
+        upstreams.EDM.generate_seeds(snapshot, str(tmp_path), list(range(8)), protocol(folder, 1), killer)
     truncated = tmp_path / '000000' / '000005.png'
-    assert truncated.exists() and not score.is_complete_png(truncated), 'the kill left a truncated PNG'
-    assert score.missing_seeds(str(tmp_path), list(range(8))) == [5, 6, 7] and not truncated.exists(), 'taken as missing and deleted'
-    score.edm_generate(snapshot, str(tmp_path), list(range(8)), protocol(folder, 1), [sys.executable])
+    assert truncated.exists() and not upstreams.is_complete_png(truncated), 'the kill left a truncated PNG'
+    assert upstreams.missing_seeds(str(tmp_path), list(range(8))) == [5, 6, 7] and not truncated.exists(), 'taken as missing and deleted'
+    upstreams.EDM.generate_seeds(snapshot, str(tmp_path), list(range(8)), protocol(folder, 1), [sys.executable])
     for seed in range(8):
         path = f'000000/{seed:06d}.png'
         assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / path)), np.asarray(PIL.Image.open(kept / path))), path
@@ -153,13 +153,13 @@ def test_results_put_the_best_snapshot_beside_the_paper(run, scored, tmp_path):
     text = results.markdown(lines, smoke=True)
     assert '## Table 1' in text and '## Table 2' in text and 'stand-in detector' in text
     assert os.path.exists(folder / 'fid-vs-images.png')
-    picture = results.plot_table(lines, 'Table 1', str(runs), True, str(tmp_path))
+    picture = results.plot_table(lines, 'Table 1', True, str(tmp_path))
     assert np.asarray(PIL.Image.open(picture).convert('L')).std() > 10
 
 
 def test_seed_lists_as_generate_py_reads_them():
-    assert score.seed_ranges([0, 1, 2, 5, 7, 8]) == '0-2,5,7-8'
-    assert score.seed_ranges([3]) == '3'
+    assert upstreams.seed_ranges([0, 1, 2, 5, 7, 8]) == '0-2,5,7-8'
+    assert upstreams.seed_ranges([3]) == '3'
 
 
 def test_snapshot_selection(tmp_path):
@@ -189,7 +189,7 @@ def test_runs_scored_with_two_protocols_get_a_line_each(tmp_path):
     for kimg, images, fids in [(100, 50000, [2.5, 2.6]), (200, 50000, [2.4, 2.45]), (100, 70000, [2.3]), (200, 70000, [2.35])]:
         record = dict(row=row.name, snapshot=f'network-snapshot-{kimg:06d}.pkl', images_seen=kimg * 1000, nfe=79, images=images,
                       detector='d', evaluations=[dict(seeds=f'seeds {i}', fid=fid) for i, fid in enumerate(fids)], evaluations_planned=len(fids))
-        (scores / f'network-snapshot-{kimg:06d}.nfe79.{images}.json').write_text(json.dumps(score.summarise(record)))
+        (scores / f'network-snapshot-{kimg:06d}.nfe79.{images}.json').write_text(json.dumps(records.summarise(record)))
     lines = [line for line in results.collect(str(tmp_path), smoke=True, count_params=False) if line['row'] == row.name]
     assert sorted((line['images'], line['fid'], line['snapshot']) for line in lines) == [
         (50000, 2.4, 'network-snapshot-000200.pkl'), (70000, 2.3, 'network-snapshot-000100.pkl')]

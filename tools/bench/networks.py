@@ -32,7 +32,10 @@ import sys
 import time
 import traceback
 
-from tools.vendoring.upstream import ROOT
+from tools import ROOT
+from tools.paper.params import edm_network_kwargs, iddpm_options
+from tools.paper.rows import find
+from tools.vendoring.upstream import import_vendor_tree
 
 #----------------------------------------------------------------------------
 # What is measured: (network, variant, the paper row it builds, the variant it is compared with).
@@ -78,7 +81,6 @@ TARGETS = {
 
 def build_edm(row, device, tiny, batch):
     import torch
-    from tools.paper.params import edm_network_kwargs
     import dnnlib
     from training.loss import EDMLoss
     kwargs = edm_network_kwargs(row)
@@ -107,7 +109,6 @@ def build_iddpm(row, device, tiny, batch):
     import torch
     from improved_diffusion.resample import UniformSampler
     from improved_diffusion.script_util import create_model_and_diffusion
-    from tools.paper.params import iddpm_options
     options = iddpm_options(row, *(['--num_channels', 32, '--num_res_blocks', 1] if tiny else []))
     model, diffusion = create_model_and_diffusion(**options)
     model.to(device).train()
@@ -165,8 +166,6 @@ def worker(conn, network, variant, device, tiny, threads):
     """One variant's process: build, then answer commands (time a block, set TF32, report memory) until 'stop'."""
     try:
         import torch
-        from tools.paper.rows import find
-        from tools.vendoring.upstream import import_vendor_tree
         torch.set_num_threads(threads)
         spec = NETWORKS[network]
         tree, build = BUILDERS[spec['upstream']]

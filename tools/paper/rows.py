@@ -3,14 +3,16 @@
 A Recipe is one upstream trained on one dataset: what its rows share (the upstream's flags, data,
 sampler, FID reference). A Row is one conditioning of a recipe: its variant flags, LoRA sizes and
 what the paper reports. Everything that runs, counts or reports a paper row reads this module: the
-drivers (tools.paper.edm, tools.paper.iddpm, tools.paper.nano_compare), `make params`
-(tools.paper.params) and the tests.
+drivers (tools.drivers), `make params` (tools.paper.params), scoring and results (tools.scoring),
+the figures (tools.figures) and the tests. run_folder() and row_of_folder() are the one place that
+names a row's run folder.
 
 Sources: the paper's tables and Appendix A (A.2 IDDPM, A.3 EDM, A.4 TimeLoRA, A.5 UC-LoRA), EDM's
 and improved-diffusion's READMEs for the recipes. "EDM (vp)" is EDM's own recipe (--precond=edm,
 its default) with the DDPM++ network (--arch=ddpmpp), as in EDM's published *-vp.pkl models.
 """
 
+import os
 from dataclasses import dataclass
 
 EDM_CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm'
@@ -237,3 +239,28 @@ def find(upstream, dataset, variant):
         if (row.upstream, row.dataset, row.variant) == (upstream, dataset, variant):
             return row
     raise KeyError(f'no {upstream} row {dataset} {variant}')
+
+#----------------------------------------------------------------------------
+# Run folders: runs/<row name>[-authors][-smoke]. "-authors": the paper authors' released checkpoint,
+# converted (tools.drivers.authors_checkpoint); "-smoke": a tiny CPU run on synthetic data.
+
+AUTHORS_SUFFIX = '-authors'
+SMOKE_SUFFIX = '-smoke'
+
+
+def run_folder(runs, row, smoke=False, authors=False):
+    """The run folder of `row` under `runs`."""
+    return os.path.join(runs, row.name + (AUTHORS_SUFFIX if authors else '') + (SMOKE_SUFFIX if smoke else ''))
+
+
+def row_of_folder(folder):
+    """(row, smoke, authors) of a run folder's name; KeyError if it names no row."""
+    name = os.path.basename(os.path.normpath(folder))
+    smoke = name.endswith(SMOKE_SUFFIX)
+    name = name[:-len(SMOKE_SUFFIX)] if smoke else name
+    authors = name.endswith(AUTHORS_SUFFIX)
+    name = name[:-len(AUTHORS_SUFFIX)] if authors else name
+    for row in ROWS:
+        if row.name == name:
+            return row, smoke, authors
+    raise KeyError(f'{folder}: not the run folder of a paper row (runs/<upstream>-<dataset>-<variant>[-authors][-smoke])')

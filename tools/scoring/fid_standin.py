@@ -1,6 +1,6 @@
 """Run EDM's fid.py (ref or calc) with a stand-in feature network in place of Inception-v3.
 
-    python tools/fid_standin.py ref|calc <fid.py options>      # in vendor/edm, on its PYTHONPATH
+    python tools/scoring/fid_standin.py ref|calc <fid.py options>      # in vendor/edm, on its PYTHONPATH
 
 fid.py downloads Inception-v3 at run time, which an offline machine cannot. Smoke runs and the tests
 score with this stand-in instead; everything else is the upstream's own code: the image loading, the

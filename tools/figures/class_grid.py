@@ -1,8 +1,8 @@
 """Paper Fig. 5 (Section 5.6, Appendix C): class vectors a network never saw in training.
 
-    python -m tools.paper.class_grid                # newest snapshots of the CIFAR-10 cond baseline and ClassLoRA runs
-    python -m tools.paper.class_grid --smoke        # the same from their smoke runs
-    python -m tools.paper.class_grid --nets A.pkl B.pkl --names scale-and-shift ClassLoRA --classes airplane horse
+    python -m tools.figures.class_grid                # newest snapshots of the CIFAR-10 cond baseline and ClassLoRA runs
+    python -m tools.figures.class_grid --smoke        # the same from their smoke runs
+    python -m tools.figures.class_grid --nets A.pkl B.pkl --names scale-and-shift ClassLoRA --classes airplane horse
 
 Both networks are trained on one-hot class vectors. The grid feeds them the interpolation
 (1 - lambda) c_a + lambda c_b for lambda from 0 to 1, and the scaled vector alpha c_b for alpha
@@ -25,9 +25,9 @@ import torch
 
 from tools import ROOT
 from tools.data.image_folder import CIFAR10_CLASSES
-from tools.images import tile, with_caption
-from tools.paper.rows import find
-from tools.paper.steps import SMOKE_CAPTION, newest
+from tools.figures.images import SMOKE_CAPTION, tile, with_caption
+from tools.paper.rows import find, run_folder
+from tools.scoring.records import newest
 from tools.vendoring.upstream import import_vendor_tree
 
 DEFAULT_VARIANTS = {'baseline': 'scale-and-shift', 'classlora': 'ClassLoRA'} # the two class-conditional CIFAR-10 runs of Fig. 5
@@ -56,7 +56,7 @@ def default_nets(args):
     nets = []
     for variant in DEFAULT_VARIANTS:
         row = find('edm', 'cifar10-cond', variant)
-        folder = os.path.join(args.runs, row.name + ('-smoke' if args.smoke else ''))
+        folder = run_folder(args.runs, row, args.smoke)
         snapshot = newest(os.path.join(folder, 'network-snapshot-*.pkl'))
         if snapshot is None:
             sys.exit(f'class_grid: no snapshot in {os.path.relpath(folder, ROOT)}; run '

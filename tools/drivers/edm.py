@@ -1,12 +1,12 @@
 """One paper row on EDM: train, score every snapshot, show samples, with EDM's own CLIs and the paper's flags.
 
-    python -m tools.paper.edm cifar10-uncond --variant=with-lora --gpus=8
-    python -m tools.paper.edm ffhq64 --variant=only-lora --smoke
+    python -m tools.drivers.edm cifar10-uncond --variant=with-lora --gpus=8
+    python -m tools.drivers.edm ffhq64 --variant=only-lora --smoke
 
 The row's flags come from the table of paper rows (tools/paper/rows.py). Each step prints the
 command it runs (in vendor/edm), so it can be rerun by hand. Re-running the same row continues
 where it stopped: training resumes from the newest training-state-*.pt in the run folder (written
-atomically: patch 0004), and scoring (tools/paper/score.py) skips what it has recorded and
+atomically: patch 0004), and scoring (tools/scoring/score.py) skips what it has recorded and
 generates only the images still missing.
 
 --smoke runs the same steps on the CPU at tiny size: a synthetic dataset in EDM's zip format, a
@@ -26,24 +26,15 @@ import PIL.Image
 
 from tools import ROOT
 from tools.data.image_folder import CIFAR10_CLASSES
+from tools.drivers.steps import dataset_path, parse_row, run_dir
+from tools.figures.images import show_samples
 from tools.paper.rows import find, flag_value
-from tools.paper.score import SMOKE_IMAGES, best, edm_generate, reference_statistics, score_run, score_snapshot
-from tools.paper.steps import dataset_path, newest, number_in_name, parse_row, run_dir, run_step, show_samples, synthetic_images
+from tools.scoring.records import best, newest, number_in_name
+from tools.scoring.score import score_run, score_snapshot
+from tools.scoring.upstreams import EDM
+from tools.vendoring.run import run_step
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
-
-
-def launcher(gpus):
-    return [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
-
-
-def smoke_dataset(run_dir, dry_run):
-    """A synthetic 16x16 dataset in EDM's zip format, written by EDM's own dataset_tool.py."""
-    data = os.path.join(run_dir, 'synthetic-16x16.zip')
-    if not os.path.exists(data):
-        images = synthetic_images(os.path.join(run_dir, 'synthetic-images'), count=64, resolution=16)
-        run_step([sys.executable, 'dataset_tool.py', f'--source={images}', f'--dest={data}'], 'edm', dry_run=dry_run)
-    return data
 
 
 def smoke_base(args, row):
@@ -52,7 +43,7 @@ def smoke_base(args, row):
     baseline = find('edm', row.dataset, 'baseline')
     pattern = os.path.join(run_dir(args, baseline), 'network-snapshot-*.pkl')
     if newest(pattern) is None:
-        command = [sys.executable, '-m', 'tools.paper.edm', row.dataset, '--variant=baseline', '--smoke', f'--runs={args.runs}']
+        command = [sys.executable, '-m', 'tools.drivers.edm', row.dataset, '--variant=baseline', '--smoke', f'--runs={args.runs}']
         print(f'\n{row.name}: the smoke run starts from the smoke baseline\'s network; making it first', flush=True)
         print(f'$ {shlex.join(command)}', flush=True)
         if args.dry_run:
@@ -73,14 +64,17 @@ def published_network(url, dry_run):
     return dest
 
 
-def main():
+def main(argv=None, launcher=None):
+    """launcher: the command prefix every step runs under (default: EDM's for --gpus; make kill-check
+    runs each step under a killer)."""
     parser, args, row = parse_row(__doc__, 'edm', gpus_help='processes (GPUs) per node for torchrun',
-                                  train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"')
-    run = lambda command: run_step(launcher(args.gpus) + command, 'edm', dry_run=args.dry_run)
+                                  train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"', argv=argv)
+    launcher = launcher or EDM.launcher(args.gpus)
+    run = lambda command: run_step(launcher + command, EDM.tree, dry_run=args.dry_run)
 
     folder = run_dir(args, row)
     if args.smoke:
-        data = smoke_dataset(folder, args.dry_run)
+        data = EDM.smoke_data(folder, args.dry_run)
         variant_flags = list(row.variant_flags)
         if flag_value(variant_flags, '--transfer') is not None:
             variant_flags = [flag for flag in variant_flags if not flag.startswith(('--transfer', '--duration'))] + [f'--transfer={smoke_base(args, row)}']
@@ -102,43 +96,30 @@ def main():
             train_flags = [flag for flag in train_flags if not flag.startswith('--transfer')]
         run(['train.py', f'--outdir={folder}', '--nosubdir', f'--data={data}'] + train_flags + resume)
 
-    # Score every snapshot (tools.paper.score), then draw samples of the snapshot the row reports.
-    protocol = scoring_protocol(row, folder, args.smoke, args.fid_evaluations, args.fid_images, args.dry_run)
+    # Score every snapshot (tools.scoring.score), then draw samples of the snapshot the row reports.
+    protocol = EDM.protocol(row, folder, args.smoke, args.fid_evaluations, args.fid_images, args.dry_run)
     if args.dry_run:
-        return score_snapshot(os.path.join(folder, f'network-snapshot-{total_kimg:06d}.pkl'), folder, row, protocol, launcher(args.gpus))
-    records = score_run(folder, row, protocol, launcher(args.gpus), args.snapshots, args.keep_images)
-    sample_grid(folder, row, best(records)['snapshot'], protocol, args)
+        return score_snapshot(os.path.join(folder, f'network-snapshot-{total_kimg:06d}.pkl'), folder, row, protocol, launcher)
+    records = score_run(folder, row, protocol, launcher, args.snapshots, args.keep_images)
+    sample_grid(folder, row, best(records)['snapshot'], protocol, launcher, args.smoke)
 
 
-def scoring_protocol(row, folder, smoke, evaluations=None, images=None, dry_run=False):
-    """How tools.paper.score scores this row's snapshots: EDM's Heun sampler at the row's NFE (2 steps - 1),
-    the minimum of 3 evaluations (EDM's tables), EDM's reference statistics; smoke runs: 4 steps and
-    the stand-in detector against statistics of their own synthetic data."""
-    steps = 4 if smoke else (row.nfe + 1) // 2
-    ref = row.recipe.fid_ref
-    if smoke and not dry_run:
-        ref = reference_statistics(smoke_dataset(folder, dry_run), os.path.join(folder, 'fid-ref-standin.npz'), [sys.executable])
-    return dict(steps=steps, nfe=2 * steps - 1, sampler=f"EDM's Heun sampler, {steps} steps", batch=64,
-                images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images), evaluations=evaluations or 3,
-                ref=ref, detector='standin' if smoke else 'inception', train_batch=int(flag_value(row.flags, '--batch')), dry_run=dry_run)
-
-
-def sample_grid(folder, row, snapshot, protocol, args):
+def sample_grid(folder, row, snapshot, protocol, launcher, smoke):
     """Appendix D: samples of the reported snapshot, samples.png; conditional rows: a row of samples a class."""
     stem = snapshot[len('network-snapshot-'):-len('.pkl')]
     classes = 10 if flag_value(row.flags, '--cond') == '1' else 0
-    per_class, count = (4, 16) if args.smoke else (10, 64)
+    per_class, count = (4, 16) if smoke else (10, 64)
     images = []
     for label in range(classes) if classes else [None]:
         image_dir = os.path.join(folder, f'samples-{stem}' + (f'/class-{label}' if classes else ''))
         seeds = list(range(per_class if classes else count))
-        edm_generate(os.path.join(folder, snapshot), image_dir, seeds, protocol, launcher(args.gpus), class_label=label)
+        EDM.generate_seeds(os.path.join(folder, snapshot), image_dir, seeds, protocol, launcher, class_label=label)
         images += [np.asarray(PIL.Image.open(os.path.join(image_dir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')).convert('RGB'))
                    for seed in seeds]
     what = f'a row a class, seeds 0-{per_class - 1}' if classes else f'seeds 0-{count - 1}'
     show_samples(np.stack(images), os.path.join(folder, 'samples.png'),
                  f'{row.name}: {snapshot} (the best FID of the run), {what}, {protocol["sampler"]} (NFE {protocol["nfe"]})',
-                 args.smoke, count=len(images), columns=per_class if classes else None, row_labels=CIFAR10_CLASSES if classes else None)
+                 smoke, count=len(images), columns=per_class if classes else None, row_labels=CIFAR10_CLASSES if classes else None)
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 """Paper Fig. 4, Fig. 7, Appendix B: how alike a snapshot's LoRA composition weights are between conditions.
 
-    python -m tools.paper.composition_maps runs/edm-cifar10-uncond-with-lora/network-snapshot-200000.pkl
-    python -m tools.paper.composition_maps runs/iddpm-cifar10-uncond-with-lora/ema_0.9999_500000.pt --out maps
-    python -m tools.paper.composition_maps runs/nano-compare/uclora-seed0/checkpoint.pt --each-layer
+    python -m tools.figures.composition_maps runs/edm-cifar10-uncond-with-lora/network-snapshot-200000.pkl
+    python -m tools.figures.composition_maps runs/iddpm-cifar10-uncond-with-lora/ema_0.9999_500000.pt --out maps
+    python -m tools.figures.composition_maps runs/nano-compare/uclora-seed0/checkpoint.pt --each-layer
 
 Reads a snapshot of any upstream; the file tells its kind (--kind, if given, is checked against it):
     edm    network-snapshot-*.pkl of a UC-LoRA run: each layer's composition MLP output at noise
@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import torch
 
-from tools.composition import FAR, NEAR, Axis, cosine_similarity, near_and_far, save_heatmap, save_layer_grid
+from tools.figures.composition import FAR, NEAR, Axis, cosine_similarity, near_and_far, save_heatmap, save_layer_grid
 from tools.vendoring.upstream import import_vendor_tree
 
 TOOL = 'composition_maps'

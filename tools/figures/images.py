@@ -1,7 +1,11 @@
 """Image grids and pixel conversions, shared by every tool that writes a picture."""
 
+import os
+
 import numpy as np
 import PIL.Image
+
+from tools import ROOT
 
 
 def to_uint8(images, low=-1.0, high=1.0):
@@ -81,3 +85,17 @@ def with_row_labels(picture, labels, row_height, font_size=14, margin=6):
     for i, label in enumerate(labels):
         draw.text((margin, i * row_height + row_height // 2 - font_size // 2), label, fill='black', font=font)
     return labelled
+
+
+SMOKE_CAPTION = ('Smoke run: a few training steps on synthetic images, so these samples are noise by design '
+                 '(it checks that every step runs, not what the model learns).')
+
+
+def show_samples(images, out_path, caption, smoke=False, count=16, columns=None, row_labels=None):
+    """A PNG grid of the first `count` samples ([N, H, W, 3] uint8), `columns` a row, 128 pixels each,
+    a white line between them, `caption` above (what was sampled; for smoke runs, why it is noise) and
+    row_labels, if given, on the left."""
+    images = images[:count]
+    caption = f'{caption}\n{SMOKE_CAPTION}' if smoke else caption
+    save_grid(images, out_path, columns=columns, scale=max(1, 128 // images.shape[1]), gap=1, caption=caption, row_labels=row_labels)
+    print(f'\nsample grid: {os.path.relpath(out_path, ROOT)}')

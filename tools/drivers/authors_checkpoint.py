@@ -1,6 +1,11 @@
 """Convert the paper authors' released EDM snapshots into this project's network (UC-LoRA).
 
-    python -m tools.paper.authors_checkpoint cifar10-uncond.pkl --out runs/authors/edm-cifar10-uncond.pkl
+    python -m tools.drivers.authors_checkpoint cifar10-uncond.pkl --dataset=cifar10-uncond   # converted and scored
+    python -m tools.drivers.authors_checkpoint cifar10-uncond.pkl --out=converted.pkl         # converted only
+
+--dataset files the converted snapshot as the pretrained row's run of the authors' checkpoint
+(tools.paper.rows.run_folder(authors=True)), at 100,000 kimg (their README trains from EDM's
+published network for 100 Mimg), and scores it as `make score` would.
 
 The authors trained their CIFAR-10 and FFHQ 64x64 networks with their fork of EDM
 (github.com/lthilnklover/diffusion_lora; its README links the snapshots). Those pickles do not load
@@ -44,9 +49,13 @@ import sys
 
 import torch
 
+from tools import ROOT
+from tools.paper.rows import find, run_folder
+from tools.scoring.score import score_folder
 from tools.vendoring.upstream import import_vendor_tree
 
 TOOL = 'authors_checkpoint'
+RELEASED = ['cifar10-uncond', 'ffhq64'] # the datasets of the authors' released snapshots
 PRECONDS = ['VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond'] # EDM's preconditioners, which hold the U-Net as .model
 OUR_LORA_CLASSES = ['UCLoRAConv', 'ClassLoRAConv', 'TimeClassLoRAConv']
 NUMPY_MODULES = ['numpy', 'numpy.core.multiarray', 'numpy._core.multiarray'] # numpy 1 and 2 spell the module differently
@@ -318,8 +327,19 @@ def convert(src_path, dst_path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('src', metavar='SRC.pkl', help='a snapshot of the authors\' EDM fork (network-snapshot-*.pkl)')
-    parser.add_argument('--out', required=True, metavar='DST.pkl', help='where to write the converted snapshot')
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument('--dataset', choices=RELEASED,
+                       help="file it as the pretrained row's authors' run of this dataset, and score it")
+    where.add_argument('--out', metavar='DST.pkl', help='where to write the converted snapshot (not scored)')
+    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go (with --dataset)')
+    parser.add_argument('--gpus', type=int, default=1, help='processes (GPUs) that share generation (with --dataset)')
+    parser.add_argument('--fid-evaluations', type=int, help='FID evaluations (with --dataset)')
+    parser.add_argument('--fid-images', type=int, help='images an evaluation (with --dataset)')
+    parser.add_argument('--keep-images', action='store_true', help='keep the generated images once scored (with --dataset)')
     args = parser.parse_args(argv)
+    folder = run_folder(args.runs, find('edm', args.dataset, 'pretrained'), authors=True) if args.dataset else None
+    if folder:
+        args.out = os.path.join(folder, 'network-snapshot-100000.pkl')
     try:
         summary = convert(args.src, args.out)
     except ConversionError as err:
@@ -328,6 +348,8 @@ def main(argv=None):
           f'{summary["source_tensors"]} tensors copied, {summary["parameters"]:,} parameters')
     print(f'{TOOL}: the same network as train.py {" ".join(summary["flags"])}')
     print(f'{TOOL}: wrote {args.out}')
+    if folder:
+        score_folder(folder, args.gpus, 'all', args.fid_evaluations, args.fid_images, args.keep_images)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ band along the diagonal means near conditions share bases and far ones use other
 a matrix up: the mean similarity of near pairs and that of far pairs, near and far measured as
 fractions of the axis' span (nano diffusion's T = 1000 steps: near <= 50 steps apart, far >= 500).
 
-Shared by tools/paper/composition_maps.py (any upstream's snapshot) and nano diffusion's
+Shared by tools/figures/composition_maps.py (any upstream's snapshot) and nano diffusion's
 nano_metrics.py (its omega_similarity.png).
 """
 

@@ -1,6 +1,6 @@
 """Paper Fig. 3 on a CPU: nano diffusion on real MNIST with each conditioning, at one equal budget.
 
-    python -m tools.paper.nano_compare [--epochs 25] [--seeds 0 1] [--samples 128] [--out runs/nano-compare] [--clip-x0 all|none|METHOD ...]
+    python -m tools.figures.nano_compare [--epochs 25] [--seeds 0 1] [--samples 128] [--out runs/nano-compare] [--clip-x0 all|none|METHOD ...]
 
 Runs vendor/dataflowr/nano.py for: the notebook's scale-and-shift ("shift", with the sinusoidal fix),
 shift with the notebook's original embedding (the fix's effect), TimeLoRA with the interpolation
@@ -26,8 +26,8 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
-from tools.composition import Axis, draw
-from tools.images import tile, untile
+from tools.figures.composition import Axis, draw
+from tools.figures.images import tile, untile
 from tools.paper.rows import NANO_ROWS
 from tools.vendoring.upstream import import_vendor_tree
 
@@ -218,7 +218,7 @@ def main():
              f'Budget a run: {args.epochs} epochs = {first["optimizer_steps"]} optimizer steps of {args.batch_size} digits '
              f'({first["images_seen"]} digits seen), lr {args.lr}; {args.samples} samples of the notebook\'s 1000-step sampler (DDPM.step); seeds {args.seeds}.',
              f'Proxy FID: {first["proxy_fid_note"]} (classifier test accuracy {first["classifier_test_accuracy"]:.3f} '
-             f'on {first["held_out_digits"]} held-out digits). Command: `python -m tools.paper.nano_compare --epochs {args.epochs} '
+             f'on {first["held_out_digits"]} held-out digits). Command: `python -m tools.figures.nano_compare --epochs {args.epochs} '
              f'--seeds {" ".join(map(str, args.seeds))} --samples {args.samples} --out {os.path.relpath(args.out, ROOT)}'
              + (f' --methods {" ".join(results)}' if len(results) < len(METHODS) else '') + '`.', '',
              'Two views of the same samples: de-normalised (x + 1) * 127.5, clamped; and each digit rescaled from its own '

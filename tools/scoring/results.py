@@ -1,8 +1,8 @@
 """`make results`: every run's FID records beside the paper's numbers, laid out like its Tables 1, 2 and 3.
 
-    python -m tools.paper.results [--smoke] [--runs=runs] [--out=FOLDER]
+    python -m tools.scoring.results [--smoke] [--runs=runs] [--out=FOLDER]
 
-Reads the records that tools.paper.score writes (runs/<row>/scores/*.json) and writes, into --out
+Reads the records that tools.scoring.score writes (runs/<row>/scores/*.json) and writes, into --out
 (default runs/results, or runs/results-smoke): results.md (also printed), results.csv and one
 fid-vs-images-<table>.png a table. A cell without a run stays empty: nothing is filled from the paper.
 
@@ -24,8 +24,9 @@ import os
 import textwrap
 
 from tools import ROOT
-from tools.paper.rows import ROWS
-from tools.paper.score import best as best_snapshot
+from tools.paper import params
+from tools.paper.rows import ROWS, row_of_folder, run_folder
+from tools.scoring.records import by_protocol, load_records, reported
 
 TABLES = {
     'Table 1': 'Table 1: FID of the baseline (scale-and-shift), only LoRA and with LoRA',
@@ -35,42 +36,16 @@ TABLES = {
 }
 UPSTREAMS = {'edm': 'EDM (vp)', 'iddpm': 'IDDPM'} # as the paper's Table 1 names them
 SMOKE_NOTE = ('Smoke runs: tiny networks, a few training steps on synthetic images, FID by a stand-in detector '
-              '(tools/fid_standin.py) against their own data. The numbers check the plumbing only.')
+              '(tools/scoring/fid_standin.py) against their own data. The numbers check the plumbing only.')
 
 
-def load_records(folder):
-    """The run's snapshot records, by training images; each with 'complete' (every planned evaluation done)."""
-    records = []
-    for path in glob.glob(os.path.join(folder, 'scores', '*.json')):
-        with open(path) as f:
-            record = json.load(f)
-        if record.get('evaluations'):
-            record['complete'] = record['fid_count'] >= record.get('evaluations_planned', 1)
-            records.append(record)
-    return sorted(records, key=lambda record: (record['images_seen'], record['nfe']))
-
-
-def reported(records):
-    """(best, last) snapshot records: among complete ones if any, else among those started."""
-    pool = [record for record in records if record['complete']] or records
-    return (best_snapshot(pool), pool[-1]) if pool else (None, None)
+SOURCES = {False: 'trained here', True: "the authors' released checkpoint"} # by run_folder(authors=)
 
 
 def runs_of(row, runs, smoke):
-    """(source, records) of a row's runs: its own and, for EDM rows, one of the authors' converted checkpoint."""
-    suffix = '-smoke' if smoke else ''
-    folders = [(os.path.join(runs, row.name + suffix), 'trained here'),
-               (os.path.join(runs, row.name + '-authors' + suffix), "the authors' released checkpoint")]
-    return [(source, records) for folder, source in folders for records in [load_records(folder)] if records]
-
-
-def by_protocol(records):
-    """The records grouped by NFE and images an evaluation (FID_IMAGES=70000 on FFHQ scores a run twice):
-    the snapshots of one group are compared, groups are not."""
-    groups = {}
-    for record in records:
-        groups.setdefault((record['nfe'], record['images']), []).append(record)
-    return list(groups.values())
+    """(folder, records) of a row's runs: its own and, for EDM rows, one of the authors' converted checkpoint."""
+    folders = [run_folder(runs, row, smoke, authors) for authors in SOURCES]
+    return [(folder, records) for folder in folders for records in [load_records(folder)] if records]
 
 
 def mimg(images):
@@ -86,15 +61,16 @@ def collect(runs, smoke, count_params=True):
         if row.upstream == 'dataflowr':
             continue # Fig. 3 and 4: `make nano-compare`
         tables = [table for table in row.tables if table in TABLES] or ['Other']
-        found = [(source, group) for source, records in runs_of(row, runs, smoke) for group in by_protocol(records)]
-        for source, records in found or [('', [])]:
+        found = [(folder, group) for folder, records in runs_of(row, runs, smoke) for group in by_protocol(records)]
+        for folder, records in found or [(None, [])]:
             best, last = reported(records)
             if best and count_params and row.name not in counts:
                 counts[row.name] = params_of(row)
             for table in tables:
                 lines.append(dict(
                     table=table, row=row.name, dataset=row.recipe.title, upstream=row.upstream, conditioning=row.title(table),
-                    bases=row.lora_bases or '', rank=row.lora_rank or '', source=source,
+                    bases=row.lora_bases or '', rank=row.lora_rank or '', folder=folder,
+                    source=SOURCES[row_of_folder(folder)[2]] if folder else '',
                     params_paper=row.paper_params or '', params_ours=counts.get(row.name, '') if best else '',
                     nfe=best['nfe'] if best else '', fid_paper=row.paper_fid if row.paper_fid is not None else '',
                     fid=round(best['fid_min'], 4) if best else '', spread=round(best['fid_spread'], 4) if best else '',
@@ -108,7 +84,6 @@ def collect(runs, smoke, count_params=True):
 
 def params_of(row):
     """Our parameter count of a row (tools.paper.params), or '' where the vendor tree is missing."""
-    from tools.paper import params
     try:
         return params.edm_count(row) if row.upstream == 'edm' else params.iddpm_count(row)
     except Exception as err: # counting is a convenience here: a missing vendor tree leaves the cell empty
@@ -116,10 +91,14 @@ def params_of(row):
         return ''
 
 
+def is_authors(line):
+    return line.get('folder') is not None and row_of_folder(line['folder'])[2]
+
+
 def mark_differences(lines, smoke=False):
     """vs_baseline: our FID minus the recipe's baseline, '~' when within the larger spread; the paper's
     likewise (not against a smoke run's spread, which says nothing about the paper's runs)."""
-    baselines = {(line['upstream'], line['dataset']): line for line in lines if line['row'].endswith('-baseline') and line['source'] != "the authors' released checkpoint"}
+    baselines = {(line['upstream'], line['dataset']): line for line in lines if line['row'].endswith('-baseline') and not is_authors(line)}
     for line in lines:
         line['vs_baseline'] = line['paper_vs_baseline'] = ''
         base = baselines.get((line['upstream'], line['dataset']))
@@ -144,7 +123,7 @@ COLUMNS = [('upstream', 'Code'), ('conditioning', 'Row'), ('source', 'Run'), ('p
 def markdown(lines, smoke):
     def cell(value):
         return f'{value:,}' if isinstance(value, int) and value > 9999 else UPSTREAMS.get(value, str(value))
-    text = ['# Results beside the paper', '', '`make results` (tools/paper/results.py); rule and protocol: README, "Scoring".', '']
+    text = ['# Results beside the paper', '', '`make results` (tools/scoring/results.py); rule and protocol: README, "Scoring".', '']
     if smoke:
         text += [f'**{SMOKE_NOTE}**', '']
     for table, title in TABLES.items():
@@ -198,7 +177,7 @@ def plot_run(folder):
     if max(r['fid_count'] for r in records) > 1:
         ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
     ax.set_ylabel('FID' if len(groups) > 1 else f'FID ({records[0]["images"]:,} images, NFE {records[0]["nfe"]})')
-    smoke = os.path.basename(folder).endswith('-smoke')
+    smoke = row_of_folder(folder)[1]
     ax.set_title(os.path.basename(folder) + ('\nsmoke run: stand-in detector, plumbing only' if smoke else ''), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -209,7 +188,7 @@ def plot_run(folder):
     return path
 
 
-def plot_table(lines, table, runs, smoke, out):
+def plot_table(lines, table, smoke, out):
     """One panel a recipe, one line a run of the table (its minimum FID by training images), the paper's value dashed."""
     plt = pyplot()
     chosen = [line for line in lines if line['table'] == table and line['fid'] != '']
@@ -221,13 +200,12 @@ def plot_table(lines, table, runs, smoke, out):
         drawn = [line for line in chosen if (line['upstream'], line['dataset']) == (upstream, dataset)]
         runs_drawn = []
         for line in drawn:
-            suffix = ('-authors' if line['source'].startswith("the authors'") else '') + ('-smoke' if smoke else '')
-            records = [r for r in load_records(os.path.join(runs, line['row'] + suffix)) if (r['nfe'], r['images']) == (line['nfe'], line['images'])]
-            runs_drawn.append((line, suffix, records))
-        scale = images_axis(ax, [r['images_seen'] for _, _, records in runs_drawn for r in records])
-        for index, (line, suffix, records) in enumerate(runs_drawn):
+            records = [r for r in load_records(line['folder']) if (r['nfe'], r['images']) == (line['nfe'], line['images'])]
+            runs_drawn.append((line, records))
+        scale = images_axis(ax, [r['images_seen'] for _, records in runs_drawn for r in records])
+        for index, (line, records) in enumerate(runs_drawn):
             color = f'C{index % 10}'
-            label = line['conditioning'].split(', ', 1)[1] + (" (authors')" if suffix.startswith('-authors') else '')
+            label = line['conditioning'].split(', ', 1)[1] + (" (authors')" if is_authors(line) else '')
             # Markers and dashes of their own, so that runs with the same FIDs (smoke runs) stay visible.
             ax.plot([r['images_seen'] / scale for r in records], [r['fid_min'] for r in records], marker='osD^v<>'[index % 7],
                     ls=['-', '--', ':', '-.'][index % 4], ms=7 - index % 4, color=color, label=label)
@@ -262,11 +240,11 @@ def main():
     with open(os.path.join(out, 'results.md'), 'w') as f:
         f.write(text)
     with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(lines[0]))
+        writer = csv.DictWriter(f, fieldnames=[key for key in lines[0] if key != 'folder'], extrasaction='ignore')
         writer.writeheader()
         writer.writerows(lines)
     print(text)
-    pictures = [plot_table(lines, table, args.runs, args.smoke, out) for table in TABLES]
+    pictures = [plot_table(lines, table, args.smoke, out) for table in TABLES]
     scored = sum(line['fid'] != '' for line in lines)
     print(f'{scored} of {len(lines)} table lines have a run; written to {os.path.relpath(out, ROOT)}/: results.md, results.csv'
           + ''.join(f', {os.path.basename(p)}' for p in pictures if p))

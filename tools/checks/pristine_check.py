@@ -1,6 +1,6 @@
 """Does an EDM snapshot load and sample with the upstream code alone, as a user of upstream EDM would?
 
-    python -m tools.paper.pristine_check runs/edm-cifar10-cond-classlora-smoke/network-snapshot-000002.pkl [...]
+    python -m tools.checks.pristine_check runs/edm-cifar10-cond-classlora-smoke/network-snapshot-000002.pkl [...]
 
 For each snapshot, a fresh Python process with only vendor/pristine/edm (EDM at the pinned commit,
 no patch, no overlay) on its path unpickles the network (EDM pickles carry the source of their
@@ -41,7 +41,7 @@ print(f'{type(net.model).__name__}, {sum(p.numel() for p in net.parameters()):,}
 def main():
     paths = sys.argv[1:]
     if not paths or any(path.startswith('-') for path in paths):
-        sys.exit(__doc__.strip().split('\n\n')[0] + '\n\nusage: python -m tools.paper.pristine_check SNAPSHOT.pkl [...]')
+        sys.exit(__doc__.strip().split('\n\n')[0] + '\n\nusage: python -m tools.checks.pristine_check SNAPSHOT.pkl [...]')
     if not os.path.isdir(PRISTINE_EDM):
         sys.exit('pristine_check: vendor/pristine/edm is missing; run `make vendor-edm` first')
     failed = 0

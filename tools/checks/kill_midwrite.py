@@ -1,6 +1,6 @@
 """Run a script and SIGKILL it in the middle of writing one file.
 
-    python tools/kill_midwrite.py NAME -- SCRIPT <its arguments>     # the kill tests and make kill-check
+    python tools/checks/kill_midwrite.py NAME -- SCRIPT <its arguments>     # the kill tests and make kill-check
 
 The first file whose name starts with NAME that the script writes (through open(), as pickle.dump,
 torch.save and PIL do with a path, or a file object given to np.savez or torch.save) gets a few

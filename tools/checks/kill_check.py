@@ -1,12 +1,12 @@
 """`make kill-check`: a paper-row run killed mid-write, twice, and rerun ends as an uninterrupted run.
 
-    python -m tools.paper.kill_check [--runs=/tmp/kill-check]
+    python -m tools.checks.kill_check [--runs=/tmp/kill-check]
 
 Three smoke runs of EDM's CIFAR-10 uncond with-LoRA row, each through the row driver
-(tools.paper.edm) exactly as `make edm-cifar-uncond VARIANT=with-lora SMOKE=1` runs it, scoring the
+(tools.drivers.edm) exactly as `make edm-cifar-uncond VARIANT=with-lora SMOKE=1` runs it, scoring the
 last snapshot once:
   uninterrupted   runs straight through;
-  killed          is SIGKILLed (tools/kill_midwrite.py: no cleanup runs) while train.py writes
+  killed          is SIGKILLed (tools/checks/kill_midwrite.py: no cleanup runs) while train.py writes
                   network-snapshot-000001.pkl, run again, SIGKILLed while generate.py writes the PNG
                   of seed 5 during scoring, and run again to the end.
 Then the two folders must hold the same snapshot, training state, FID record and sample grid: no
@@ -25,29 +25,25 @@ import PIL.Image
 import torch
 
 from tools import ROOT
-from tools.paper import edm
+from tools.drivers import edm
+from tools.paper.rows import find, run_folder
 from tools.vendoring.upstream import import_vendor_tree
 
-KILLER = [sys.executable, os.path.join(ROOT, 'tools', 'kill_midwrite.py')]
-ROW_FOLDER = 'edm-cifar10-uncond-with-lora-smoke'
+KILLER = [sys.executable, os.path.join(ROOT, 'tools', 'checks', 'kill_midwrite.py')]
+ROW_FOLDER = os.path.basename(run_folder('', find('edm', 'cifar10-uncond', 'with-lora'), smoke=True))
 
 
 def run_driver(runs, kill_at=None):
     """The row driver in this process; kill_at: the name prefix of the file whose write is killed.
     Returns True if the run ended, False if it was killed."""
-    argv = ['edm.py', 'cifar10-uncond', '--variant=with-lora', '--smoke', f'--runs={runs}', '--snapshots=last', '--fid-evaluations=1']
-    launcher = edm.launcher
-    if kill_at:
-        edm.launcher = lambda gpus: KILLER + [kill_at, '--'] # every step of the driver runs through it
-    sys.argv = argv
+    argv = ['cifar10-uncond', '--variant=with-lora', '--smoke', f'--runs={runs}', '--snapshots=last', '--fid-evaluations=1']
+    launcher = KILLER + [kill_at, '--'] if kill_at else None # every launched step of the driver runs through it
     try:
-        edm.main()
+        edm.main(argv, launcher)
         return True
     except SystemExit as stop: # run_step exits when a step fails, as a killed one does
         print(f'\n[kill-check] stopped: {stop}\n', flush=True)
         return False
-    finally:
-        edm.launcher = launcher
 
 
 def tensors(path, key):

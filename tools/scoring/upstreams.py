@@ -1,0 +1,210 @@
+"""What scoring needs to know about each upstream, in one object an upstream: how its commands are
+launched on N processes, which files are its snapshots and how many training images each stands for,
+how it generates one FID evaluation's images (resumably), and the paper's scoring protocol of its rows.
+
+The row drivers (tools.drivers), scoring (tools.scoring.score), results and the checks read these
+objects; nothing else branches on the upstream.
+
+    EDM    generate.py, EDM's Heun sampler at the row's NFE; the minimum of 3 evaluations (EDM's tables)
+    IDDPM  improved-diffusion's image_sample.py at all T steps (NFE = T); 1 evaluation (its paper's)
+
+Smoke runs (tiny CPU networks on synthetic data) score 32 images an evaluation with the stand-in
+detector against statistics of their own synthetic data.
+"""
+
+import glob
+import os
+import sys
+
+import numpy as np
+import PIL.Image
+
+from tools import ROOT
+from tools.data.synthetic import write_folder
+from tools.paper.rows import flag_value
+from tools.scoring.fid import reference_statistics
+from tools.scoring.records import number_in_name
+from tools.vendoring.run import run_step
+
+SMOKE_IMAGES = 32 # images an evaluation of a smoke run (16x16 or 32x32, stand-in detector)
+PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82' # the last 12 bytes of every complete PNG file
+
+
+def synthetic_images(folder, count, resolution):
+    """A synthetic image folder (tools.data.synthetic) for smoke runs, written once."""
+    if not os.path.isdir(folder):
+        write_folder(folder, count=count, resolution=resolution)
+        print(f'wrote {count} images of {resolution}x{resolution} to {folder}')
+    return folder
+
+
+def smoke_reference(data, folder, dry_run):
+    """Stand-in reference statistics of a smoke run's own synthetic data."""
+    return reference_statistics(data, os.path.join(folder, 'fid-ref-standin.npz'), 'standin', dry_run)
+
+#----------------------------------------------------------------------------
+# EDM: network-snapshot-<kimg>.pkl, generate.py --seeds (one PNG a seed, so a rerun makes only the missing ones).
+
+def seed_ranges(seeds):
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8', as EDM's generate.py --seeds reads lists."""
+    parts, start = [], None
+    for index, seed in enumerate(seeds):
+        if start is None:
+            start = seed
+        if index + 1 == len(seeds) or seeds[index + 1] != seed + 1:
+            parts.append(f'{start}' if start == seed else f'{start}-{seed}')
+            start = None
+    return ','.join(parts)
+
+
+def is_complete_png(path):
+    with open(path, 'rb') as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < len(PNG_END):
+            return False
+        f.seek(-len(PNG_END), os.SEEK_END)
+        return f.read() == PNG_END
+
+
+def missing_seeds(image_dir, seeds):
+    """The seeds of `seeds` without a complete PNG in image_dir (generate.py --subdirs layout);
+    truncated PNGs, left by a kill mid-write, are deleted."""
+    done = set()
+    for path in glob.glob(os.path.join(image_dir, '*', '*.png')):
+        if is_complete_png(path):
+            done.add(number_in_name(path))
+        else:
+            print(f'{os.path.relpath(path, ROOT)}: incomplete (killed while written?); generating it again')
+            os.remove(path)
+    return [seed for seed in seeds if seed not in done]
+
+
+class EDMUpstream:
+    name = 'edm'
+    tree = 'edm'
+    snapshot_pattern = 'network-snapshot-*.pkl'
+    default_evaluations = 3
+
+    def launcher(self, gpus):
+        return [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
+
+    def images_seen(self, snapshot, train_batch):
+        return number_in_name(snapshot) * 1000 # named by kimg
+
+    def smoke_data(self, folder, dry_run=False):
+        """A synthetic 16x16 dataset in EDM's zip format, written by EDM's own dataset_tool.py."""
+        data = os.path.join(folder, 'synthetic-16x16.zip')
+        if not os.path.exists(data):
+            images = synthetic_images(os.path.join(folder, 'synthetic-images'), count=64, resolution=16)
+            run_step([sys.executable, 'dataset_tool.py', f'--source={images}', f'--dest={data}'], self.tree, dry_run=dry_run)
+        return data
+
+    def protocol(self, row, folder, smoke, evaluations=None, images=None, dry_run=False):
+        """EDM's Heun sampler at the row's NFE (2 steps - 1), the minimum of 3 evaluations (EDM's tables),
+        EDM's reference statistics; smoke runs: 4 steps and the stand-in detector."""
+        steps = 4 if smoke else (row.nfe + 1) // 2
+        ref = row.recipe.fid_ref
+        if smoke and not dry_run:
+            ref = smoke_reference(self.smoke_data(folder, dry_run), folder, dry_run)
+        return dict(steps=steps, nfe=2 * steps - 1, sampler=f"EDM's Heun sampler, {steps} steps", batch=64,
+                    images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images), evaluations=evaluations or self.default_evaluations,
+                    ref=ref, detector='standin' if smoke else 'inception', train_batch=int(flag_value(row.flags, '--batch')), dry_run=dry_run)
+
+    def evaluation_label(self, evaluation, protocol):
+        return f'seeds {seed_ranges(self.seeds(evaluation, protocol))}'
+
+    def seeds(self, evaluation, protocol):
+        """Evaluation k generates seeds k*N .. (k+1)*N - 1."""
+        return list(range(evaluation * protocol['images'], (evaluation + 1) * protocol['images']))
+
+    def generate(self, snapshot, image_dir, evaluation, protocol, launcher):
+        self.generate_seeds(snapshot, image_dir, self.seeds(evaluation, protocol), protocol, launcher)
+
+    def generate_seeds(self, snapshot, image_dir, seeds, protocol, launcher, class_label=None):
+        """EDM's generate.py with the Heun sampler at the protocol's steps, for the seeds still missing
+        (class_label: generate.py --class; default: a random class a seed, as generate.py draws it)."""
+        missing = missing_seeds(image_dir, seeds)
+        if not missing:
+            return
+        if len(missing) < len(seeds):
+            print(f'{os.path.relpath(image_dir, ROOT)}: {len(seeds) - len(missing)} of {len(seeds)} images there; generating the other {len(missing)}')
+        run_step(launcher + ['generate.py', f'--network={snapshot}', f'--outdir={image_dir}', f'--seeds={seed_ranges(missing)}',
+                             '--subdirs', f'--steps={protocol["steps"]}', f'--batch={protocol["batch"]}']
+                 + ([f'--class={class_label}'] if class_label is not None else []), self.tree, dry_run=protocol['dry_run'])
+
+#----------------------------------------------------------------------------
+# improved-diffusion: ema_0.9999_<step>.pt, image_sample.py --sample_dir (batches written as they finish).
+
+SMOKE_MODEL = ['--image_size', 32, '--num_channels', 32, '--num_res_blocks', 1, '--learn_sigma', True, '--noise_schedule', 'cosine']
+SMOKE_STEPS = 100 # diffusion steps of smoke runs (LoRA: 101, as 4001 in the paper's rows)
+
+
+class IDDPMUpstream:
+    name = 'iddpm'
+    tree = 'improved-diffusion'
+    snapshot_pattern = 'ema_0.9999_*.pt'
+    default_evaluations = 1
+
+    def launcher(self, gpus):
+        return [sys.executable] if gpus == 1 else [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', gpus, sys.executable]
+
+    def images_seen(self, snapshot, train_batch):
+        return number_in_name(snapshot) * train_batch # named by optimiser step
+
+    def smoke_data(self, folder, dry_run=False):
+        return synthetic_images(os.path.join(folder, 'synthetic-32x32'), count=16, resolution=32)
+
+    def model_flags(self, row, smoke):
+        """image_sample.py's and image_train.py's model flags of the row (smoke runs: a tiny model, 100 / 101 steps)."""
+        if not smoke:
+            return list(row.flags)
+        class_flags = ['--class_cond', True, '--num_classes', 10] if '--class_cond' in row.recipe.flags else []
+        variant_flags = list(row.variant_flags)
+        index = variant_flags.index('--diffusion_steps') # the row's 4000 / 4001 steps scaled down to 100 / 101
+        variant_flags[index + 1] = SMOKE_STEPS + int(variant_flags[index + 1]) % 1000
+        return SMOKE_MODEL + class_flags + variant_flags
+
+    def protocol(self, row, folder, smoke, evaluations=None, images=None, dry_run=False):
+        """image_sample.py at the full number of steps (NFE = T), one FID evaluation (improved-diffusion's
+        paper reports one: each is 50,000 samples at 4,000 steps); smoke runs: the stand-in detector."""
+        flags = self.model_flags(row, smoke)
+        ref = row.recipe.fid_ref
+        if smoke and not dry_run:
+            ref = smoke_reference(self.smoke_data(folder), folder, dry_run)
+        elif not ref.startswith('https://'): # ImageNet64: statistics of the user's own training images
+            ref = reference_statistics(os.path.join(ROOT, row.recipe.data), os.path.join(ROOT, ref), 'inception', dry_run)
+        steps = int(flag_value(flags, '--diffusion_steps'))
+        return dict(model_flags=flags, nfe=steps, sampler=f"improved-diffusion's sampler, all {steps} steps", batch=8 if smoke else 256,
+                    images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images), evaluations=evaluations or self.default_evaluations,
+                    ref=ref, detector='standin' if smoke else 'inception',
+                    train_batch=4 if smoke else int(flag_value(row.recipe.train_flags, '--batch_size')), dry_run=dry_run)
+
+    def evaluation_label(self, evaluation, protocol):
+        return f'--seed {evaluation}'
+
+    def generate(self, snapshot, image_dir, evaluation, protocol, launcher):
+        """improved-diffusion's image_sample.py: batches written as they finish (resumed: the missing
+        ones), seeded by the evaluation; then one PNG a sample for fid.py."""
+        batches = os.path.join(image_dir, 'batches')
+        run_step(launcher + ['scripts/image_sample.py', '--model_path', snapshot, *protocol['model_flags'], '--num_samples', protocol['images'],
+                             '--batch_size', protocol['batch'], '--sample_dir', batches, '--seed', evaluation], self.tree,
+                 dry_run=protocol['dry_run'], env=dict(OPENAI_LOGDIR=image_dir))
+        if protocol['dry_run']:
+            return
+        index = 0
+        for path in sorted(glob.glob(os.path.join(batches, 'batch_*.npz'))):
+            for image in np.load(path)['arr_0']:
+                folder = os.path.join(image_dir, f'{index - index % 1000:06d}')
+                os.makedirs(folder, exist_ok=True)
+                PIL.Image.fromarray(image).save(os.path.join(folder, f'{index:06d}.png'))
+                index += 1
+
+
+EDM = EDMUpstream()
+IDDPM = IDDPMUpstream()
+UPSTREAMS = {upstream.name: upstream for upstream in (EDM, IDDPM)}
+
+
+def snapshots(folder, upstream):
+    """The run's snapshots, oldest first."""
+    return sorted(glob.glob(os.path.join(folder, upstream.snapshot_pattern)), key=number_in_name)
