@@ -15,7 +15,7 @@ scoring = $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) $(if $(FID_EVALS),--fid-ev
 # What a row needs beyond its own tree (the dataset, EDM's fid.py), unless it is a smoke or dry run.
 full_run = $(if $(SMOKE)$(DRY),,$(1))
 
-.PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit bench bench-layers patches results score kill-check \
+.PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit readme bench bench-layers patches results score kill-check \
         edm-authors-checkpoint edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
@@ -23,8 +23,7 @@ help:
 	@echo "make demo                 nano diffusion with UC-LoRA on real MNIST digits (5 to 10 minutes on 2 CPU cores; a GPU if there is one)"
 	@echo "make test                 the test suite (CPU; builds the environment and vendor/ first)"
 	@echo "make edm-cifar-uncond     paper row; also edm-cifar-cond, edm-ffhq"
-	@echo "                          VARIANT=baseline|only-lora|with-lora|pretrained|finetune"
-	@echo "                                  |bases-9|bases-36|rank-2|rank-8 (uncond) |adaln (CIFAR-10) |classlora (cond)"
+	@echo "                          VARIANT=with-lora (default) or another of the row's variants: README, \"Paper rows\""
 	@echo "                          GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
 	@echo "                          scoring: SNAPSHOTS=all|last|KIMG,... FID_EVALS=3 FID_IMAGES=50000 KEEP_IMAGES=1"
 	@echo "make results [SMOKE=1]    every run's FID beside the paper's, as Tables 1-3 (runs/results/: .md, .csv, plots)"
@@ -33,7 +32,7 @@ help:
 	@echo "make edm-authors-checkpoint SRC=their.pkl DATASET=cifar10-uncond|ffhq64   the paper authors' snapshot, converted and scored"
 	@echo "make edm-class-grid       paper Fig. 5: class vectors interpolated and scaled, cond baseline vs ClassLoRA [SMOKE=1 NETS=\"a.pkl b.pkl\"]"
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
-	@echo "                          VARIANT=baseline|only-lora|with-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..."
+	@echo "                          VARIANT= GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..., as for EDM"
 	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
 	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_BATCH NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS"
 	@echo "                          NANO_CLIP_X0=all|none|\"shift uclora\": the runs also sampled with the clipped sampler)"
@@ -41,6 +40,7 @@ help:
 	@echo "                          levels or time steps, from an EDM .pkl, IDDPM .pt or nano checkpoint.pt [OUT=folder]"
 	@echo "make params               parameter counts of the paper's rows: paper vs ours"
 	@echo "make audit                what the patches change in each upstream"
+	@echo "make readme               rewrite the README's tables of paper rows from tools/paper/rows.py"
 	@echo "make bench [DEVICE=cuda]  whole networks without and with LoRA: train step, sampling call, memory (results/bench/)"
 	@echo "                          BENCH_NETWORKS=nano-mnist,... BENCH_ROUNDS=N BENCH_OUT=results/bench"
 	@echo "make bench-layers         nano's LoRA layers one by one: merged vs low-rank path, and which the cost model picks"
@@ -82,6 +82,10 @@ params: vendor-edm vendor-iddpm
 
 audit: setup
 	$(PY) -m tools.vendoring.audit
+
+# The README's tables of paper rows, written from tools/paper/rows.py (tests/test_paper_rows.py checks they are current).
+readme: setup
+	$(PY) -m tools.paper.readme
 
 # Each paper network without and with its conditioning, side by side (DEVICE=cuda: the GPU table, fp32 and TF32).
 bench: vendor

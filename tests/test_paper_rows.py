@@ -167,3 +167,25 @@ def test_smoke_runs_transfer_from_the_recipes_smoke_baseline(tmp_path):
     train = next(line for line in result.stdout.splitlines() if ' train.py ' in line)
     assert f'--transfer={tmp_path}/edm-cifar10-uncond-baseline-smoke/network-snapshot-000001.pkl' in train
     assert '--finetune=True' in train and 'nvlabs-fi-cdn' not in train, "not EDM's full-size published network"
+
+
+def test_the_readme_tables_are_written_from_the_table_of_rows(monkeypatch):
+    from tools.paper import readme
+    with open(readme.README) as f:
+        text = f.read()
+    assert readme.rewritten(text) == text, 'README.md is out of date: run `make readme`'
+    # A changed row changes the README: the check can fail.
+    changed = dataclasses.replace(ROWS[0], paper_fid=99.5)
+    monkeypatch.setattr(readme, 'rows', lambda **kwargs: [changed if row is ROWS[0] else row for row in rows(**kwargs)])
+    assert '| 99.5 |' in readme.rewritten(text) and readme.rewritten(text) != text
+
+
+def test_run_folders_are_named_and_read_by_one_function(tmp_path):
+    from tools.paper.rows import row_of_folder, run_folder
+    for row in rows(runnable=True):
+        for smoke in (False, True):
+            for authors in (False, True):
+                folder = run_folder(str(tmp_path), row, smoke, authors)
+                assert row_of_folder(folder + '/') == (row, smoke, authors)
+    with pytest.raises(KeyError):
+        row_of_folder(str(tmp_path / 'edm-cifar10-uncond-nonsense'))

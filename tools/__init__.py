@@ -1,18 +1,23 @@
-"""The project's own code, grouped by concern; run each script from the repository root as a module.
+"""The project's own code, one folder a concern; run each script from the repository root as a module.
 
-    vendoring/  fetch, patch and overlay the upstreams into vendor/ (build), write patches back
-                (export), show what changes (audit), turn the nano-diffusion notebook into a module
-    data/       datasets: download and verify, image folders for improved-diffusion, synthetic data
-    paper/      the table of paper rows (rows.py) and what reads it: the row drivers, parameter counts,
-                the nano-diffusion comparison
+    paper/      the table of paper rows (rows.py: flags, LoRA sizes, the paper's counts and FIDs, run
+                folder names), their parameter counts (params.py) and the README's tables (readme.py)
+    drivers/    one paper row end to end with the upstream's own scripts: edm.py, iddpm.py (steps.py:
+                what they share), authors_checkpoint.py (the paper authors' released snapshots)
+    scoring/    FID of every snapshot: upstreams.py (each upstream's launcher, snapshots, sampler and
+                protocol), score.py, records.py (the score records), fid.py and fid_standin.py (EDM's
+                fid.py, or with a stand-in detector), results.py (`make results`)
+    figures/    pictures: images.py (grids, pixels), composition.py (composition-weight similarity),
+                class_grid.py (Fig. 5), composition_maps.py (Fig. 4, 7), nano_compare.py (Fig. 3)
+    checks/     end-to-end checks: kill_check.py with kill_midwrite.py, pristine_check.py
+    vendoring/  vendor/: build, export (make patches), audit, run (an upstream command in its tree),
+                notebook (the nano-diffusion notebook as a module)
+    data/       datasets: downloads with checksums, image folders, synthetic data
     bench/      benchmarks
-    images.py   image grids and pixel conversions shared by every tool
-    composition.py
-                how alike LoRA composition weights are between conditions, and their heatmaps, shared
-                by paper/composition_maps.py and nano diffusion's nano_metrics.py
 
-`make` runs them as `python -m tools.<concern>.<script>`; so can you, from the repository root, with
-the project's environment (`.venv/bin/python`, where `make setup` installs this package).
+Imports go one way, never back: vendoring and data, then paper, scoring, figures, drivers, checks
+(each imports only folders before it; bench imports paper and vendoring). `make` runs scripts as `python -m tools.<concern>.<script>`;
+so can you, from the repository root, with the project's environment (`.venv/bin/python`).
 """
 
 import os

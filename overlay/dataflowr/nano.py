@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 try: # first: nano_data needs it too
-    from tools.images import save_grid, to_uint8
+    from tools.figures.images import save_grid, to_uint8
 except ImportError:
     sys.exit("nano: needs the project's tools package on the path (make setup installs it into .venv)")
 

@@ -70,7 +70,7 @@ def split(images, labels, held_out_per_class=100):
 
 def to_model_range(images):
     """uint8 digits [N, H, W] (28 pixels, or 32 as generated ones are) -> float [N, 1, 32, 32] in [-1, 1]:
-    the notebook's Resize(32), ToTensor, Normalize(0.5, 0.5). tools.images.to_uint8 is the inverse."""
+    the notebook's Resize(32), ToTensor, Normalize(0.5, 0.5). tools.figures.images.to_uint8 is the inverse."""
     images = np.asarray(images)
     if images.shape[1:] != (32, 32):
         images = np.stack([np.asarray(PIL.Image.fromarray(image).resize((32, 32), PIL.Image.BILINEAR)) for image in images])

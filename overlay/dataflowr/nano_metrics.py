@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import nano_lora
 from nano_data import to_model_range
-from tools.composition import Axis, cosine_similarity, draw, draw_layers, near_and_far
+from tools.figures.composition import Axis, cosine_similarity, draw, draw_layers, near_and_far
 
 
 class DigitClassifier(torch.nn.Module):
@@ -150,7 +150,7 @@ def mean_drift(samples, real):
 def rescaled_pixels(samples):
     """Each sample (model range, [N, 1, 32, 32]) stretched from its own minimum to its own maximum ->
     uint8, as the notebook's plt.imshow shows it: the view of the shapes whatever the mean drift
-    (tools.images.to_uint8 gives the de-normalised view, where a drifted sample is one colour)."""
+    (tools.figures.images.to_uint8 gives the de-normalised view, where a drifted sample is one colour)."""
     low = samples.amin(dim=(1, 2, 3), keepdim=True)
     high = samples.amax(dim=(1, 2, 3), keepdim=True)
     return ((samples - low) / (high - low).clamp_min(1e-8) * 255).round().to(torch.uint8)
@@ -159,7 +159,7 @@ def rescaled_pixels(samples):
 # ---------------------------------------------------------------------------- Fig. 4 / Fig. 7
 
 SIMILARITY_STEPS = torch.arange(0, 1000, 10)
-# Near steps: 0 < |t - t'| <= 50; far ones: |t - t'| >= 500 (tools.composition: fractions of the T = 1000 steps).
+# Near steps: 0 < |t - t'| <= 50; far ones: |t - t'| >= 500 (tools.figures.composition: fractions of the T = 1000 steps).
 STEPS_AXIS = Axis(values=SIMILARITY_STEPS.numpy(), label='t', log=False, span=1000)
 
 

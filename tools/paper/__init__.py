@@ -1,1 +1,1 @@
-"""The paper's rows (rows.py) and the tools that read them: drivers, parameter counts, comparisons."""
+"""The table of paper rows (rows.py), their parameter counts (params.py) and the README's tables written from it (readme.py)."""
