@@ -5,7 +5,7 @@
     drivers/    one paper row end to end with the upstream's own scripts: edm.py, iddpm.py (steps.py:
                 what they share), authors_checkpoint.py (the paper authors' released snapshots)
     scoring/    FID of every snapshot: upstreams.py (each upstream's launcher, snapshots, sampler and
-                protocol), score.py, records.py (the score records), fid.py and fid_standin.py (EDM's
+                protocol), score.py, records.py (the score records), fid_steps.py and fid_standin.py (EDM's
                 fid.py, or with a stand-in detector), results.py (`make results`)
     figures/    pictures: images.py (grids, pixels), composition.py (composition-weight similarity),
                 class_grid.py (Fig. 5), composition_maps.py (Fig. 4, 7), nano_compare.py (Fig. 3)

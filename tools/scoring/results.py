@@ -6,12 +6,8 @@ Reads the records that tools.scoring.score writes (runs/<row>/scores/*.json) and
 (default runs/results, or runs/results-smoke): results.md (also printed), results.csv and one
 fid-vs-images-<table>.png a table. A cell without a run stays empty: nothing is filled from the paper.
 
-The rule (README, "Scoring"): a row reports its best snapshot, the one with the lowest FID, each
-snapshot's FID being the minimum over its evaluations (EDM: 3, with different seeds); the last
-snapshot's FID is shown beside it. The spread is max - min over the reported snapshot's
-evaluations. A difference to the baseline smaller than the larger spread of the two is marked with
-"~": seeds alone move FID that much. The paper's differences are marked the same way against our
-spreads (the paper gives none).
+Which snapshot a row reports: tools.scoring.records.best (README, "Scoring"). A difference to the
+baseline smaller than the larger spread of the two is marked with "~": seeds alone move FID that much.
 Runs of the authors' released checkpoints (runs/<row>-authors, `make edm-authors-checkpoint`) are
 listed under their row.
 """

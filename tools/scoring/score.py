@@ -5,26 +5,11 @@
 The row drivers (tools.drivers.edm, tools.drivers.iddpm) call this after training; run it by hand to
 score a folder again with other options, or a folder that holds a converted checkpoint.
 
-The protocol (README, "Scoring"; each upstream's part: tools/scoring/upstreams.py):
-- Every snapshot of the run (EDM network-snapshot-*.pkl, improved-diffusion ema_0.9999_*.pt) is
-  scored: the row's number of images (50,000) at the row's NFE, FID by EDM's fid.py against the
-  row's reference statistics.
-- EDM's tables report the minimum of three FID evaluations with different seeds: evaluation k
-  generates seeds k*N .. (k+1)*N - 1. EDM rows do 3 by default, improved-diffusion rows 1 (its
-  paper reports one; each costs 50,000 samples at 4,000 steps).
-- Each snapshot's record, scores/<snapshot>.nfe<NFE>.<N>.json, holds every finished evaluation
-  (seeds, FID, seconds), the minimum, the mean and the spread (max - min). It is written atomically
-  after each evaluation; a finished evaluation is never redone.
-- Generation resumes where it stopped. EDM: each seed's PNG depends on that seed only, so only the
-  seeds without a complete PNG (one that ends with PNG's IEND chunk: a kill mid-write leaves a
-  truncated one, which is deleted) are generated. improved-diffusion: image_sample.py --sample_dir
-  writes each batch atomically and skips batches already written.
-- Images are deleted once their FID is recorded (--keep-images keeps them), but for the first 1,000
-  of the first evaluation: scores/<snapshot>...preview.npz, which the sample grids show.
-- GPUS=N: generation runs on N processes (torchrun for EDM, mpiexec for improved-diffusion); fid.py
-  runs in one.
-- Smoke runs score with a stand-in detector (tools/scoring/fid_standin.py) against reference statistics of
-  their own synthetic data, made with fid.py ref: the numbers check the plumbing only.
+The protocol is the README's ("Scoring"): every snapshot, the row's NFE and images, EDM's minimum
+of several evaluations with other seeds, one record a snapshot written atomically after each
+evaluation, generation resumed where it stopped. What differs by upstream (snapshot files,
+launcher, sampler, seeds, number of evaluations) is in tools/scoring/upstreams.py; records and the
+rule that picks a row's snapshot in tools/scoring/records.py.
 """
 
 import argparse
@@ -39,7 +24,7 @@ import PIL.Image
 
 from tools import ROOT
 from tools.paper.rows import row_of_folder
-from tools.scoring.fid import compute_fid
+from tools.scoring.fid_steps import compute_fid
 from tools.scoring.records import DETECTORS, best, number_in_name, read_json, record_name, summarise, write_json
 from tools.scoring.results import plot_run
 from tools.scoring.upstreams import UPSTREAMS, snapshots

@@ -22,7 +22,7 @@ import PIL.Image
 from tools import ROOT
 from tools.data.synthetic import write_folder
 from tools.paper.rows import flag_value
-from tools.scoring.fid import reference_statistics
+from tools.scoring.fid_steps import reference_statistics
 from tools.scoring.records import number_in_name
 from tools.vendoring.run import run_step
 

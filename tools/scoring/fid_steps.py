@@ -1,6 +1,7 @@
-"""FID by EDM's fid.py, for the runs of every upstream: reference statistics (fid.py ref) and the
-FID of a folder of images (fid.py calc); smoke runs use the stand-in detector (fid_standin.py),
-which runs the same fid.py with another feature network."""
+"""The fid.py steps of every upstream's runs: reference statistics (fid.py ref) and the FID of a folder
+of images (fid.py calc), both run in vendor/edm; smoke runs use the stand-in detector (fid_standin.py),
+which runs the same fid.py with another feature network. (Not named fid.py: fid_standin.py runs from
+this folder and imports EDM's fid.)"""
 
 import os
 import sys
