@@ -1,5 +1,5 @@
 """improved-diffusion survives SIGKILL: sampling into --sample_dir resumes to the same batches, and a
-checkpoint killed mid-write is never taken as complete (patch 0005, tools/drivers/iddpm.py)."""
+checkpoint killed mid-write is never taken as complete (patches 0005 and 0007, tools/drivers/iddpm.py)."""
 
 import glob
 import os
@@ -77,7 +77,7 @@ def test_batches_hold_exactly_num_samples_images_and_labels(uninterrupted):
 def test_a_run_killed_mid_write_resumes_to_the_same_batches(checkpoint, uninterrupted, tmp_path):
     killed = sample(checkpoint, tmp_path / 'batches', tmp_path / 'log', killed_at='batch_000001')
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
-    assert sorted(os.listdir(tmp_path / 'batches')) == ['batch_000000.npz', 'batch_000001.npz.tmp'], 'the partial file has a temporary name'
+    assert sorted(os.listdir(tmp_path / 'batches')) == ['batch_000000.npz', 'batch_000001.npz.partial'], 'the partial file has a temporary name'
 
     resumed = sample(checkpoint, tmp_path / 'batches', tmp_path / 'log')
     assert 'skipping batches [0]' in resumed.stdout, 'batch 0 kept; the partial batch 1 drawn again'
@@ -99,7 +99,7 @@ def test_a_checkpoint_killed_mid_write_is_never_resumed_from(tmp_path):
                     env=dict(OPENAI_LOGDIR=str(tmp_path / 'run')))
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     written = sorted(name for name in os.listdir(tmp_path / 'run') if '.pt' in name)
-    assert written == ['ema_0.9999_000000.pt', 'ema_0.9999_000002.pt', 'model000000.pt', 'model000002.pt', 'opt000000.pt', 'opt000002.pt.tmp']
+    assert written == ['ema_0.9999_000000.pt', 'ema_0.9999_000002.pt', 'model000000.pt', 'model000002.pt', 'opt000000.pt', 'opt000002.pt.partial']
     for name in written[:-1]:
         torch.load(tmp_path / 'run' / name)
     assert resumable_checkpoint(tmp_path / 'run') == str(tmp_path / 'run' / 'model000000.pt')
@@ -108,7 +108,7 @@ def test_a_checkpoint_killed_mid_write_is_never_resumed_from(tmp_path):
 def test_resume_takes_the_newest_step_with_every_file(tmp_path):
     assert resumable_checkpoint(tmp_path) is None
     for name in ['model000002.pt', 'ema_0.9999_000002.pt', 'ema_0.99_000002.pt', 'opt000002.pt',
-                 'model000004.pt', 'ema_0.9999_000004.pt', 'ema_0.99_000004.pt', 'opt000004.pt.tmp',
+                 'model000004.pt', 'ema_0.9999_000004.pt', 'ema_0.99_000004.pt', 'opt000004.pt.partial',
                  'model000006.pt', 'ema_0.9999_000006.pt', 'opt000006.pt']:
         (tmp_path / name).touch()
     # Step 4 lacks its optimizer state (opt only as a temporary file), step 6 its second EMA.

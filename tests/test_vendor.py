@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, tool
-from tools.vendoring.upstream import read_series, read_upstream
+from tools.vendoring.upstream import patch_header, read_series, read_upstream, upstream_names
 
 
 @pytest.fixture(scope='module')
@@ -153,3 +153,12 @@ def test_export_header_ignores_who_made_the_commit_and_when():
         'From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n'
         'From: LoRA conditioning project <noreply@example.org>\nDate: Sat, 1 Jan 2000 00:00:00 +0000\n'
         'Subject: Do it\n\nBody.\nDate: in the body stays\n---\n')
+
+
+@pytest.mark.parametrize('upstream', upstream_names())
+def test_every_patch_header_ends_in_what_it_implements_of_the_paper(upstream):
+    """The last paragraph of each header is one line: `Paper: <sections>.` or `Not part of the paper's method.`"""
+    for patch in read_series(upstream):
+        closing = patch_header(patch)[2].split('\n\n')[-1]
+        assert '\n' not in closing and (closing == "Not part of the paper's method." or
+                                        (closing.startswith('Paper: ') and closing.endswith('.'))), f'{patch}: {closing!r}'

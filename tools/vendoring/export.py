@@ -7,6 +7,8 @@ A new patch: add its file name to patches/<name>/series first, at the position o
 
 Every patch file gets the same header: the zero commit, the project's From: identity and the fixed
 date of the vendor commits (whoever made the commit, and when), the subject without "[PATCH]".
+The commit message is the header's text: what the patch does and why, then one closing line,
+`Paper: <the sections it implements>.` or `Not part of the paper's method.` (tests/test_vendor.py).
 """
 
 import datetime
