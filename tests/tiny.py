@@ -1,7 +1,7 @@
 """The tiny networks and runs that the tests share, each written once, with what it is the smallest of and why.
 
 Each is the least that keeps what its tests look at (attention layers for LoRA to adapt, a class input, two
-resolutions), so that a CPU builds and runs it in moments. A test that needs more states the difference where
+resolutions), so that a CPU builds and runs it in moments. A test that needs a variant states the difference where
 it builds the network (dict(EDM_DDPMPP, label_dim=0)); the paper's real networks stay beside the tests that check
 them (test_edm_dropin.py, test_iddpm_dropin.py)."""
 
@@ -29,8 +29,8 @@ EDM_NCSNPP = dict(EDM_DDPMPP, embedding_type='fourier', encoder_type='residual',
 EDM_ADM = dict(EDM_DDPMPP, model_type='DhariwalUNet', model_channels=64, attn_resolutions=[16,8])
 
 # The tiny DDPM++ unconditional, with every setting EDM's train.py passes for --arch=ddpmpp spelled out (augmentation
-# labels and dropout included, as a snapshot's init_kwargs record them), one block a level and attention at 8x8
-# only: the least with the three attention blocks (six LoRA layers, qkv and proj) of a converted authors' checkpoint.
+# labels and dropout included, as a snapshot's init_kwargs record them), cut to one block a level and attention at
+# 8x8 only: three attention blocks, the six LoRA layers (qkv and proj) that test_authors_checkpoint.py counts.
 EDM_DDPMPP_AS_TRAIN_PY = dict(EDM_DDPMPP, label_dim=0, embedding_type='positional', encoder_type='standard', decoder_type='standard',
                               channel_mult_noise=1, resample_filter=[1,1], num_blocks=1, attn_resolutions=[8], augment_dim=9,
                               dropout=0.13)
@@ -48,7 +48,7 @@ EDM_ONE_LEVEL = dict(img_resolution=16, img_channels=1, label_dim=4, model_type=
 # images (the 40 of the dataset, repeated; fewer, larger steps cost less time on a CPU).
 EDM_TRAIN = ['--cond=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--batch=50', '--duration=0.001',
              '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
-# UC-LoRA at its least: 3 bases of rank 2, a two-layer MLP.
+# UC-LoRA, small: 3 bases of rank 2, composition MLP widths 16 and 8.
 EDM_TRAIN_LORA = ['--lora=uc', '--lora-bases=3', '--lora-rank=2', '--lora-mlp=16,8']
 
 
