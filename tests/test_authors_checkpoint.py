@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import EDM, PRISTINE_EDM, tool
+from tiny import EDM_DDPMPP_AS_TRAIN_PY
 
 FIXTURE_LORA = '''\
 """The authors' LoRA layer, as their pickles store it (a test fixture)."""
@@ -95,14 +96,11 @@ for name, variant in variants.items():
     torch.save(dict(x=x, labels=labels, sigmas=sigmas, outputs=outputs, tensors=len(net.state_dict())), f'{out}/{name}-reference.pt')
 '''
 
-TINY = dict(img_resolution=16, img_channels=3, model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-            decoder_type='standard', channel_mult_noise=1, resample_filter=[1,1], model_channels=16, channel_mult=[1,2],
-            num_blocks=1, attn_resolutions=[8], augment_dim=9, dropout=0.13) # DDPM++ as EDM's train.py sets it, tiny
 VARIANTS = {
     # Their release: a float scale of 1, two hidden MLP widths.
-    'release': dict(net=dict(TINY, label_dim=0), lora=dict(rank=2, bases=3, widths=[16, 8], trainable_scale=False)),
+    'release': dict(net=dict(EDM_DDPMPP_AS_TRAIN_PY, label_dim=0), lora=dict(rank=2, bases=3, widths=[16, 8], trainable_scale=False)),
     # Their commented-out trainable scale, one hidden width, a class-conditional network (the class enters emb).
-    'trainable-scale': dict(net=dict(TINY, label_dim=10), lora=dict(rank=3, bases=2, widths=[8], trainable_scale=True)),
+    'trainable-scale': dict(net=dict(EDM_DDPMPP_AS_TRAIN_PY, label_dim=10), lora=dict(rank=3, bases=2, widths=[8], trainable_scale=True)),
 }
 EXPECTED = {
     'release': dict(lora_bases=3, lora_rank=2, lora_mlp=[16, 8], lora_bias=True, lora_scale='fixed'),
@@ -193,7 +191,8 @@ def not_authors(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(EDM)
         from training import networks
-        contents = {'plain': dict(ema=networks.EDMPrecond(**TINY)), 'ours': dict(ema=networks.EDMPrecond(**TINY, lora='uc', lora_bases=2, lora_rank=2)),
+        contents = {'plain': dict(ema=networks.EDMPrecond(**EDM_DDPMPP_AS_TRAIN_PY)),
+                    'ours': dict(ema=networks.EDMPrecond(**EDM_DDPMPP_AS_TRAIN_PY, lora='uc', lora_bases=2, lora_rank=2)),
                     'no-ema': dict(net=1), 'a-function': dict(ema=print)}
     for name, value in contents.items():
         with open(top / f'{name}.pkl', 'wb') as f:

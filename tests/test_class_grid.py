@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import EDM, run_in
-
-TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
+from tiny import EDM_DDPMPP
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +30,7 @@ def snapshots(tmp_path_factory):
         paths = {}
         for name, kwargs in {'shift': {}, 'classlora': dict(lora='class', lora_rank=2), 'uncond': dict(label_dim=0), 'shift-8px': dict(img_resolution=8)}.items():
             torch.manual_seed(0)
-            net = networks.EDMPrecond(**dict(TINY, **kwargs)).eval()
+            net = networks.EDMPrecond(**dict(EDM_DDPMPP, **kwargs)).eval()
             with torch.no_grad(): # the zero-initialised layers as training leaves them, so that classes matter
                 for param_name, param in net.named_parameters():
                     if param_name.endswith(('lora_B', 'proj.weight', 'aux_conv.weight', 'map_label.weight')):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny import EDM_ONE_LEVEL, IDDPM_TINY
 from conftest import EDM, IDDPM, NANO, tool
 from tools.figures import composition_maps
 
@@ -23,10 +24,6 @@ sys.path.insert(0, NANO)
 import nano  # noqa: E402
 import nano_diffusion as nd  # noqa: E402
 
-# A class-conditional DDPM++ that runs in a blink: one resolution, attention in the decoder's first block
-# only (SongUNet always has that one): 2 adapted layers, qkv and proj, each with its MLP.
-TINY_EDM = dict(class_name='training.networks.EDMPrecond', img_resolution=16, img_channels=1, label_dim=4, model_type='SongUNet',
-                model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
 UC_LORA = dict(lora='uc', lora_bases=5, lora_rank=2, lora_mlp=[16, 8])
 
 
@@ -38,7 +35,7 @@ def edm_snapshot(path, **network_kwargs):
         sys.path.insert(0, EDM)
     import dnnlib
     torch.manual_seed(0)
-    net = dnnlib.util.construct_class_by_name(**TINY_EDM, **network_kwargs).eval()
+    net = dnnlib.util.construct_class_by_name(class_name='training.networks.EDMPrecond', **EDM_ONE_LEVEL, **network_kwargs).eval()
     with open(path, 'wb') as f:
         pickle.dump(dict(ema=net), f)
     return net
@@ -46,8 +43,7 @@ def edm_snapshot(path, **network_kwargs):
 
 def iddpm_state(path, **flags):
     """A tiny improved-diffusion model built with the project's flags, its state dict saved as image_train.py does."""
-    options = dict(model_and_diffusion_defaults(), image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=True,
-                   noise_schedule='cosine', time_lora=True)
+    options = dict(model_and_diffusion_defaults(), **IDDPM_TINY, time_lora=True)
     torch.manual_seed(0)
     model, _ = create_model_and_diffusion(**dict(options, **flags))
     torch.save(model.state_dict(), path)

@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from conftest import EDM, HELPERS, PRISTINE_EDM, cuda_only, run_in, tool
-
-TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
-ADM = dict(TINY, model_type='DhariwalUNet', model_channels=64, attn_resolutions=[16,8])
+from tiny import EDM_ADM, EDM_DDPMPP
 
 
 @pytest.fixture(scope='module')
@@ -18,7 +16,7 @@ def edm():
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(EDM)
         from training import lora_edm, networks
-        def build(config=TINY, **kwargs):
+        def build(config=EDM_DDPMPP, **kwargs):
             torch.manual_seed(0)
             return networks.EDMPrecond(**dict(config, **kwargs)).eval()
         yield build, networks, lora_edm
@@ -54,7 +52,7 @@ def relative_error(a, b):
 #----------------------------------------------------------------------------
 # ClassLoRA: an unconditional base, one LoRA a class, weighted by the class vector.
 
-@pytest.mark.parametrize('config', [TINY, ADM], ids=['ddpmpp', 'adm'])
+@pytest.mark.parametrize('config', [EDM_DDPMPP, EDM_ADM], ids=['ddpmpp', 'adm'])
 def test_class_lora_base_is_the_unconditional_network_and_starts_as_it(config, edm):
     build, networks, lora_edm = edm
     net, unconditional = build(config, lora='class', lora_rank=3), build(config, label_dim=0)
@@ -112,7 +110,7 @@ def test_a_one_hot_vector_selects_one_class_lora(class_layer):
 #----------------------------------------------------------------------------
 # adaLN: scale and shift of norm2 (the attention's input normalisation), regressed from emb.
 
-@pytest.mark.parametrize('config', [TINY, ADM], ids=['ddpmpp', 'adm'])
+@pytest.mark.parametrize('config', [EDM_DDPMPP, EDM_ADM], ids=['ddpmpp', 'adm'])
 def test_adaln_at_initialisation_leaves_every_block_unchanged(config, edm):
     build, _, _ = edm
     baseline, adaln = build(config), build(config, adaln=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import EDM, HELPERS, run_in
-from edm_tiny import LORA, TINY
+from tiny import EDM_TRAIN, EDM_TRAIN_LORA
 
 # Two training processes on the 2 cores that make test shares between its workers: about 45 s, so make smoke runs it.
 pytestmark = pytest.mark.smoke
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.smoke
 def test_two_ranks_end_with_identical_parameters(edm_dataset, tmp_path):
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     result = run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'end', tmp_path / 'rank{rank}.pt', '--',
-                          f'--outdir={tmp_path / "run"}', '--nosubdir', f'--data={edm_dataset}', *TINY, *LORA],
+                          f'--outdir={tmp_path / "run"}', '--nosubdir', f'--data={edm_dataset}', *EDM_TRAIN, *EDM_TRAIN_LORA],
                     launcher=torchrun)
     assert 'Number of GPUs:          2' in result.stdout
     rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import EDM, PRISTINE_EDM, assert_lora_off_is_pristine, net_dumps
+from tiny import EDM_ADM, EDM_DDPMPP, EDM_NCSNPP
 
 pytestmark = pytest.mark.first(45) # one of the longest modules, started early (seconds measured by --durations)
 
@@ -12,13 +13,9 @@ CONFIGS = {
     'ddpmpp-cifar10': dict(class_name='training.networks.EDMPrecond', img_resolution=32, img_channels=3, model_type='SongUNet',
         embedding_type='positional', encoder_type='standard', decoder_type='standard', channel_mult_noise=1,
         resample_filter=[1,1], model_channels=128, channel_mult=[2,2,2], augment_dim=9, dropout=0.13),
-    'ncsnpp-tiny-cond': dict(class_name='training.networks.VEPrecond', img_resolution=16, img_channels=3, label_dim=10,
-        model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-        channel_mult_noise=2, resample_filter=[1,3,3,1], model_channels=16, channel_mult=[1,2]),
-    'ddpmpp-tiny-vp': dict(class_name='training.networks.VPPrecond', img_resolution=16, img_channels=1,
-        model_type='SongUNet', model_channels=16, channel_mult=[1,2]),
-    'adm-tiny-cond': dict(class_name='training.networks.iDDPMPrecond', img_resolution=16, img_channels=3, label_dim=10,
-        model_type='DhariwalUNet', model_channels=64, channel_mult=[1,2], attn_resolutions=[16,8]),
+    'ncsnpp-tiny-cond': dict(EDM_NCSNPP, class_name='training.networks.VEPrecond'),
+    'ddpmpp-tiny-vp': dict(EDM_DDPMPP, class_name='training.networks.VPPrecond', img_channels=1, label_dim=0),
+    'adm-tiny-cond': dict(EDM_ADM, class_name='training.networks.iDDPMPrecond'),
 }
 LORA = dict(lora='uc', lora_bases=5, lora_rank=3, lora_mlp=[32,16])
 # Both spellings of "off": the defaults, and the explicit kwargs train.py records.

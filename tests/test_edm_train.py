@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import EDM, HELPERS, PRISTINE_EDM, cuda_only, run_in
-from edm_tiny import LORA, TINY, load, train
+from tiny import EDM_TRAIN, EDM_TRAIN_LORA, load, train
 
 pytestmark = pytest.mark.first(100) # one of the longest modules, started early (seconds measured by --durations)
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.first(100) # one of the longest modules, started early 
 @pytest.fixture(scope='module')
 def lora_run(edm_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp('lora-run')
-    train(edm_dataset, run_dir, *LORA)
+    train(edm_dataset, run_dir, *EDM_TRAIN_LORA)
     return run_dir
 
 
@@ -50,7 +50,7 @@ def test_generate_writes_images(lora_run, tmp_path):
 def test_fp16_training_and_sampling_with_lora_on_cuda(edm_dataset, tmp_path):
     # --fp16=True: EDMPrecond runs the U-Net in float16 on CUDA only (on the CPU the flag changes nothing), LoRA layers
     # included; train.py and generate.py as a user runs them, on the GPU they pick.
-    train(edm_dataset, tmp_path / 'run', *LORA, '--fp16=True')
+    train(edm_dataset, tmp_path / 'run', *EDM_TRAIN_LORA, '--fp16=True')
     with open(tmp_path / 'run' / 'training_options.json') as f:
         assert json.load(f)['network_kwargs']['use_fp16'] is True
     with open(tmp_path / 'run' / 'stats.jsonl') as f:
@@ -67,7 +67,7 @@ def test_resume_restores_network_ema_optimizer_and_progress(lora_run, edm_datase
     state_dump = lora_run / 'training-state-000001.pt'
     first_step = tmp_path / 'first-step.pt'
     run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'first-step', first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
-                 f'--data={edm_dataset}', *TINY, *LORA, f'--resume={state_dump}'])
+                 f'--data={edm_dataset}', *EDM_TRAIN, *EDM_TRAIN_LORA, f'--resume={state_dump}'])
     resumed = torch.load(first_step)
     saved = load(EDM, state_dump, tmp_path, 'state')
     saved_ema = load(EDM, lora_run / 'network-snapshot-000001.pkl', tmp_path, 'ema')['ema']
@@ -80,7 +80,7 @@ def test_resume_restores_network_ema_optimizer_and_progress(lora_run, edm_datase
             assert torch.equal(resumed['optimizer']['state'][index][key], value), (index, key)
 
     # And the real continuation: progress goes on from 1 kimg to 2 kimg.
-    train(edm_dataset, tmp_path / 'resumed', *LORA, '--duration=0.002', f'--resume={state_dump}')
+    train(edm_dataset, tmp_path / 'resumed', *EDM_TRAIN_LORA, '--duration=0.002', f'--resume={state_dump}')
     with open(tmp_path / 'resumed' / 'stats.jsonl') as f:
         kimg = [json.loads(line)['Progress/kimg']['mean'] for line in f]
     assert kimg[0] == pytest.approx(1.05) and kimg[-1] == pytest.approx(2.0), 'the first tick ends after one step of 50 images'

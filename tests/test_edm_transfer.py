@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import EDM, HELPERS, run_in
-from edm_tiny import LORA, TINY, load, train
+from tiny import EDM_TRAIN, EDM_TRAIN_LORA, load, train
 
 pytestmark = pytest.mark.first(71) # one of the longest modules, started early (seconds measured by --durations)
 
@@ -23,7 +23,7 @@ def baseline(edm_dataset, tmp_path_factory):
 def test_transfer_copies_the_base_and_keeps_the_lora_init(baseline, edm_dataset, tmp_path):
     first_step = tmp_path / 'first-step.pt'
     run_in(EDM, [os.path.join(HELPERS, 'edm_train_capture.py'), 'first-step', first_step, '--', f'--outdir={tmp_path / "probe"}', '--nosubdir',
-                 f'--data={edm_dataset}', *TINY, *LORA, f'--transfer={baseline}'])
+                 f'--data={edm_dataset}', *EDM_TRAIN, *EDM_TRAIN_LORA, f'--transfer={baseline}'])
     started = torch.load(first_step)
     source = load(EDM, baseline, tmp_path, 'baseline')['ema']
     for name, value in source.items(): # attention weights included: names are unchanged
@@ -37,7 +37,7 @@ def test_transfer_copies_the_base_and_keeps_the_lora_init(baseline, edm_dataset,
 
 
 def test_finetuning_trains_the_lora_layers_only(baseline, edm_dataset, tmp_path, monkeypatch):
-    result = train(edm_dataset, tmp_path / 'finetune', *LORA, '--finetune=True', f'--transfer={baseline}')
+    result = train(edm_dataset, tmp_path / 'finetune', *EDM_TRAIN_LORA, '--finetune=True', f'--transfer={baseline}')
     monkeypatch.syspath_prepend(EDM) # read the files here (their classes come from EDM's tree): quicker than a process each
     state = torch.load(tmp_path / 'finetune' / 'training-state-000001.pt', weights_only=False)
     state = dict(net=state['net'].state_dict(), optimizer=state['optimizer_state'])

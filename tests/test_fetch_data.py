@@ -102,7 +102,9 @@ def test_a_file_without_a_published_checksum_is_held_to_the_one_recorded_at_its_
     assert 'recorded in' in capsys.readouterr().out
     fetch(monkeypatch, 'url', f'--url={url}/network.pkl', f'--dest={dest}')
     assert 'verified' in capsys.readouterr().out
-    dest.write_bytes(payload[:-1] + b'x') # changed since: refused and set aside
+    changed = payload[:-1] + bytes([payload[-1] ^ 0xFF]) # every bit of the last byte flipped: never the payload itself
+    assert changed != payload
+    dest.write_bytes(changed) # changed since: refused and set aside
     with pytest.raises(SystemExit, match=f'not {digest}'):
         fetch(monkeypatch, 'url', f'--url={url}/network.pkl', f'--dest={dest}')
     assert not dest.exists() and (tmp_path / 'edm-pretrained' / 'network.pkl.bad').exists()

@@ -4,17 +4,18 @@ import pytest
 import torch
 
 from conftest import IDDPM, PRISTINE_IDDPM, assert_lora_off_is_pristine, net_dumps
+from tiny import IDDPM_TINY
 
-TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=True, diffusion_steps=4001, noise_schedule='cosine')
+MODEL = dict(IDDPM_TINY, diffusion_steps=4001)
 CONFIGS = {
     'cifar10-paper': dict(image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True, dropout=0.3, diffusion_steps=4000, noise_schedule='cosine'),
-    'tiny-uncond': TINY,
-    'tiny-cond-checkpoint': dict(TINY, class_cond=True, use_checkpoint=True, rescale_timesteps=False, use_scale_shift_norm=False),
+    'tiny-uncond': MODEL,
+    'tiny-cond-checkpoint': dict(MODEL, class_cond=True, use_checkpoint=True, rescale_timesteps=False, use_scale_shift_norm=False),
 }
 LORA = dict(time_lora=True, lora_bases=11, lora_rank=4)
 # Both spellings of "off": the defaults, and every LoRA flag given at its off value.
 OFF = {'defaults': {}, 'explicit': dict(time_lora=False, class_lora=False, lora_rank=4, lora_bases=11, lora_table_init='interp', conv_cond=True, num_classes=1000)}
-ONLY_LORA_BASE = dict(TINY, class_cond=True, num_classes=10)
+ONLY_LORA_BASE = dict(MODEL, class_cond=True, num_classes=10)
 
 
 @pytest.fixture(scope='module')

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import IDDPM, run_in
+from tiny import IDDPM_TINY, iddpm_flags
 from tools import ROOT
 from tools.data.synthetic import write_folder
 from tools.drivers.iddpm import resumable_checkpoint
@@ -18,8 +19,8 @@ from tools.drivers.iddpm import resumable_checkpoint
 sys.path.insert(0, IDDPM)
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 
-MODEL = dict(image_size=32, num_channels=32, num_res_blocks=1, diffusion_steps=10, noise_schedule='cosine', class_cond=True, num_classes=10)
-MODEL_FLAGS = [str(flag) for name, value in MODEL.items() for flag in (f'--{name}', value)]
+MODEL = dict(IDDPM_TINY, learn_sigma=False, diffusion_steps=10, class_cond=True, num_classes=10)
+MODEL_FLAGS = iddpm_flags(MODEL)
 SAMPLING = ['--num_samples', 7, '--batch_size', 3, '--seed', 5] # batches of 3, 3 and 1
 BATCHES = ['batch_000000.npz', 'batch_000001.npz', 'batch_000002.npz']
 KILL_MIDWRITE = [sys.executable, os.path.join(ROOT, 'tools', 'checks', 'kill_midwrite.py')]

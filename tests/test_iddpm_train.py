@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import HELPERS, IDDPM, run_in
+from tiny import IDDPM_TINY, iddpm_flags
 from tools.data.synthetic import write_folder
 
 pytestmark = pytest.mark.first(80) # one of the longest modules, started early (seconds measured by --durations)
 
-MODEL = ['--image_size', 32, '--num_channels', 32, '--num_res_blocks', 1, '--learn_sigma', True, '--diffusion_steps', 101,
-         '--noise_schedule', 'cosine', '--class_cond', True, '--num_classes', 10,
-         '--time_lora', True, '--class_lora', True, '--lora_bases', 5, '--lora_rank', 2]
+MODEL = iddpm_flags(dict(IDDPM_TINY, diffusion_steps=101, class_cond=True, num_classes=10,
+                        time_lora=True, class_lora=True, lora_bases=5, lora_rank=2))
 TRAIN = ['--batch_size', 4, '--log_interval', 1, '--save_interval', 2]
 MPIEXEC = [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', '2', sys.executable]
 

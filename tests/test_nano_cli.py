@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import IDDPM, NANO, cuda_only, nano
+from tiny import NANO_TRAIN
 from tools.figures.images import to_uint8
 
 sys.path.insert(0, NANO)
@@ -22,8 +23,6 @@ import nano as nano_cli  # noqa: E402
 import nano_data  # noqa: E402
 import nano_diffusion as nd  # noqa: E402
 import nano_metrics  # noqa: E402
-
-TINY = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
 
 
 def run_nano(monkeypatch, capsys, *args):
@@ -34,7 +33,7 @@ def run_nano(monkeypatch, capsys, *args):
 
 
 def test_rerunning_resumes_exactly(tmp_path, monkeypatch, capsys):
-    flags = ['--cond', 'timelora', *TINY, '--samples', 0, '--device', 'cpu', '--out']
+    flags = ['--cond', 'timelora', *NANO_TRAIN, '--samples', 0, '--device', 'cpu', '--out']
     run_nano(monkeypatch, capsys, '--epochs', 2, *flags, tmp_path / 'straight')
     run_nano(monkeypatch, capsys, '--epochs', 1, *flags, tmp_path / 'resumed')
     printed = run_nano(monkeypatch, capsys, '--epochs', 2, *flags, tmp_path / 'resumed')
@@ -44,7 +43,7 @@ def test_rerunning_resumes_exactly(tmp_path, monkeypatch, capsys):
     for name, value in straight['network'].items():
         assert torch.equal(resumed['network'][name], value), name
     with pytest.raises(SystemExit) as stopped:
-        run_nano(monkeypatch, capsys, '--cond', 'uclora', *TINY, '--epochs', 3, '--samples', 0, '--out', tmp_path / 'resumed')
+        run_nano(monkeypatch, capsys, '--cond', 'uclora', *NANO_TRAIN, '--epochs', 3, '--samples', 0, '--out', tmp_path / 'resumed')
     assert stopped.value.code == 2 and 'other options' in capsys.readouterr().err
 
 
@@ -54,7 +53,7 @@ def test_on_cuda_the_run_is_the_cpus_to_rounding(tmp_path, monkeypatch, capsys):
     # CPU, to float rounding (cuDNN's kernels; TF32 off, which would round convolutions to 10-bit mantissas).
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    flags = ['--cond', 'uclora', *TINY, '--epochs', 2, '--samples', 4, '--sampler', 'clip-x0', '--sample-steps', 20]
+    flags = ['--cond', 'uclora', *NANO_TRAIN, '--epochs', 2, '--samples', 4, '--sampler', 'clip-x0', '--sample-steps', 20]
     runs = {}
     for device in ['cpu', 'cuda']:
         printed = run_nano(monkeypatch, capsys, *flags, '--device', device, '--out', tmp_path / device)

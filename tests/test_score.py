@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import EDM
+from tiny import EDM_DDPMPP
 from tools import ROOT
 from tools.scoring.fid_standin import standin_weights
 from tools.scoring import records, results, score, upstreams
@@ -20,7 +21,6 @@ from tools.paper.rows import find
 
 pytestmark = pytest.mark.first(57) # one of the longest modules, started early (seconds measured by --durations)
 
-TINY = dict(img_resolution=16, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1,2])
 ROW = find('edm', 'cifar10-uncond', 'with-lora')
 
 
@@ -56,7 +56,7 @@ def run(tmp_path_factory):
         from training import networks
         for kimg in (0, 1):
             torch.manual_seed(kimg)
-            net = networks.EDMPrecond(**TINY).eval()
+            net = networks.EDMPrecond(**dict(EDM_DDPMPP, label_dim=0)).eval()
             with torch.no_grad(): # the zero-initialised output layers as training leaves them: samples differ
                 for name, param in net.named_parameters():
                     if name.endswith(('aux_conv.weight', 'proj.weight')):
