@@ -52,6 +52,7 @@ import torch
 from tools import ROOT
 from tools.paper.rows import find, run_folder
 from tools.scoring.score import score_folder
+from tools.scoring.upstreams import EDM
 from tools.vendoring.upstream import import_vendor_tree
 
 TOOL = 'authors_checkpoint'
@@ -339,7 +340,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     folder = run_folder(args.runs, find('edm', args.dataset, 'pretrained'), authors=True) if args.dataset else None
     if folder:
-        args.out = os.path.join(folder, 'network-snapshot-100000.pkl')
+        args.out = os.path.join(folder, EDM.snapshot_name(100000)) # their README: 100 Mimg from EDM's published network
     try:
         summary = convert(args.src, args.out)
     except ConversionError as err:

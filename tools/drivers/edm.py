@@ -41,13 +41,13 @@ def smoke_base(args, row):
     """The tiny network a smoke run transfers from instead of EDM's published one: the newest snapshot
     of the recipe's smoke baseline, whose run is made first if it has none."""
     baseline = find('edm', row.dataset, 'baseline')
-    pattern = os.path.join(run_dir(args, baseline), 'network-snapshot-*.pkl')
+    pattern = os.path.join(run_dir(args, baseline), EDM.snapshot_pattern)
     if newest(pattern) is None:
         command = [sys.executable, '-m', 'tools.drivers.edm', row.dataset, '--variant=baseline', '--smoke', f'--runs={args.runs}']
         print(f'\n{row.name}: the smoke run starts from the smoke baseline\'s network; making it first', flush=True)
         print(f'$ {shlex.join(command)}', flush=True)
         if args.dry_run:
-            return pattern.replace('*', '000001') # the snapshot the baseline's 1 kimg would write
+            return os.path.join(run_dir(args, baseline), EDM.snapshot_name(1)) # what the baseline's 1 kimg would write
         if subprocess.run(command, cwd=ROOT).returncode != 0:
             sys.exit(f'{row.name}: the smoke baseline failed; see its output above')
     return newest(pattern)
@@ -99,19 +99,18 @@ def main(argv=None, launcher=None):
     # Score every snapshot (tools.scoring.score), then draw samples of the snapshot the row reports.
     protocol = EDM.protocol(row, folder, args.smoke, args.fid_evaluations, args.fid_images, args.dry_run)
     if args.dry_run:
-        return score_snapshot(os.path.join(folder, f'network-snapshot-{total_kimg:06d}.pkl'), folder, row, protocol, launcher)
+        return score_snapshot(os.path.join(folder, EDM.snapshot_name(total_kimg)), folder, row, protocol, launcher)
     records = score_run(folder, row, protocol, launcher, args.snapshots, args.keep_images)
     sample_grid(folder, row, best(records)['snapshot'], protocol, launcher, args.smoke)
 
 
 def sample_grid(folder, row, snapshot, protocol, launcher, smoke):
     """Appendix D: samples of the reported snapshot, samples.png; conditional rows: a row of samples a class."""
-    stem = snapshot[len('network-snapshot-'):-len('.pkl')]
     classes = 10 if flag_value(row.flags, '--cond') == '1' else 0
     per_class, count = (4, 16) if smoke else (10, 64)
     images = []
     for label in range(classes) if classes else [None]:
-        image_dir = os.path.join(folder, f'samples-{stem}' + (f'/class-{label}' if classes else ''))
+        image_dir = os.path.join(folder, f'samples-{number_in_name(snapshot):06d}' + (f'/class-{label}' if classes else ''))
         seeds = list(range(per_class if classes else count))
         EDM.generate_seeds(os.path.join(folder, snapshot), image_dir, seeds, protocol, launcher, class_label=label)
         images += [np.asarray(PIL.Image.open(os.path.join(image_dir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')).convert('RGB'))

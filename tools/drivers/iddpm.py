@@ -85,7 +85,7 @@ def main(argv=None, launcher=None):
     # Score every EMA snapshot (tools.scoring.score), then show samples of the one the row reports.
     protocol = IDDPM.protocol(row, folder, args.smoke, args.fid_evaluations, args.fid_images, args.dry_run)
     if args.dry_run:
-        return score_snapshot(os.path.join(folder, f'ema_0.9999_{iterations:06d}.pt'), folder, row, protocol, run_with)
+        return score_snapshot(os.path.join(folder, IDDPM.snapshot_name(iterations)), folder, row, protocol, run_with)
     records = score_run(folder, row, protocol, run_with, args.snapshots, args.keep_images)
     reported = best(records)
     images, labels = preview(folder, reported, protocol)

@@ -28,6 +28,7 @@ from tools.data.image_folder import CIFAR10_CLASSES
 from tools.figures.images import SMOKE_CAPTION, tile, with_caption
 from tools.paper.rows import find, run_folder
 from tools.scoring.records import newest
+from tools.scoring.upstreams import EDM
 from tools.vendoring.upstream import import_vendor_tree
 
 DEFAULT_VARIANTS = {'baseline': 'scale-and-shift', 'classlora': 'ClassLoRA'} # the two class-conditional CIFAR-10 runs of Fig. 5
@@ -57,7 +58,7 @@ def default_nets(args):
     for variant in DEFAULT_VARIANTS:
         row = find('edm', 'cifar10-cond', variant)
         folder = run_folder(args.runs, row, args.smoke)
-        snapshot = newest(os.path.join(folder, 'network-snapshot-*.pkl'))
+        snapshot = newest(os.path.join(folder, EDM.snapshot_pattern))
         if snapshot is None:
             sys.exit(f'class_grid: no snapshot in {os.path.relpath(folder, ROOT)}; run '
                      f'`make edm-cifar-cond VARIANT={variant}{" SMOKE=1" if args.smoke else ""}` first')

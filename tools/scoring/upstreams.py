@@ -85,6 +85,9 @@ class EDMUpstream:
     snapshot_pattern = 'network-snapshot-*.pkl'
     default_evaluations = 3
 
+    def snapshot_name(self, kimg):
+        return self.snapshot_pattern.replace('*', f'{kimg:06d}')
+
     def launcher(self, gpus):
         return [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
 
@@ -144,6 +147,9 @@ class IDDPMUpstream:
     tree = 'improved-diffusion'
     snapshot_pattern = 'ema_0.9999_*.pt'
     default_evaluations = 1
+
+    def snapshot_name(self, step):
+        return self.snapshot_pattern.replace('*', f'{step:06d}')
 
     def launcher(self, gpus):
         return [sys.executable] if gpus == 1 else [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', gpus, sys.executable]
