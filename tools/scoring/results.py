@@ -223,12 +223,13 @@ def plot_table(lines, table, smoke, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where the run folders are')
+    parser.add_argument('--runs', help='where the run folders are (default: runs/, which a fresh clone has not made yet)')
     parser.add_argument('--smoke', action='store_true', help='the smoke runs (runs/*-smoke) instead of the full ones')
     parser.add_argument('--out', help='where results.md, results.csv and the plots go (default: RUNS/results[-smoke])')
     args = parser.parse_args()
-    if not os.path.isdir(args.runs):
+    if args.runs is not None and not os.path.isdir(args.runs):
         parser.error(f'{args.runs} is not a folder')
+    args.runs = args.runs or os.path.join(ROOT, 'runs') # no run yet: every table with empty cells
     out = args.out or os.path.join(args.runs, 'results-smoke' if args.smoke else 'results')
     os.makedirs(out, exist_ok=True)
     lines = collect(args.runs, args.smoke, count_params=not args.smoke) # a smoke run's tiny network is not the row's
