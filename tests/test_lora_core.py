@@ -432,10 +432,11 @@ class EDMLikeLinear(torch.nn.Module):
 
 
 class NormalisedConv2d(torch.nn.Conv2d):
-    """A Conv2d that normalises its weight in its forward, as EDM2's MPConv: a plain Conv2d's attributes, another function."""
+    """A Conv2d that normalises its weight in its forward, as EDM2's MPConv (with its eps, so that a zero weight stays
+    zero): a plain Conv2d's attributes, another function."""
 
     def forward(self, x, gain=1):
-        w = self.weight / torch.linalg.vector_norm(self.weight, dim=[1, 2, 3], keepdim=True) * (gain / self.weight[0].numel() ** 0.5)
+        w = self.weight / (1e-4 + torch.linalg.vector_norm(self.weight, dim=[1, 2, 3], keepdim=True)) * (gain / self.weight[0].numel() ** 0.5)
         return torch.nn.functional.conv2d(x, w, self.bias, padding=self.padding)
 
 
@@ -443,7 +444,7 @@ class NormalisedLinear(torch.nn.Linear):
     """A Linear that normalises its weight in its forward, as EDM2's MPConv on a 2-D weight."""
 
     def forward(self, x, gain=1):
-        w = self.weight / torch.linalg.vector_norm(self.weight, dim=1, keepdim=True) * (gain / self.weight.shape[1] ** 0.5)
+        w = self.weight / (1e-4 + torch.linalg.vector_norm(self.weight, dim=1, keepdim=True)) * (gain / self.weight.shape[1] ** 0.5)
         return torch.nn.functional.linear(x, w, self.bias)
 
 
@@ -456,7 +457,7 @@ class Float32Only(torch.nn.Conv2d):
 
 
 def zero_weight(base):
-    """base with its weight at zero, as EDM's proj starts: its own values cannot tell what its forward does with them."""
+    """base with its weight at zero, as EDM's proj starts: its own weight cannot tell what its forward does with one."""
     with torch.no_grad():
         base.weight.zero_()
     return base
