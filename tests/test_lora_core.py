@@ -310,6 +310,15 @@ def test_from_base_reads_the_shapes_and_draws_what_building_then_adopting_draws(
     assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), two_steps.state_dict().values()))
 
 
+def test_adoption_checks_a_base_built_on_the_meta_device():
+    # EDM's train.py builds the network once on the meta device (shapes only) to check its options.
+    with torch.device('meta'):
+        layer = lora.UCLoRAConv.from_base(torch.nn.Conv2d(6, 10, 3, padding=1), bases=3, rank=2, emb_channels=8, mlp_widths=[8])
+        assert layer.weight.is_meta and layer.lora_A.is_meta
+        with pytest.raises(ValueError, match='NormalisedConv2d computes something other than'):
+            lora.UCLoRAConv.from_base(NormalisedConv2d(6, 10, 3, padding=1), bases=3, rank=2, emb_channels=8, mlp_widths=[8])
+
+
 def test_init_follows_the_authors_release():
     torch.manual_seed(3)
     layer = lora.ComposedLoRAConv(in_channels=256, out_channels=768, kernel=1, num_dims=2, bases=18, rank=4)

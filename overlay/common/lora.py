@@ -338,15 +338,17 @@ class ComposedLoRAConv(torch.nn.Module):
     def why_computing_otherwise(self, base):
         """The behaviour check: base's own forward and base_forward()'s function on one random input, with random
         weight and bias (a base's own may be zero, as EDM's proj, which hides what its forward does with them),
-        in float64. Their draws come from a generator of their own: the global random state stays as it was.
-        Runs once, at adoption; reading the answer back may wait for a GPU then, never in forward()."""
-        generator = torch.Generator().manual_seed(0)
-        draw = lambda shape: torch.randn(shape, generator=generator, dtype=torch.float64).to(base.weight.device)
-        values = {name: value.to(torch.float64) if value.is_floating_point() else value
-                  for name, value in [*base.named_parameters(), *base.named_buffers()]}
-        values['weight'] = draw(base.weight.shape)
-        if getattr(base, 'bias', None) is not None:
-            values['bias'] = draw(base.bias.shape)
+        in float64 on the CPU, wherever the base lives: a GPU is never waited for, and a base built on the meta
+        device (shapes only, as train.py's option check builds) is checked alike, its other tensors drawn too.
+        The draws come from a generator of their own: the global random state stays as it was."""
+        generator = torch.Generator('cpu').manual_seed(0)
+        draw = lambda shape: torch.randn(shape, generator=generator, dtype=torch.float64, device='cpu')
+        values = {}
+        for name, value in [*base.named_parameters(), *base.named_buffers()]:
+            if name in ['weight', 'bias'] or (value.is_meta and value.is_floating_point()):
+                values[name] = draw(value.shape)
+            elif not value.is_meta:
+                values[name] = value.detach().to('cpu', torch.float64) if value.is_floating_point() else value.detach().cpu()
         c_in, kernel = self.weight.shape[1], self.weight.shape[2:]
         x = draw([2, 3, c_in] if self.is_linear else [2, c_in, *[k + 4 for k in kernel]]) # 2 samples, 3 tokens or k + 4 a side
         with torch.no_grad():
