@@ -31,26 +31,47 @@ def device(request):
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def reference(layer, x, weights):
-    """The paper's formula, one basis at a time: W x + b + sum_i w_i (B_i A_i x + E_i)."""
+def reference(layer, x, omega):
+    """The paper's formula, one basis at a time: W x + b + s * sum_i omega_i (B_i A_i x + E_i), for a convolution
+    (x [N, C_in, *spatial]) or a Linear (weight [C_out, C_in], x [N, ..., C_in], channels last)."""
+    r, ones = layer.rank, [1] * (x.ndim - 2)
+    s = 1 if layer.lora_scale is None else layer.lora_scale
+    if layer.weight.ndim == 2: # a Linear: each map a matrix product on the last dimension
+        y = x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+        for i in range(layer.bases):
+            A_i, B_i = layer.lora_A[i * r:(i + 1) * r], layer.lora_B[:, i * r:(i + 1) * r]
+            delta = x @ A_i.T @ B_i.T
+            if layer.lora_bias is not None:
+                delta = delta + layer.lora_bias[i * r:(i + 1) * r].sum(0)
+            y = y + s * omega[:, i].reshape(-1, *ones, 1) * delta
+        return y
     conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv1d
-    spatial = [1] * (x.ndim - 2)
-    y = conv(x, layer.weight, layer.bias, padding=layer.padding)
-    r = layer.rank
+    padding = layer.weight.shape[-1] // 2
+    y = conv(x, layer.weight, layer.bias, padding=padding)
     for i in range(layer.bases):
         A_i = layer.lora_A[i * r:(i + 1) * r]
         B_i = layer.lora_B[:, i * r:(i + 1) * r]
-        delta = conv(conv(x, A_i, padding=layer.padding), B_i.reshape(*B_i.shape, *spatial))
+        delta = conv(conv(x, A_i, padding=padding), B_i.reshape(*B_i.shape, *ones))
         if layer.lora_bias is not None:
-            delta = delta + layer.lora_bias[i * r:(i + 1) * r].sum(0).reshape(1, -1, *spatial)
-        y = y + weights[:, i].reshape(-1, 1, *spatial) * delta
+            delta = delta + layer.lora_bias[i * r:(i + 1) * r].sum(0).reshape(1, -1, *ones)
+        y = y + s * omega[:, i].reshape(-1, 1, *ones) * delta
     return y
 
 
+def activations(num_dims, batch, channels, size):
+    """A random input of a layer: [batch, channels, *size] for a convolution, [batch, size, channels] (tokens) for a Linear."""
+    return torch.randn(batch, size, channels) if num_dims == 0 else torch.randn(batch, channels, *[size] * num_dims)
+
+
+def make_base(num_dims, kernel, in_channels=6, out_channels=10, bias=True):
+    if num_dims == 0:
+        return torch.nn.Linear(in_channels, out_channels, bias=bias)
+    return (torch.nn.Conv2d if num_dims == 2 else torch.nn.Conv1d)(in_channels, out_channels, kernel, padding=kernel // 2, bias=bias)
+
+
 def make_layer(num_dims, kernel, bases=4, rank=3, lora_bias=True, trained=True):
-    layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, bases=bases, rank=rank, lora_bias=lora_bias)
-    base = (torch.nn.Conv2d if num_dims == 2 else torch.nn.Conv1d)(6, 10, kernel, padding=kernel // 2)
-    layer.adopt_base(base)
+    base = make_base(num_dims, kernel)
+    layer = lora.ComposedLoRAConv.from_base(base, bases=bases, rank=rank, lora_bias=lora_bias)
     if trained: # away from the zero init, so that every term counts
         with torch.no_grad():
             layer.lora_B.normal_()
@@ -59,15 +80,15 @@ def make_layer(num_dims, kernel, bases=4, rank=3, lora_bias=True, trained=True):
     return layer, base
 
 
-@pytest.mark.parametrize('num_dims,kernel,lora_bias', [(2, 1, True), (2, 3, True), (1, 1, True), (1, 1, False), (2, 3, False)])
+@pytest.mark.parametrize('num_dims,kernel,lora_bias', [(2, 1, True), (2, 3, True), (1, 1, True), (1, 1, False), (2, 3, False), (0, 1, True), (0, 1, False)])
 def test_composed_layer_matches_the_formula(num_dims, kernel, lora_bias):
     torch.manual_seed(0)
     layer, _ = make_layer(num_dims, kernel, lora_bias=lora_bias)
-    x = torch.randn(5, 6, *[7] * num_dims)
-    weights = torch.randn(5, 4)
-    expected = reference(layer, x, weights)
-    got = layer(x, weights)
-    assert got.shape == (5, 10, *[7] * num_dims)
+    x = activations(num_dims, 5, 6, 7)
+    omega = torch.randn(5, 4)
+    expected = reference(layer, x, omega)
+    got = layer(x, omega)
+    assert got.shape == ((5, 7, 10) if num_dims == 0 else (5, 10, *[7] * num_dims))
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
@@ -93,15 +114,17 @@ def assert_same_outputs_and_gradients(computations, inputs, output_grad):
 
 
 @pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
-    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, False)])
+    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, False),
+    (0, 1, True, True, False), (0, 1, False, True, True)])
 def test_one_condition_for_the_batch_takes_the_merged_path_with_the_same_function(num_dims, kernel, base_bias, lora_bias, trainable_scale, device):
-    # weights [1, m] (a sampler's one noise level or step): merged into the base weight; weights [N, m]: a per-sample path.
+    # omega [1, m] (a sampler's one noise level or step): merged into the base weight; omega [N, m]: a per-sample path.
     torch.manual_seed(7)
     layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale).to(device)
-    x = torch.randn(5, 6, *[7] * num_dims).to(device).requires_grad_()
-    weights = torch.randn(1, 4).to(device).requires_grad_()
-    assert_same_outputs_and_gradients([lambda: layer(x, weights), lambda: layer(x, weights.expand(5, 4))],
-                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims).to(device))
+    x = activations(num_dims, 5, 6, 7).to(device).requires_grad_()
+    omega = torch.randn(1, 4).to(device).requires_grad_()
+    output_grad = torch.randn(layer.base_forward(x).shape).to(device)
+    assert_same_outputs_and_gradients([lambda: layer(x, omega), lambda: reference(layer, x, omega.expand(5, 4))],
+                                      [x, omega, *layer.parameters()], output_grad)
 
 
 PATHS = ['per_sample_merged_forward', 'low_rank_forward', 'reference_forward', 'forward']
@@ -109,19 +132,18 @@ PATHS = ['per_sample_merged_forward', 'low_rank_forward', 'reference_forward', '
 
 @pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('num_dims,kernel,base_bias,lora_bias,trainable_scale', [
-    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, True), (1, 3, False, False, False)])
+    (2, 3, True, True, False), (2, 1, False, True, True), (1, 1, True, False, True), (2, 3, True, False, True), (1, 3, False, False, False),
+    (0, 1, True, True, False), (0, 1, False, True, True), (0, 1, True, False, True)])
 def test_every_per_sample_path_is_the_formula_forward_and_backward(path, num_dims, kernel, base_bias, lora_bias, trainable_scale, device):
-    # Each sample its own composition weights (training): every way the layer can compute it is the paper's formula,
-    # in its output and in the gradient of the input, the weights and every parameter.
-    torch.manual_seed(11)
+    # Each sample its own omega (training): every way the layer can compute it is the paper's formula, in its output
+    # and in the gradient of the input, of omega and of every parameter.
+    torch.manual_seed(16)
     layer = random_layer(num_dims, kernel, base_bias, lora_bias, trainable_scale).to(device)
-    x = torch.randn(5, 6, *[7] * num_dims).to(device).requires_grad_()
-    weights = torch.randn(5, 4).to(device).requires_grad_()
-    def formula(): # reference() leaves out the trainable scale, which multiplies the whole update
-        scale = 1 if layer.lora_scale is None else layer.lora_scale
-        return layer.base_forward(x) + scale * (reference(layer, x, weights) - layer.base_forward(x))
-    assert_same_outputs_and_gradients([lambda: getattr(layer, path)(x, weights), formula],
-                                      [x, weights, *layer.parameters()], torch.randn(5, 10, *[7] * num_dims).to(device))
+    x = activations(num_dims, 5, 6, 7).to(device).requires_grad_()
+    omega = torch.randn(5, 4).to(device).requires_grad_()
+    output_grad = torch.randn(layer.base_forward(x).shape).to(device)
+    assert_same_outputs_and_gradients([lambda: getattr(layer, path)(x, omega), lambda: reference(layer, x, omega)],
+                                      [x, omega, *layer.parameters()], output_grad)
 
 
 @pytest.mark.parametrize('batch,in_channels,size', [
@@ -131,9 +153,21 @@ def test_per_sample_merged_path_is_the_formula_across_panels_and_for_one_input_c
     torch.manual_seed(12)
     layer = random_layer(2, 3, True, True, False, in_channels=in_channels).to(device)
     x = torch.randn(batch, in_channels, size, size).to(device).requires_grad_()
-    weights = torch.randn(batch, 4).to(device).requires_grad_()
-    assert_same_outputs_and_gradients([lambda: layer.per_sample_merged_forward(x, weights), lambda: reference(layer, x, weights)],
-                                      [x, weights, *layer.parameters()], torch.randn(batch, 10, size, size).to(device))
+    omega = torch.randn(batch, 4).to(device).requires_grad_()
+    assert_same_outputs_and_gradients([lambda: layer.per_sample_merged_forward(x, omega), lambda: reference(layer, x, omega)],
+                                      [x, omega, *layer.parameters()], torch.randn(batch, 10, size, size).to(device))
+
+
+@pytest.mark.parametrize('path', ['merged_forward', *PATHS])
+@pytest.mark.parametrize('tokens', [[], [2, 3]])
+def test_a_linear_layer_takes_any_token_dimensions(path, tokens):
+    # A Linear's input [N, ..., C_in]: no token dimension (one vector a sample) or several (a grid of tokens).
+    torch.manual_seed(14)
+    layer = random_layer(0, 1, True, True, True)
+    x = torch.randn(5, *tokens, 6, requires_grad=True)
+    omega = torch.randn(1 if path == 'merged_forward' else 5, 4, requires_grad=True)
+    assert_same_outputs_and_gradients([lambda: getattr(layer, path)(x, omega), lambda: reference(layer, x, omega)],
+                                      [x, omega, *layer.parameters()], torch.randn(5, *tokens, 10))
 
 
 def test_the_grouped_layout_holds_the_batchs_values_in_channels_last_order():
@@ -154,8 +188,17 @@ def test_the_path_is_chosen_by_cost(channels, size, kernel, merges):
     assert layer.per_sample_merge_pays(torch.zeros(1, channels[0], size, size)) == merges
 
 
+@pytest.mark.parametrize('channels,tokens,merges', [
+    ((64, 64), 256, True), ((32, 32), 64, True), ((16, 16), 256, True),   # many tokens, few channels: merged matrices
+    ((64, 64), 16, False), ((128, 128), 64, False)])                      # few tokens, many channels: the low-rank path
+def test_the_linear_path_is_chosen_by_cost(channels, tokens, merges):
+    # Shapes timed in results/bench/notes.md (10 bases of rank 4).
+    layer = lora.ComposedLoRAConv(in_channels=channels[0], out_channels=channels[1], kernel=1, num_dims=0, bases=10, rank=4)
+    assert layer.per_sample_merge_pays(torch.zeros(1, tokens, channels[0])) == merges
+
+
 @pytest.mark.parametrize('widths', [[16, 8], [12], [64, 32]])
-def test_composition_weights_computed_together_are_each_layers_own_forward_and_backward(widths, device):
+def test_omega_computed_together_is_each_layers_own_forward_and_backward(widths, device):
     torch.manual_seed(12)
     layers = [lora.UCLoRAConv(in_channels=4, out_channels=6, kernel=3, num_dims=2, bases=5, rank=2, emb_channels=20, mlp_widths=widths).to(device)
               for _ in range(4)]
@@ -163,34 +206,38 @@ def test_composition_weights_computed_together_are_each_layers_own_forward_and_b
     with torch.no_grad():
         for p in parameters: # GroupNorm's affine away from 1 and 0, so that it counts
             p.add_(0.3 * torch.randn_like(p))
+        for layer in layers: # the LoRA terms away from their zero init, so that which omega a layer takes counts
+            layer.lora_B.normal_()
+            layer.lora_bias.normal_()
     emb = torch.randn(7, 20).to(device).requires_grad_()
     output_grads = [torch.randn(7, 5).to(device) for _ in layers]
-    together = lora.composition_weights_together(layers, emb)
+    together = lora.omega_together(layers, emb)
     alone = {layer: layer.lora_mlp(emb) for layer in layers}
     results = []
     for composition in [together, alone]:
         outputs = [composition[layer] for layer in layers]
         loss = sum((output * g).sum() for output, g in zip(outputs, output_grads))
         results.append(outputs + list(torch.autograd.grad(loss, [emb, *parameters])))
-    for got, expected in zip(*results): # each layer's weights, then the gradient of emb and of every MLP parameter
+    for got, expected in zip(*results): # each layer's omega, then the gradient of emb and of every MLP parameter
         assert got.shape == expected.shape
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     x = torch.randn(7, 4, 5, 5).to(device)
-    for layer in layers: # a layer handed everyone's weights takes its own
-        assert torch.equal(layer(x, together), layer.reference_forward(x, together[layer]))
+    for layer in layers: # a layer handed everyone's omega takes its own
+        expected = reference(layer, x, together[layer])
+        assert (layer(x, together) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-def test_composition_weights_of_differently_shaped_mlps_are_computed_one_by_one():
+def test_omega_of_differently_shaped_mlps_is_computed_one_by_one():
     torch.manual_seed(13)
     layers = [lora.UCLoRAConv(in_channels=4, out_channels=6, kernel=1, num_dims=2, bases=bases, rank=2, emb_channels=20, mlp_widths=[8])
               for bases in [3, 5]]
     emb = torch.randn(2, 20)
-    together = lora.composition_weights_together(layers, emb)
+    together = lora.omega_together(layers, emb)
     for layer in layers:
         assert torch.equal(together[layer], layer.lora_mlp(emb))
 
 
-def test_output_is_linear_in_the_composition_weights():
+def test_output_is_linear_in_omega():
     torch.manual_seed(1)
     layer, base = make_layer(2, 3)
     x = torch.randn(2, 6, 5, 5)
@@ -203,35 +250,73 @@ def test_output_is_linear_in_the_composition_weights():
 def test_a_trainable_scale_multiplies_the_whole_update_and_learns():
     torch.manual_seed(2)
     fixed, base = make_layer(2, 3)
-    scaled = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=3, num_dims=2, bases=4, rank=3, trainable_scale=True)
-    scaled.adopt_base(base)
+    scaled = lora.ComposedLoRAConv.from_base(base, bases=4, rank=3, trainable_scale=True)
     scaled.load_state_dict(fixed.state_dict(), strict=False)
     assert fixed.lora_scale is None and scaled.lora_scale.shape == () and scaled.lora_scale.item() == 1.0
     assert [name for name, _ in scaled.named_parameters()][-1] == 'lora_scale', 'one scalar, after the LoRA terms'
-    x, weights = torch.randn(3, 6, 5, 5), torch.randn(3, 4)
-    assert torch.equal(scaled(x, weights), fixed(x, weights)), 'initialised to 1: the fixed layer'
+    x, omega = torch.randn(3, 6, 5, 5), torch.randn(3, 4)
+    assert torch.equal(scaled(x, omega), fixed(x, omega)), 'initialised to 1: the fixed layer'
     with torch.no_grad():
         scaled.lora_scale.fill_(-0.4)
-    expected = base(x) - 0.4 * (fixed(x, weights) - base(x))
-    assert (scaled(x, weights) - expected).abs().max() <= 1e-5 * expected.abs().max()
-    scaled(x, weights).square().sum().backward()
+    expected = base(x) - 0.4 * (fixed(x, omega) - base(x))
+    assert (scaled(x, omega) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    scaled(x, omega).square().sum().backward()
     assert scaled.lora_scale.grad is not None and scaled.lora_scale.grad != 0
 
 
-@pytest.mark.parametrize('num_dims,kernel', [(2, 1), (2, 3), (1, 1)])
+@pytest.mark.parametrize('num_dims,kernel', [(2, 1), (2, 3), (1, 1), (0, 1)])
 def test_zero_init_is_exactly_the_base_layer(num_dims, kernel):
     torch.manual_seed(2)
     layer, base = make_layer(num_dims, kernel, trained=False)
-    x = torch.randn(3, 6, *[6] * num_dims)
+    x = activations(num_dims, 3, 6, 6)
     assert torch.allclose(layer(x, torch.randn(3, 4)), base(x), rtol=0, atol=1e-6)
 
 
-def test_adopted_parameters_are_the_base_objects_under_their_own_names():
-    layer, base = make_layer(2, 1)
+@pytest.mark.parametrize('num_dims,kernel', [(2, 3), (1, 1), (0, 1)])
+def test_adopted_parameters_are_the_base_objects_under_their_own_names(num_dims, kernel):
+    layer, base = make_layer(num_dims, kernel)
     assert layer.weight is base.weight and layer.bias is base.bias
     assert list(layer.state_dict()) == ['weight', 'bias', 'lora_A', 'lora_B', 'lora_bias']
+    assert layer.lora_A.shape == (12, 6, *[kernel] * num_dims) and layer.lora_B.shape == (10, 12) and layer.lora_bias.shape == (12, 10)
     with pytest.raises(ValueError, match='does not match'):
-        layer.adopt_base(torch.nn.Conv2d(6, 11, 1))
+        layer.adopt_base(make_base(num_dims, kernel, out_channels=11))
+
+
+FROM_BASE = {
+    'uc':    (lambda: lora.UCLoRAConv, dict(bases=3, rank=2, emb_channels=8, mlp_widths=[8], trainable_scale=True)),
+    'class': (lambda: lora.ClassLoRAConv, dict(num_classes=5, rank=2)),
+    'time':  (lambda: lora.TimeClassLoRAConv, dict(rank=2, time_steps=9, time_bases=3, num_classes=2, table_init='random')),
+}
+
+
+@pytest.mark.parametrize('method', list(FROM_BASE))
+@pytest.mark.parametrize('num_dims,kernel,bias', [(2, 3, True), (1, 1, False), (0, 1, True)])
+def test_from_base_reads_the_shapes_and_draws_what_building_then_adopting_draws(method, num_dims, kernel, bias):
+    # The one-step constructor is the two steps it replaces: the same parameters, values and random draws
+    # (adoption's own check draws from a generator of its own).
+    cls, options = FROM_BASE[method][0](), FROM_BASE[method][1]
+    base = make_base(num_dims, kernel, bias=bias)
+    torch.manual_seed(15)
+    layer = cls.from_base(base, **options)
+    after_one_step = torch.randn(3)
+    torch.manual_seed(15)
+    two_steps = cls(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, base_bias=bias, **options)
+    after_building = torch.get_rng_state()
+    two_steps.adopt_base(base)
+    assert torch.equal(torch.get_rng_state(), after_building), 'adoption draws no global random numbers'
+    assert torch.equal(torch.randn(3), after_one_step)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert list(layer.state_dict()) == list(two_steps.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), two_steps.state_dict().values()))
+
+
+def test_adoption_checks_a_base_built_on_the_meta_device():
+    # EDM's train.py builds the network once on the meta device (shapes only) to check its options.
+    with torch.device('meta'):
+        layer = lora.UCLoRAConv.from_base(torch.nn.Conv2d(6, 10, 3, padding=1), bases=3, rank=2, emb_channels=8, mlp_widths=[8])
+        assert layer.weight.is_meta and layer.lora_A.is_meta
+        with pytest.raises(ValueError, match='NormalisedConv2d computes something other than'):
+            lora.UCLoRAConv.from_base(NormalisedConv2d(6, 10, 3, padding=1), bases=3, rank=2, emb_channels=8, mlp_widths=[8])
 
 
 def test_init_follows_the_authors_release():
@@ -243,19 +328,38 @@ def test_init_follows_the_authors_release():
 
 
 def test_uc_lora_parameter_count_and_mlp_layout():
-    layer = lora.UCLoRAConv(in_channels=256, out_channels=768, kernel=1, num_dims=2, bases=18, rank=4, emb_channels=512, mlp_widths=[128, 64])
-    layer.adopt_base(torch.nn.Conv2d(256, 768, 1))
+    torch.manual_seed(4)
+    layer = lora.UCLoRAConv.from_base(torch.nn.Conv2d(256, 768, 1), bases=18, rank=4, emb_channels=512, mlp_widths=[128, 64])
     norms = [m for m in layer.lora_mlp.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert [n.num_groups for n in norms] == [32, 16], 'EDM GroupNorm grouping'
     mlp = (512 * 128 + 128) + 2 * 128 + (128 * 64 + 64) + 2 * 64 + (64 * 18 + 18)
     lora_terms = 72 * 256 + 768 * 72 + 72 * 768
     base = 768 * 256 + 768
     assert sum(p.numel() for p in layer.parameters()) == base + mlp + lora_terms
-    emb = torch.randn(4, 512)
-    weights = layer.lora_mlp(emb)
-    assert weights.shape == (4, 18)
-    x = torch.randn(4, 256, 3, 3)
-    assert torch.allclose(layer(x, emb), lora.ComposedLoRAConv.forward(layer, x, weights))
+    with torch.no_grad(): # every term away from its init (B, E, the MLP's zero biases, GroupNorm's unit affine), so that it counts
+        for name, p in layer.named_parameters():
+            if name.startswith('lora_mlp') or name in ['lora_B', 'lora_bias']:
+                p.normal_(std=0.3)
+    emb, x = torch.randn(4, 512), torch.randn(4, 256, 3, 3)
+    # The paper's UC-LoRA written out: omega = MLP(emb) (Linear, GroupNorm, SiLU for each hidden width, then Linear),
+    # y = W x + b + sum_i omega_i (B_i A_i x + E_i), where 1x1 kernels make every map a matrix product a pixel.
+    p = dict(layer.named_parameters())
+    h = emb
+    for i, groups in [(0, 32), (3, 16)]:
+        h = h @ p[f'lora_mlp.layers.{i}.weight'].T + p[f'lora_mlp.layers.{i}.bias']
+        h = torch.nn.functional.group_norm(h, groups, p[f'lora_mlp.layers.{i + 1}.weight'], p[f'lora_mlp.layers.{i + 1}.bias'])
+        h = h * torch.sigmoid(h)
+    omega = h @ p['lora_mlp.layers.6.weight'].T + p['lora_mlp.layers.6.bias']
+    assert omega.shape == (4, 18)
+    pixels = x.flatten(2).transpose(1, 2) # [N, HW, C_in]
+    expected = pixels @ p['weight'].flatten(1).T + p['bias']
+    for i in range(18):
+        A_i, B_i, E_i = p['lora_A'][4 * i:4 * (i + 1)].flatten(1), p['lora_B'][:, 4 * i:4 * (i + 1)], p['lora_bias'][4 * i:4 * (i + 1)]
+        expected = expected + omega[:, i, None, None] * (pixels @ A_i.T @ B_i.T + E_i.sum(0))
+    expected = expected.transpose(1, 2).reshape(4, 768, 3, 3)
+    with torch.no_grad():
+        got = layer(x, emb)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize('kwargs', [dict(bases=0, rank=4), dict(bases=4, rank=0)])
@@ -275,41 +379,39 @@ def test_low_precision_activations_keep_their_dtype(path, device):
     # EDM's --fp16 runs the U-Net in half precision with fp32 parameters: float16 on a GPU, bfloat16 stands in on the CPU.
     # forward(): the UC-LoRA MLP (in float32) on the embedding, then the path the layer picks; the others, each path itself.
     torch.manual_seed(5)
-    layer = lora.UCLoRAConv(in_channels=8, out_channels=24, kernel=3, num_dims=2, bases=3, rank=2, emb_channels=16, mlp_widths=[8])
-    layer.adopt_base(torch.nn.Conv2d(8, 24, 3, padding=1))
+    layer = lora.UCLoRAConv.from_base(torch.nn.Conv2d(8, 24, 3, padding=1), bases=3, rank=2, emb_channels=16, mlp_widths=[8])
     layer.to(device)
     with torch.no_grad():
         layer.lora_B.normal_()
+        layer.lora_bias.normal_()
     x, emb = torch.randn(2, 8, 6, 6).to(device), torch.randn(2, 16).to(device)
-    weights = layer.lora_mlp(emb)[:1 if path == 'merged_forward' else 2] # merged: one condition for the batch
+    omega = layer.lora_mlp(emb)[:1 if path == 'merged_forward' else 2] # merged: one condition for the batch
     low_dtype = torch.float16 if device == 'cuda' else torch.bfloat16
-    low = layer(x.to(low_dtype), emb) if path == 'forward' else getattr(layer, path)(x.to(low_dtype), weights)
+    low = layer(x.to(low_dtype), emb) if path == 'forward' else getattr(layer, path)(x.to(low_dtype), omega)
     assert low.dtype == low_dtype
-    full = layer.reference_forward(x, weights)
+    full = layer.reference_forward(x, omega)
     assert (low.float() - full).abs().max() <= 0.05 * full.abs().max()
 
 
-@pytest.mark.parametrize('num_dims,kernel,num_classes', [(1, 1, 0), (1, 1, 3), (2, 3, 2)])
+@pytest.mark.parametrize('num_dims,kernel,num_classes', [(1, 1, 0), (1, 1, 3), (2, 3, 2), (0, 1, 0), (0, 1, 2)])
 def test_non_compositional_time_lora_uses_each_samples_own_step(num_dims, kernel, num_classes):
     torch.manual_seed(6)
-    layer = lora.TimeClassLoRAConv(in_channels=6, out_channels=10, kernel=kernel, num_dims=num_dims, rank=2, time_steps=7,
-                                   time_bases=3, num_classes=num_classes, compositional=False)
-    base = (torch.nn.Conv2d if num_dims == 2 else torch.nn.Conv1d)(6, 10, kernel, padding=kernel // 2)
-    layer.adopt_base(base)
+    layer = lora.TimeClassLoRAConv.from_base(make_base(num_dims, kernel), rank=2, time_steps=7, time_bases=3, num_classes=num_classes,
+                                             compositional=False)
     with torch.no_grad():
         layer.lora_B.normal_()
     assert layer.lora_table is None and layer.lora_A.shape[0] == (7 + num_classes) * 2, 'one basis per step, no table'
-    x, t = torch.randn(4, 6, *[5] * num_dims), torch.tensor([0, 6, 3, 3])
+    x, t = activations(num_dims, 4, 6, 5), torch.tensor([0, 6, 3, 3])
     c = torch.randn(4, num_classes) if num_classes else None
-    # Reference: the composed formula with one-hot step weights, which weighs all 7 step LoRAs.
+    # Reference: the formula with one-hot step weights in omega, which weighs all 7 step LoRAs.
     one_hot = torch.nn.functional.one_hot(t, 7).float()
-    expected = lora.ComposedLoRAConv.forward(layer, x, torch.cat([one_hot] + ([c] if num_classes else []), dim=1))
+    expected = reference(layer, x, torch.cat([one_hot] + ([c] if num_classes else []), dim=1))
     got = layer(x, t, c)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 #----------------------------------------------------------------------------
-# adopt_base() refuses any base layer whose convolution base_forward() would not reproduce.
+# from_base() and adopt_base() refuse any base layer whose function base_forward() would not reproduce.
 
 class EDMLikeConv2d(torch.nn.Module):
     """Stand-in for EDM's training.networks.Conv2d (not imported here): weight, bias, up, down, and a
@@ -326,6 +428,50 @@ class EDMLikeConv2d(torch.nn.Module):
         return torch.nn.functional.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2)
 
 
+class EDMLikeLinear(torch.nn.Module):
+    """Stand-in for EDM's training.networks.Linear: x @ w.t() plus bias."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.randn(out_features))
+
+    def forward(self, x):
+        return (x @ self.weight.to(x.dtype).t()).add_(self.bias.to(x.dtype))
+
+
+class NormalisedConv2d(torch.nn.Conv2d):
+    """A Conv2d that normalises its weight in its forward, as EDM2's MPConv (with its eps, so that a zero weight stays
+    zero): a plain Conv2d's attributes, another function."""
+
+    def forward(self, x, gain=1):
+        w = self.weight / (1e-4 + torch.linalg.vector_norm(self.weight, dim=[1, 2, 3], keepdim=True)) * (gain / self.weight[0].numel() ** 0.5)
+        return torch.nn.functional.conv2d(x, w, self.bias, padding=self.padding)
+
+
+class NormalisedLinear(torch.nn.Linear):
+    """A Linear that normalises its weight in its forward, as EDM2's MPConv on a 2-D weight."""
+
+    def forward(self, x, gain=1):
+        w = self.weight / (1e-4 + torch.linalg.vector_norm(self.weight, dim=1, keepdim=True)) * (gain / self.weight.shape[1] ** 0.5)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+
+class Float32Only(torch.nn.Conv2d):
+    """A convolution whose forward refuses anything but float32, so that adoption cannot check it."""
+
+    def forward(self, x):
+        assert x.dtype == torch.float32, 'float32 only'
+        return super().forward(x)
+
+
+def zero_weight(base):
+    """base with its weight at zero, as EDM's proj starts: its own weight cannot tell what its forward does with one."""
+    with torch.no_grad():
+        base.weight.zero_()
+    return base
+
+
 class NoWeight(torch.nn.Module):
     pass
 
@@ -333,8 +479,8 @@ class NoWeight(torch.nn.Module):
 def lora_like(base, kernel=None, base_bias=None, num_dims=None):
     """A LoRA layer shaped after base's weight (so only the property under test can be refused)."""
     shape = base.weight.shape if getattr(base, 'weight', None) is not None else (10, 6, 3, 3)
-    return lora.ComposedLoRAConv(in_channels=shape[1], out_channels=shape[0], kernel=kernel or shape[-1],
-        num_dims=num_dims or len(shape) - 2, bases=2, rank=2,
+    return lora.ComposedLoRAConv(in_channels=shape[1], out_channels=shape[0], kernel=kernel or (shape[-1] if len(shape) > 2 else 1),
+        num_dims=len(shape) - 2 if num_dims is None else num_dims, bases=2, rank=2,
         base_bias=(getattr(base, 'bias', None) is not None) if base_bias is None else base_bias)
 
 
@@ -362,6 +508,13 @@ REFUSED = [
     ('bias extra',      lambda: torch.nn.Conv1d(6, 10, 1),                                 dict(base_bias=False), r'base layer has a bias; LoRA layer was built with base_bias=False'),
     ('no weight',       lambda: NoWeight(),                                                None, r'base layer NoWeight has no weight'),
     ('edm kernel 0',    lambda: EDMLikeConv2d(6, 10, 0),                                   None, r'base layer EDMLikeConv2d has no weight'),
+    ('linear, 1d lora', lambda: torch.nn.Linear(6, 10),                                    dict(num_dims=1), r'is not a Conv1d weight'),
+    ('conv, linear lora', lambda: torch.nn.Conv1d(6, 10, 1),                               dict(num_dims=0), r'is not a Linear weight'),
+    # What the attributes cannot tell: a forward that computes another function of the same weight.
+    ('normalised conv', lambda: NormalisedConv2d(6, 10, 3, padding=1),                    None, r'base layer NormalisedConv2d computes something other than conv\(x, W\) \+ b'),
+    ('normalised zero', lambda: zero_weight(NormalisedConv2d(6, 10, 1)),                  None, r'base layer NormalisedConv2d computes something other than'),
+    ('float32 only',    lambda: Float32Only(6, 10, 1),                                     None, r'base layer Float32Only fails on a float64 input \[2, 6, 5, 5\] \(AssertionError: float32 only\)'),
+    ('normalised linear', lambda: NormalisedLinear(6, 10),                                 None, r'base layer NormalisedLinear computes something other than x W\^T \+ b'),
 ]
 
 
@@ -369,6 +522,7 @@ REFUSED = [
 def test_adopt_base_refuses_what_base_forward_would_not_reproduce(make_base, lora_kwargs, message):
     torch.manual_seed(7)
     base = make_base()
+    about_the_base = lora_kwargs is None and message is not None # not a mismatch of a LoRA layer built otherwise
     if message is None: # channels: a LoRA layer for another output width
         layer = lora.ComposedLoRAConv(in_channels=6, out_channels=10, kernel=1, num_dims=2, bases=2, rank=2)
         message = r'base layer weight \[11, 6, 1, 1\] does not match LoRA layer \[10, 6, 1, 1\] \(channels\)'
@@ -380,6 +534,9 @@ def test_adopt_base_refuses_what_base_forward_would_not_reproduce(make_base, lor
     assert '\n' not in str(error.value), 'one line'
     assert str(error.value) == layer.why_not_reproducible(base)
     assert layer.weight is placeholder, 'nothing adopted'
+    if about_the_base:
+        with pytest.raises(ValueError, match=message): # the one-step constructor refuses it alike
+            lora.ComposedLoRAConv.from_base(base, bases=2, rank=2)
 
 
 ACCEPTED = [
@@ -392,6 +549,9 @@ ACCEPTED = [
     ('edm k1',          lambda: EDMLikeConv2d(6, 10, 1)),                        # EDM's qkv / proj
     ('edm k3',          lambda: EDMLikeConv2d(6, 10, 3)),
     ('edm k3 nobias',   lambda: EDMLikeConv2d(6, 10, 3, bias=False)),
+    ('linear',          lambda: torch.nn.Linear(6, 10)),                         # a transformer's projections
+    ('linear nobias',   lambda: torch.nn.Linear(6, 10, bias=False)),
+    ('edm linear',      lambda: EDMLikeLinear(6, 10)),
 ]
 
 
@@ -403,7 +563,8 @@ def test_adopt_base_accepts_reproducible_layers_and_reproduces_them(make_base):
     assert layer.why_not_reproducible(base) is None
     assert layer.adopt_base(base) is layer
     assert layer.weight is base.weight and layer.bias is base.bias, 'the base parameter objects, not copies'
-    x = torch.randn(3, 6, *[9] * (base.weight.ndim - 2))
+    assert lora.ComposedLoRAConv.from_base(base, bases=2, rank=2).weight is base.weight
+    x = activations(base.weight.ndim - 2, 3, 6, 9)
     with torch.no_grad():
         expected, got = base(x), layer.base_forward(x)
     assert got.shape == expected.shape

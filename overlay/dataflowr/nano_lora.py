@@ -15,7 +15,7 @@ Defaults: 10 bases, so that with T = 1000 they sit exactly at t = 0, 111, ..., 9
 T - 1 = 999), rank 4, MLP widths 64, 32 (the paper leaves its nano-diffusion sizes open).
 """
 
-from lora import TABLE_INITS, TimeClassLoRAConv, UCLoRAConv, composition_weights_together, one_row_if_shared
+from lora import TABLE_INITS, TimeClassLoRAConv, UCLoRAConv, omega_together, one_condition_if_shared
 
 CONDITIONING = ['shift', 'timelora', 'uclora']
 OMEGA_INITS = TABLE_INITS # the paper's omega: TimeLoRA's composition table
@@ -36,28 +36,26 @@ def add_lora(unet, cond, n_steps, time_emb_dim, lora_bases=10, lora_rank=4, omeg
         setattr(unet, name, None)
     for block in BLOCKS:
         for layer in getattr(unet, block):
-            base = layer.conv1
-            shape = dict(in_channels=base.in_channels, out_channels=base.out_channels, kernel=base.kernel_size[0], num_dims=2,
-                         rank=lora_rank, base_bias=base.bias is not None)
             if cond == 'timelora':
-                lora = TimeClassLoRAConv(**shape, time_steps=n_steps, time_bases=lora_bases, num_classes=0, table_init=omega_init)
+                layer.conv1 = TimeClassLoRAConv.from_base(layer.conv1, rank=lora_rank, time_steps=n_steps, time_bases=lora_bases,
+                    num_classes=0, table_init=omega_init)
             else:
-                lora = UCLoRAConv(**shape, bases=lora_bases, emb_channels=time_emb_dim, mlp_widths=list(lora_mlp))
-            layer.conv1 = lora.adopt_base(base)
+                layer.conv1 = UCLoRAConv.from_base(layer.conv1, rank=lora_rank, bases=lora_bases, emb_channels=time_emb_dim,
+                    mlp_widths=list(lora_mlp))
 
 
 def condition(unet, t):
     """What the LoRA layers take for time steps t ([N] or the sampler's [N, 1]); None for 'shift'.
 
     The sampler gives every sample the same step: then one step stands for the batch (on the CPU,
-    lora.one_row_if_shared), and each LoRA layer merges its update into its weight once."""
+    lora.one_condition_if_shared), and each LoRA layer merges its update into its weight once."""
     if unet.cond == 'shift':
         return None
-    t = one_row_if_shared(t.reshape(-1))
+    t = one_condition_if_shared(t.reshape(-1))
     if unet.cond == 'timelora':
         return t
     # UC-LoRA: every layer's MLP reads the same embedding, so all of them run as one batched MLP.
-    return composition_weights_together(lora_layers(unet), unet.time_embed(t))
+    return omega_together(lora_layers(unet), unet.time_embed(t))
 
 
 def lora_layers(unet):
@@ -67,8 +65,7 @@ def lora_layers(unet):
 
 def shifted(x, time_embedding_addition, t):
     """A block's input x shifted by its time-embedding addition (the notebook's conditioning), or x itself where
-    LoRA conditions instead: adding a zero would cost a pass over the activations for nothing (about 2% of a
-    sampling call)."""
+    LoRA conditions instead: adding a zero would cost a pass over the activations for nothing."""
     if time_embedding_addition is None:
         return x
     return x + time_embedding_addition(t).reshape(len(x), -1, 1, 1)
@@ -82,6 +79,6 @@ def block(layers, x, cond):
 
 
 def composition_weights(unet, t):
-    """Each LoRA layer's composition weights at time steps t, [N, m] a layer (for the Fig. 4 heatmaps)."""
+    """Each LoRA layer's composition weights omega at time steps t, [N, m] a layer (for the Fig. 4 heatmaps)."""
     cond = condition(unet, t)
     return [lora.lora_table(cond) if unet.cond == 'timelora' else cond[lora] for lora in lora_layers(unet)]

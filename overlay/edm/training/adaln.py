@@ -21,7 +21,7 @@ from torch_utils import persistence
 @persistence.persistent_class
 class AdaLNGroupNorm(torch.nn.Module):
     """Parameters: [weight], [bias] [C]: the base GroupNorm's own, under their upstream names (see
-    adopt_base); [adaln.weight] [2C, emb_channels], [adaln.bias] [2C]: scale and shift, zero at init.
+    from_base); [adaln.weight] [2C, emb_channels], [adaln.bias] [2C]: scale and shift, zero at init.
     forward(x, emb): x [N, C, H, W], emb [N, emb_channels] or [1, emb_channels] -> [N, C, H, W]."""
 
     def __init__(self,
@@ -38,6 +38,11 @@ class AdaLNGroupNorm(torch.nn.Module):
         self.adaln = torch.nn.Linear(emb_channels, 2 * num_channels)
         torch.nn.init.zeros_(self.adaln.weight)
         torch.nn.init.zeros_(self.adaln.bias)
+
+    @classmethod
+    def from_base(cls, base, emb_channels):
+        """The adaLN layer on EDM's GroupNorm `base`: channels, groups and eps read from it, its weight and bias adopted."""
+        return cls(num_channels=base.weight.shape[0], emb_channels=emb_channels, num_groups=base.num_groups, eps=base.eps).adopt_base(base)
 
     def adopt_base(self, base):
         """Take over the parameter objects of EDM's GroupNorm `base`: same values, same names."""

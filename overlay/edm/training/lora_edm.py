@@ -54,19 +54,17 @@ def condition_attention(unet,
         unet.map_label = None # The base is the unconditional network: the class reaches the attention only.
     for block in blocks:
         if adaln:
-            norm = block.norm2
-            block.norm2 = AdaLNGroupNorm(num_channels=norm.weight.shape[0], emb_channels=block.emb_channels, num_groups=norm.num_groups, eps=norm.eps).adopt_base(norm)
+            block.norm2 = AdaLNGroupNorm.from_base(block.norm2, emb_channels=block.emb_channels)
             block.attn_cond = 'adaln' # UNetBlock.forward now passes emb to norm2.
             continue
         for name in ADAPTED_LAYERS:
             base = getattr(block, name)
-            shape = dict(in_channels=base.in_channels, out_channels=base.out_channels, kernel=base.weight.shape[-1], num_dims=2,
-                rank=lora_rank, base_bias=base.bias is not None, trainable_scale=(lora_scale == 'trainable'))
             if lora == 'uc':
-                layer = UCLoRAConv(**shape, bases=lora_bases, emb_channels=block.emb_channels, mlp_widths=lora_mlp, lora_bias=lora_bias)
+                layer = UCLoRAConv.from_base(base, rank=lora_rank, trainable_scale=(lora_scale == 'trainable'),
+                    bases=lora_bases, emb_channels=block.emb_channels, mlp_widths=lora_mlp, lora_bias=lora_bias)
             else:
-                layer = ClassLoRAConv(**shape, num_classes=num_classes)
-            setattr(block, name, layer.adopt_base(base))
+                layer = ClassLoRAConv.from_base(base, rank=lora_rank, trainable_scale=(lora_scale == 'trainable'), num_classes=num_classes)
+            setattr(block, name, layer)
         block.attn_cond = lora # UNetBlock.forward now passes emb (UC-LoRA) or the class vector (ClassLoRA) to qkv and proj.
 
 

@@ -9,7 +9,7 @@ numbers, and condition() once per forward pass.
 import torch as th
 import torch.nn.functional as F
 
-from .lora import TABLE_INITS, TimeClassLoRAConv, one_row_if_shared
+from .lora import TABLE_INITS, TimeClassLoRAConv, one_condition_if_shared
 
 # Flags added to model_and_diffusion_defaults(); the defaults build the upstream network.
 LORA_DEFAULTS = dict(
@@ -77,12 +77,10 @@ def add_lora(unet, diffusion_steps=None, rescale_timesteps=True, **options):
     for block in unet.modules():
         if all(hasattr(block, name) for name in ADAPTED_LAYERS):
             for name in ADAPTED_LAYERS:
-                base = getattr(block, name)
-                layer = IDDPMLoRAConv(in_channels=base.in_channels, out_channels=base.out_channels, kernel=base.kernel_size[0],
-                    num_dims=1, rank=options["lora_rank"], time_steps=diffusion_steps or 1, time_bases=time_bases,
-                    num_classes=num_classes, table_init=options["lora_table_init"], compositional=options["lora_compositional"],
-                    base_bias=base.bias is not None)
-                setattr(block, name, layer.adopt_base(base))
+                layer = IDDPMLoRAConv.from_base(getattr(block, name), rank=options["lora_rank"], time_steps=diffusion_steps or 1,
+                    time_bases=time_bases, num_classes=num_classes, table_init=options["lora_table_init"],
+                    compositional=options["lora_compositional"])
+                setattr(block, name, layer)
     return dict(steps=diffusion_steps, rescaled=rescale_timesteps, num_classes=num_classes)
 
 
@@ -109,7 +107,7 @@ def condition(lora, timesteps, y):
     columns = [steps.float()[:, None]]
     if lora["num_classes"]:
         columns.append(F.one_hot(y, lora["num_classes"]).float())
-    return one_row_if_shared(th.cat(columns, dim=1)) # the samplers' one step (and class) for the batch: one row
+    return one_condition_if_shared(th.cat(columns, dim=1)) # the samplers' one step (and class) for the batch: one row
 
 
 class IDDPMLoRAConv(TimeClassLoRAConv):
