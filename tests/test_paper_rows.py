@@ -130,7 +130,7 @@ def test_audit_fails_over_budget(tmp_path):
 
 @pytest.mark.parametrize('row,variant,expected,absent', [
     ('cifar10-uncond', 'baseline', ['--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3',
-                                    '--noise_schedule cosine', '--diffusion_steps 4000', '--lr 0.0001 --batch_size 128'], ['lora', '--conv_cond']),
+                                    '--noise_schedule cosine', '--diffusion_steps 4000', '--lr 0.0001 --batch_size 128'], ['--time_lora', '--lora_', '--conv_cond']),
     ('cifar10-uncond', 'with-lora', ['--diffusion_steps 4001 --time_lora True --lora_bases 11 --lora_rank 4'], ['--class_lora', '--conv_cond']),
     ('cifar10-cond', 'with-lora', ['--class_cond True --num_classes 10', '--time_lora True', '--class_lora True'], ['--conv_cond']),
     ('cifar10-cond', 'only-lora', ['--class_lora True --conv_cond False'], []),
