@@ -1,6 +1,6 @@
 """`make kill-check`: a paper-row run killed mid-write, twice, and rerun ends as an uninterrupted run.
 
-    python -m tools.checks.kill_check [--runs=/tmp/kill-check]
+    python -m tools.checks.kill_check [--runs=runs/kill-check]
 
 Three smoke runs of EDM's CIFAR-10 uncond with-LoRA row, each through the row driver
 (tools.drivers.edm) exactly as `make edm-cifar-uncond VARIANT=with-lora SMOKE=1` runs it, scoring the
@@ -59,7 +59,7 @@ def same_tensors(a, b):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--runs', default='/tmp/kill-check', help='scratch folder for the two runs (emptied first)')
+    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'kill-check'), help='scratch folder for the two runs (emptied first; one a checkout)')
     args = parser.parse_args()
     shutil.rmtree(args.runs, ignore_errors=True)
     uninterrupted, killed = os.path.join(args.runs, 'uninterrupted'), os.path.join(args.runs, 'killed')
