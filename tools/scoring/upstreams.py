@@ -79,15 +79,20 @@ def missing_seeds(image_dir, seeds):
     return [seed for seed in seeds if seed not in done]
 
 
-class EDMUpstream:
-    name = 'edm'
-    tree = 'edm'
-    snapshot_pattern = 'network-snapshot-*.pkl'
-    default_evaluations = 3
+class Upstream:
+    """What every upstream object has: its name in the table of rows, its tree (vendor/<tree>), the glob
+    of its snapshot files, the FID evaluations a snapshot by default; and launcher(), images_seen(),
+    smoke_data(), protocol(), evaluation_label() and generate()."""
 
-    def snapshot_name(self, kimg):
-        return self.snapshot_pattern.replace('*', f'{kimg:06d}')
+    def __init__(self, name, tree, snapshot_pattern, default_evaluations):
+        self.name, self.tree, self.snapshot_pattern, self.default_evaluations = name, tree, snapshot_pattern, default_evaluations
 
+    def snapshot_name(self, number):
+        """The snapshot file of `number` (kimg for EDM, optimiser steps for improved-diffusion)."""
+        return self.snapshot_pattern.replace('*', f'{number:06d}')
+
+
+class EDMUpstream(Upstream):
     def launcher(self, gpus):
         return [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
 
@@ -142,15 +147,7 @@ SMOKE_MODEL = ['--image_size', 32, '--num_channels', 32, '--num_res_blocks', 1, 
 SMOKE_STEPS = 100 # diffusion steps of smoke runs (LoRA: 101, as 4001 in the paper's rows)
 
 
-class IDDPMUpstream:
-    name = 'iddpm'
-    tree = 'improved-diffusion'
-    snapshot_pattern = 'ema_0.9999_*.pt'
-    default_evaluations = 1
-
-    def snapshot_name(self, step):
-        return self.snapshot_pattern.replace('*', f'{step:06d}')
-
+class IDDPMUpstream(Upstream):
     def launcher(self, gpus):
         return [sys.executable] if gpus == 1 else [os.path.join(os.path.dirname(sys.executable), 'mpiexec'), '-n', gpus, sys.executable]
 
@@ -206,8 +203,8 @@ class IDDPMUpstream:
                 index += 1
 
 
-EDM = EDMUpstream()
-IDDPM = IDDPMUpstream()
+EDM = EDMUpstream('edm', 'edm', 'network-snapshot-*.pkl', default_evaluations=3) # EDM's tables: the minimum of 3
+IDDPM = IDDPMUpstream('iddpm', 'improved-diffusion', 'ema_0.9999_*.pt', default_evaluations=1) # its paper reports 1
 UPSTREAMS = {upstream.name: upstream for upstream in (EDM, IDDPM)}
 
 
