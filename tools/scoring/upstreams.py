@@ -25,6 +25,7 @@ from tools.paper.rows import flag_value
 from tools.scoring.fid_steps import reference_statistics
 from tools.scoring.records import number_in_name
 from tools.vendoring.run import run_step
+from tools.vendoring.upstream import read_upstream
 
 SMOKE_IMAGES = 32 # images an evaluation of a smoke run (16x16 or 32x32, stand-in detector)
 PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82' # the last 12 bytes of every complete PNG file
@@ -80,12 +81,13 @@ def missing_seeds(image_dir, seeds):
 
 
 class Upstream:
-    """What every upstream object has: its name in the table of rows, its tree (vendor/<tree>), the glob
-    of its snapshot files, the FID evaluations a snapshot by default; and launcher(), images_seen(),
-    smoke_data(), protocol(), evaluation_label() and generate()."""
+    """What every upstream object has: its name in the table of rows and patches/, its tree (vendor/<tree>,
+    from patches/<name>/UPSTREAM), the glob of its snapshot files, the FID evaluations a snapshot by
+    default; and launcher(), images_seen(), smoke_data(), protocol(), evaluation_label() and generate()."""
 
-    def __init__(self, name, tree, snapshot_pattern, default_evaluations):
-        self.name, self.tree, self.snapshot_pattern, self.default_evaluations = name, tree, snapshot_pattern, default_evaluations
+    def __init__(self, name, snapshot_pattern, default_evaluations):
+        self.name, self.snapshot_pattern, self.default_evaluations = name, snapshot_pattern, default_evaluations
+        self.tree = read_upstream(name)['dir']
 
     def snapshot_name(self, number):
         """The snapshot file of `number` (kimg for EDM, optimiser steps for improved-diffusion)."""
@@ -203,8 +205,8 @@ class IDDPMUpstream(Upstream):
                 index += 1
 
 
-EDM = EDMUpstream('edm', 'edm', 'network-snapshot-*.pkl', default_evaluations=3) # EDM's tables: the minimum of 3
-IDDPM = IDDPMUpstream('iddpm', 'improved-diffusion', 'ema_0.9999_*.pt', default_evaluations=1) # its paper reports 1
+EDM = EDMUpstream('edm', 'network-snapshot-*.pkl', default_evaluations=3) # EDM's tables: the minimum of 3
+IDDPM = IDDPMUpstream('iddpm', 'ema_0.9999_*.pt', default_evaluations=1) # its paper reports 1
 UPSTREAMS = {upstream.name: upstream for upstream in (EDM, IDDPM)}
 
 
