@@ -34,7 +34,7 @@ def row_targets():
 
 def flags_text(flags):
     """Flags as typed; a published network by its file name (the URL is in rows.py)."""
-    return ' '.join(re.sub(r'=https://\S+/', '=<EDM\'s published> ', str(flag)) for flag in flags)
+    return ' '.join(re.sub(r'=https://\S+/(\S+)', r"=<EDM's \1>", str(flag)) for flag in flags)
 
 
 def recipes_table():
