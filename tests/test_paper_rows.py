@@ -1,6 +1,7 @@
 """The table of paper rows (tools/paper/rows.py): parameter parity (`make params`), the commands of each target, the audit budget."""
 
 import dataclasses
+import os
 import re
 import shutil
 
@@ -189,3 +190,11 @@ def test_run_folders_are_named_and_read_by_one_function(tmp_path):
                 assert row_of_folder(folder + '/') == (row, smoke, authors)
     with pytest.raises(KeyError):
         row_of_folder(str(tmp_path / 'edm-cifar10-uncond-nonsense'))
+
+
+def test_a_dry_run_with_relative_runs_names_absolute_folders_and_makes_none(tmp_path):
+    runs = os.path.relpath(tmp_path / 'runs', ROOT)
+    result = tool('drivers.edm', 'cifar10-uncond', '--variant=baseline', '--dry-run', f'--runs={runs}')
+    assert result.returncode == 0, result.stderr
+    assert f'--outdir={tmp_path}/runs/edm-cifar10-uncond-baseline' in result.stdout, 'the steps run in vendor/edm: absolute paths'
+    assert not (tmp_path / 'runs').exists(), 'a dry run writes nothing'

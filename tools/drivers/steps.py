@@ -47,9 +47,11 @@ def parse_row(doc, upstream, gpus_help, train_flags_help, argv=None):
 
 
 def run_dir(args, row):
-    """The row's run folder (tools.paper.rows.run_folder), created."""
-    path = run_folder(args.runs, row, args.smoke)
-    os.makedirs(path, exist_ok=True)
+    """The row's run folder (tools.paper.rows.run_folder), absolute (the steps run in vendor/), created
+    unless this is a dry run."""
+    path = os.path.abspath(run_folder(args.runs, row, args.smoke))
+    if not args.dry_run:
+        os.makedirs(path, exist_ok=True)
     return path
 
 

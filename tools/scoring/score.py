@@ -114,6 +114,7 @@ def score_run(run_folder, row, protocol, launcher, which='all', keep_images=Fals
 
 def score_folder(folder, gpus=1, which='all', evaluations=None, images=None, keep_images=False):
     """Score a run folder by the protocol of the row its name gives (`make score`, and the authors' checkpoints)."""
+    folder = os.path.abspath(folder) # generation runs in vendor/<tree>, where a relative path means something else
     try:
         row, smoke, _ = row_of_folder(folder)
     except KeyError as error:
