@@ -279,8 +279,11 @@ def score(samples, network, args, digits):
     pixels, rescaled_pixels = to_uint8(samples)[:, 0], nano_metrics.rescaled_pixels(samples)[:, 0].numpy()
     draw = np.random.default_rng(0)
     real_sets = [train_images[draw.choice(len(train_images), min(len(samples), len(train_images)), replace=False)] for _ in range(5)]
-    save_grid(pixels[:128], os.path.join(args.out, 'samples.png'), columns=16, scale=2)
-    save_grid(rescaled_pixels[:128], os.path.join(args.out, 'samples-rescaled.png'), columns=16, scale=2)
+    # 16 a row, or, for a count that does not fill rows of 16, the squarest grid without an empty (black) place,
+    # which would read as a black sample.
+    columns = 16 if min(len(pixels), 128) % 16 == 0 else None
+    save_grid(pixels[:128], os.path.join(args.out, 'samples.png'), columns=columns, scale=2)
+    save_grid(rescaled_pixels[:128], os.path.join(args.out, 'samples-rescaled.png'), columns=columns, scale=2)
     similarity = {}
     if args.cond != 'shift': # the composition weights: a few hundred numbers, read on the CPU beside the initial network's
         similarity = nano_metrics.omega_similarity(network.cpu(), build_network(args), os.path.join(args.out, 'omega_similarity.png'), args.cond)
