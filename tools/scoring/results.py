@@ -14,8 +14,6 @@ listed under their row.
 
 import argparse
 import csv
-import glob
-import json
 import os
 import textwrap
 

@@ -39,9 +39,9 @@ def synthetic_images(folder, count, resolution):
     return folder
 
 
-def smoke_reference(data, folder, dry_run):
+def smoke_reference(data, folder):
     """Stand-in reference statistics of a smoke run's own synthetic data."""
-    return reference_statistics(data, os.path.join(folder, 'fid-ref-standin.npz'), 'standin', dry_run)
+    return reference_statistics(data, os.path.join(folder, 'fid-ref-standin.npz'), 'standin')
 
 #----------------------------------------------------------------------------
 # EDM: network-snapshot-<kimg>.pkl, generate.py --seeds (one PNG a seed, so a rerun makes only the missing ones).
@@ -115,7 +115,7 @@ class EDMUpstream(Upstream):
         steps = 4 if smoke else (row.nfe + 1) // 2
         ref = row.recipe.fid_ref
         if smoke and not dry_run:
-            ref = smoke_reference(self.smoke_data(folder, dry_run), folder, dry_run)
+            ref = smoke_reference(self.smoke_data(folder), folder)
         return dict(steps=steps, nfe=2 * steps - 1, sampler=f"EDM's Heun sampler, {steps} steps", batch=64,
                     images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images), evaluations=evaluations or self.default_evaluations,
                     ref=ref, detector='standin' if smoke else 'inception', train_batch=int(flag_value(row.flags, '--batch')), dry_run=dry_run)
@@ -175,7 +175,7 @@ class IDDPMUpstream(Upstream):
         flags = self.model_flags(row, smoke)
         ref = row.recipe.fid_ref
         if smoke and not dry_run:
-            ref = smoke_reference(self.smoke_data(folder), folder, dry_run)
+            ref = smoke_reference(self.smoke_data(folder), folder)
         elif not ref.startswith('https://'): # ImageNet64: statistics of the user's own training images
             ref = reference_statistics(os.path.join(ROOT, row.recipe.data), os.path.join(ROOT, ref), 'inception', dry_run)
         steps = int(flag_value(flags, '--diffusion_steps'))
