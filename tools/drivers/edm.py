@@ -18,7 +18,6 @@ runs, from the tiny network of the recipe's smoke baseline, which is trained fir
 
 import os
 import shlex
-import subprocess
 import sys
 
 import numpy as np
@@ -26,13 +25,13 @@ import PIL.Image
 
 from tools import ROOT
 from tools.data.image_folder import CIFAR10_CLASSES
-from tools.drivers.steps import dataset_path, parse_row, run_dir
+from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
 from tools.paper.rows import find, flag_value
 from tools.scoring.records import best, newest, number_in_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import EDM
-from tools.vendoring.run import run_step
+from tools.vendoring.run import run_step, run_tool
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
 
@@ -48,7 +47,7 @@ def smoke_base(args, row):
         print(f'$ {shlex.join(command)}', flush=True)
         if args.dry_run:
             return os.path.join(run_dir(args, baseline), EDM.snapshot_name(1)) # what the baseline's 1 kimg would write
-        if subprocess.run(command, cwd=ROOT).returncode != 0:
+        if run_tool(command, row.name) != 0:
             sys.exit(f'{row.name}: the smoke baseline failed; see its output above')
     return newest(pattern)
 
@@ -59,7 +58,7 @@ def published_network(url, dry_run):
     dest = os.path.join(ROOT, 'downloads', 'edm-pretrained', os.path.basename(url))
     command = [sys.executable, '-m', 'tools.data.fetch', 'url', f'--url={url}', f'--dest={dest}']
     print(f'$ {shlex.join(command)}', flush=True)
-    if not dry_run and subprocess.run(command, cwd=ROOT).returncode != 0:
+    if not dry_run and run_tool(command, 'edm') != 0:
         sys.exit(f'edm: could not fetch {url}; see above')
     return dest
 
@@ -69,10 +68,13 @@ def main(argv=None, launcher=None):
     runs each step under a killer)."""
     parser, args, row = parse_row(__doc__, 'edm', gpus_help='processes (GPUs) per node for torchrun',
                                   train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"', argv=argv)
-    launcher = launcher or EDM.launcher(args.gpus)
-    run = lambda command: run_step(launcher + command, EDM.tree, dry_run=args.dry_run)
-
     folder = run_dir(args, row)
+    with running_row(args, folder):
+        return run_row(args, row, folder, launcher or EDM.launcher(args.gpus))
+
+
+def run_row(args, row, folder, launcher):
+    run = lambda command: run_step(launcher + command, EDM.tree, dry_run=args.dry_run)
     if args.smoke:
         data = EDM.smoke_data(folder, args.dry_run)
         variant_flags = list(row.variant_flags)

@@ -27,7 +27,7 @@ import numpy as np
 
 from tools import ROOT
 from tools.data.image_folder import CIFAR10_CLASSES
-from tools.drivers.steps import dataset_path, parse_row, run_dir
+from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
 from tools.paper.rows import flag_value
 from tools.scoring.records import best, number_in_name, record_name
@@ -57,16 +57,21 @@ def main(argv=None, launcher=None):
     """launcher: the command prefix every step runs under (default: improved-diffusion's for --gpus)."""
     parser, args, row = parse_row(__doc__, 'iddpm', gpus_help='MPI processes (one per GPU): mpiexec -n GPUS',
                                   train_flags_help='extra image_train.py flags, e.g. "--microbatch 32"', argv=argv)
+    batch = int(flag_value(row.recipe.train_flags, '--batch_size'))
+    if not args.smoke and batch % args.gpus:
+        parser.error(f'the paper\'s batch of {batch} does not split evenly over {args.gpus} processes')
     folder = run_dir(args, row)
-    run_with = launcher or IDDPM.launcher(args.gpus)
+    with running_row(args, folder):
+        return run_row(args, row, folder, launcher or IDDPM.launcher(args.gpus))
+
+
+def run_row(args, row, folder, run_with):
     if args.smoke:
         data = IDDPM.smoke_data(folder)
         train_flags, iterations, save_interval = SMOKE_TRAIN, 2, 2
     else:
         data = dataset_path(args, row)
         batch = int(flag_value(row.recipe.train_flags, '--batch_size'))
-        if batch % args.gpus:
-            parser.error(f'the paper\'s batch of {batch} does not split evenly over {args.gpus} processes')
         # The table's batch is global; image_train.py's --batch_size is per MPI process.
         train_flags = ['--lr', flag_value(row.recipe.train_flags, '--lr'), '--batch_size', batch // args.gpus]
         iterations, save_interval = row.recipe.iterations, 50000

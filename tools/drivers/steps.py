@@ -3,12 +3,14 @@ row, its run folder and its dataset. (Running upstream commands: tools.vendoring
 tools.scoring.)"""
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 
 from tools import ROOT
 from tools.paper.rows import find, rows, run_folder
+from tools.vendoring.run import interruptible, locked_folder
 from tools.vendoring.upstream import read_upstream
 
 
@@ -53,6 +55,15 @@ def run_dir(args, row):
     if not args.dry_run:
         os.makedirs(path, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def running_row(args, folder):
+    """While a row runs: Ctrl-C or SIGTERM stops every step it started and exits with one line
+    (tools.vendoring.run.interruptible), and its run folder is locked against a second run."""
+    name = os.path.relpath(folder, ROOT) if folder.startswith(ROOT + os.sep) else folder
+    with interruptible(name), (contextlib.nullcontext() if args.dry_run else locked_folder(folder, name)):
+        yield
 
 
 def dataset_path(args, row):

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -169,6 +170,18 @@ READERS = dict(edm=edm_maps, iddpm=iddpm_maps, nano=nano_maps)
 
 # ---------------------------------------------------------------------------- output
 
+def training_note(snapshot, kind, contents):
+    """A line for the titles when the snapshot is of a smoke run or untrained: its maps then show how
+    the composition weights start, not what training makes of them. '' otherwise."""
+    if any(part.endswith('-smoke') for part in os.path.abspath(snapshot).split(os.sep)): # tools.paper.rows names smoke runs so
+        return 'SMOKE RUN: a tiny network, barely trained; the maps show its initialisation, not what training learns'
+    trained = contents['epoch'] if kind == 'nano' else next(iter(re.findall(r'(\d+)\D*$', os.path.basename(snapshot))), None)
+    if trained is not None and int(trained) == 0:
+        return 'UNTRAINED network (step 0): the maps show its initialisation, not what training learns'
+    return ''
+
+
+
 def distance_rule(axis):
     """What near and far mean on this axis, in words."""
     unit = 'ln sigma' if axis.log else axis.label
@@ -181,14 +194,16 @@ def summary(similarity, axis):
     return dict(near=rounded(near), far=rounded(far))
 
 
-def write_maps(weights, axis, conditions, between, snapshot, kind, out, each_layer):
-    """The PNGs, similarity.json and similarity.npz of one snapshot's composition weights {layer: [S, m]}."""
+def write_maps(weights, axis, conditions, between, snapshot, kind, out, each_layer, note=''):
+    """The PNGs, similarity.json and similarity.npz of one snapshot's composition weights {layer: [S, m]};
+    note (training_note) heads every title."""
     names = list(weights)
     layers = torch.stack([cosine_similarity(w) for w in weights.values()])
     layers, mean = layers.numpy(), layers.mean(0).numpy() # the mean as nano_metrics takes it: the same numbers
     mean_summary = summary(mean, axis)
     os.makedirs(out, exist_ok=True)
     source = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(snapshot))), os.path.basename(snapshot)) # run folder and file
+    source = f'{note}\n{source}' if note else source
     about = f'cosine similarity of composition weights between {between}'
     save_heatmap(os.path.join(out, 'mean.png'), mean, axis, f'{source}\n{about}\n'
                  f'mean over {len(names)} layers; near {between}: {mean_summary["near"]}, far ones: {mean_summary["far"]}')
@@ -198,7 +213,7 @@ def write_maps(weights, axis, conditions, between, snapshot, kind, out, each_lay
         for name, layer in zip(names, layers):
             save_heatmap(os.path.join(out, 'layers', f'{name}.png'), layer, axis, f'{source}\n{about}\nlayer {name}')
     with open(os.path.join(out, 'similarity.json'), 'w') as f:
-        json.dump(dict(snapshot=snapshot, kind=kind, conditions=conditions, **distance_rule(axis),
+        json.dump(dict(snapshot=snapshot, kind=kind, note=note, conditions=conditions, **distance_rule(axis),
                        mean=mean_summary, layers={name: summary(layer, axis) for name, layer in zip(names, layers)}), f, indent=2)
     np.savez(os.path.join(out, 'similarity.npz'), conditions=axis.values, names=np.array(names),
              weights=np.stack([w.numpy() for w in weights.values()]), layers=layers, mean=mean)
@@ -239,7 +254,10 @@ def main(argv=None):
     except SnapshotError as err:
         sys.exit(f'{TOOL}: {args.snapshot}: {err}')
     print(f'{len(weights)} adapted layers; composition weights at {conditions}')
-    mean = write_maps(weights, axis, conditions, between, args.snapshot, kind, out, args.each_layer)
+    note = training_note(args.snapshot, kind, contents)
+    if note:
+        print(note)
+    mean = write_maps(weights, axis, conditions, between, args.snapshot, kind, out, args.each_layer, note)
     print(f'mean over layers: near {mean["near"]}, far {mean["far"]} ({distance_rule(axis)["near"]}; {distance_rule(axis)["far"]})')
     print(f'wrote {out}/: mean.png, layers.png'
           + (f', layers/ ({len(weights)} PNGs)' if args.each_layer else '') + ', similarity.json, similarity.npz')

@@ -151,6 +151,17 @@ def pyplot():
     return plt
 
 
+def fid_axis(ax, values):
+    """FID limits at least 1% of the FID (0.1 at least) wide, ticks without an offset: a smoke run's
+    FIDs differ in the fourth decimal, and an axis fitted to them draws that as a steep curve."""
+    low, high = min(values), max(values)
+    least = max(0.01 * high, 0.1)
+    if high - low < least:
+        middle = (low + high) / 2
+        ax.set_ylim(middle - least / 2, middle + least / 2)
+    ax.ticklabel_format(axis='y', useOffset=False, style='plain')
+
+
 def plot_run(folder):
     """folder/fid-vs-images.png: every evaluation of every snapshot, the minimum joined, the reported
     snapshot marked; one line for each NFE and number of images the run was scored with."""
@@ -171,6 +182,7 @@ def plot_run(folder):
     if max(r['fid_count'] for r in records) > 1:
         ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
     ax.set_ylabel('FID' if len(groups) > 1 else f'FID ({records[0]["images"]:,} images, NFE {records[0]["nfe"]})')
+    fid_axis(ax, [e['fid'] for r in records for e in r['evaluations']])
     smoke = row_of_folder(folder)[1]
     ax.set_title(os.path.basename(folder) + ('\nsmoke run: stand-in detector, plumbing only' if smoke else ''), fontsize=10)
     ax.legend(fontsize=8)
@@ -207,6 +219,7 @@ def plot_table(lines, table, smoke, out):
                 ax.axhline(line['fid_paper'], color=color, ls='--', lw=1)
         ax.set_title(f'{UPSTREAMS[upstream]}: {dataset}' + (' (smoke)' if smoke else ''), fontsize=10)
         ax.set_ylabel('FID (minimum of the evaluations)')
+        fid_axis(ax, [r['fid_min'] for _, records in runs_drawn for r in records] + ([] if smoke else [line['fid_paper'] for line in drawn if line['fid_paper'] != '']))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     note = ('Smoke runs: 1 kimg at the start of EDM\'s learning-rate ramp-up, so the variants barely leave their common '

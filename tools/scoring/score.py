@@ -28,6 +28,7 @@ from tools.scoring.fid_steps import compute_fid
 from tools.scoring.records import DETECTORS, best, number_in_name, read_json, record_name, summarise, write_json
 from tools.scoring.results import plot_run
 from tools.scoring.upstreams import UPSTREAMS, snapshots
+from tools.vendoring.run import interruptible, locked_folder
 
 PREVIEW = 1000    # images of each snapshot's first evaluation kept for the sample grids
 
@@ -122,8 +123,10 @@ def score_folder(folder, gpus=1, which='all', evaluations=None, images=None, kee
     upstream = UPSTREAMS[row.upstream]
     if not select(snapshots(folder, upstream), which):
         sys.exit(f'{folder}: no snapshot to score ({which})')
-    protocol = upstream.protocol(row, folder, smoke, evaluations, images)
-    return score_run(folder, row, protocol, upstream.launcher(gpus), which, keep_images)
+    name = os.path.relpath(folder, ROOT) if folder.startswith(ROOT + os.sep) else folder
+    with interruptible(f'scoring {name}'), locked_folder(folder, name): # its own training run may be scoring it
+        protocol = upstream.protocol(row, folder, smoke, evaluations, images)
+        return score_run(folder, row, protocol, upstream.launcher(gpus), which, keep_images)
 
 
 def main():
