@@ -151,3 +151,13 @@ def test_nano_weights_are_each_mlp_on_the_sinusoidal_embedding_of_each_step(tmp_
             assert torch.allclose(torch.from_numpy(weights[50]), expected, rtol=1e-4, atol=1e-6), name
     assert_cosine_similarities(saved, tmp_path / 'maps')
     assert summary['kind'] == 'nano' and summary['near'] == "0 < |t - t'| <= 50" and summary['far'] == "|t - t'| >= 500"
+
+
+def test_maps_of_a_smoke_or_untrained_snapshot_say_so(tmp_path):
+    smoke = tmp_path / 'edm-cifar10-uncond-with-lora-smoke' / 'network-snapshot-000001.pkl'
+    assert composition_maps.training_note(str(smoke), 'edm', {}).startswith('SMOKE RUN')
+    assert composition_maps.training_note(str(tmp_path / 'my-run' / 'network-snapshot-000000.pkl'), 'edm', {}).startswith('UNTRAINED')
+    assert composition_maps.training_note(str(tmp_path / 'my-run' / 'ema_0.9999_000000.pt'), 'iddpm', {}).startswith('UNTRAINED')
+    assert composition_maps.training_note(str(tmp_path / 'my-run' / 'checkpoint.pt'), 'nano', {'epoch': 0}).startswith('UNTRAINED')
+    assert composition_maps.training_note(str(tmp_path / 'my-run' / 'checkpoint.pt'), 'nano', {'epoch': 3}) == ''
+    assert composition_maps.training_note(str(tmp_path / 'my-run' / 'network-snapshot-000200.pkl'), 'edm', {}) == ''

@@ -194,3 +194,18 @@ def test_runs_scored_with_two_protocols_get_a_line_each(tmp_path):
     assert sorted((line['images'], line['fid'], line['snapshot']) for line in lines) == [
         (50000, 2.4, 'network-snapshot-000200.pkl'), (70000, 2.3, 'network-snapshot-000100.pkl')]
     assert os.path.exists(results.plot_run(str(scores.parent)))
+
+
+def test_fid_axes_do_not_magnify_differences_in_the_fourth_decimal():
+    plt = results.pyplot()
+    fig, ax = plt.subplots()
+    values = [309.2700, 309.2740, 309.2720]
+    ax.plot([0, 1, 2], values)
+    results.fid_axis(ax, values)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    assert high - low >= 0.01 * 309.274 and low <= 309.27 and high >= 309.274
+    labels = [label.get_text() for label in ax.get_yticklabels()]
+    assert all(len(label.split('.')[-1]) <= 1 for label in labels if '.' in label), labels
+    assert ax.yaxis.get_offset_text().get_text() == ''
+    plt.close(fig)

@@ -174,10 +174,10 @@ def training_note(snapshot, kind, contents):
     """A line for the titles when the snapshot is of a smoke run or untrained: its maps then show how
     the composition weights start, not what training makes of them. '' otherwise."""
     if any(part.endswith('-smoke') for part in os.path.abspath(snapshot).split(os.sep)): # tools.paper.rows names smoke runs so
-        return 'SMOKE RUN: a tiny network, barely trained; the maps show its initialisation, not what training learns'
+        return 'SMOKE RUN (barely trained): these maps show its initialisation'
     trained = contents['epoch'] if kind == 'nano' else next(iter(re.findall(r'(\d+)\D*$', os.path.basename(snapshot))), None)
     if trained is not None and int(trained) == 0:
-        return 'UNTRAINED network (step 0): the maps show its initialisation, not what training learns'
+        return 'UNTRAINED (step 0): these maps show its initialisation'
     return ''
 
 
