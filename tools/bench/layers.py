@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 
+from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import ROOT, import_vendor_tree
 
 
@@ -91,4 +92,5 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    with interruptible('make bench-layers', resumes=False): # Ctrl-C: one line, no traceback
+        main()

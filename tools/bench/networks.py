@@ -35,6 +35,7 @@ import traceback
 from tools import ROOT
 from tools.paper.params import edm_network_kwargs, iddpm_options
 from tools.paper.rows import find
+from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import import_vendor_tree
 
 #----------------------------------------------------------------------------
@@ -386,4 +387,5 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    with interruptible('make bench', resumes=False): # Ctrl-C: one line, no traceback
+        main()

@@ -20,6 +20,8 @@ import os
 import sys
 import urllib.request
 
+from tools.vendoring.run import interruptible
+
 ARCHIVES = {
     'cifar10': dict(
         url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
@@ -155,4 +157,5 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    with interruptible('tools.data.fetch'): # Ctrl-C: one line, no traceback
+        main()

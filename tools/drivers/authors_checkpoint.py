@@ -53,6 +53,7 @@ from tools import ROOT
 from tools.paper.rows import find, run_folder
 from tools.scoring.score import score_folder
 from tools.scoring.upstreams import EDM
+from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import import_vendor_tree
 
 TOOL = 'authors_checkpoint'
@@ -354,4 +355,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with interruptible('make edm-authors-checkpoint'): # Ctrl-C: one line, no traceback
+        main()

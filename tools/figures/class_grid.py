@@ -29,6 +29,7 @@ from tools.figures.images import SMOKE_CAPTION, tile, with_caption
 from tools.paper.rows import find, run_folder
 from tools.scoring.records import newest
 from tools.scoring.upstreams import EDM
+from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import import_vendor_tree
 
 DEFAULT_VARIANTS = {'baseline': 'scale-and-shift', 'classlora': 'ClassLoRA'} # the two class-conditional CIFAR-10 runs of Fig. 5
@@ -168,4 +169,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with interruptible('make edm-class-grid', resumes=False): # Ctrl-C: one line, no traceback
+        main()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tools.figures.composition import FAR, NEAR, Axis, cosine_similarity, near_and_far, save_heatmap, save_layer_grid
+from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import import_vendor_tree
 
 TOOL = 'composition_maps'
@@ -264,4 +265,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with interruptible('make composition-maps', resumes=False): # Ctrl-C: one line, no traceback
+        main()

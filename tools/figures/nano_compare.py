@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -29,6 +28,7 @@ from tools import ROOT
 from tools.figures.composition import Axis, draw
 from tools.figures.images import tile, untile
 from tools.paper.rows import NANO_ROWS
+from tools.vendoring.run import interruptible, run_tool
 from tools.vendoring.upstream import import_vendor_tree
 
 NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
@@ -67,7 +67,7 @@ def run(method_flags, out, args, seed, sampler='notebook', start_from=None):
     if args.train_digits:
         command += ['--train-digits', str(args.train_digits)]
     print(f'\n[vendor/dataflowr]$ {" ".join(command)}', flush=True)
-    if subprocess.run(command, cwd=NANO, env=dict(os.environ, PYTHONPATH=NANO)).returncode != 0:
+    if run_tool(command, 'nano_compare', cwd=NANO, env=dict(os.environ, PYTHONPATH=NANO)) != 0:
         sys.exit(f'nano_compare: run failed: {" ".join(command)}')
     with open(metrics_path) as f:
         return json.load(f)
@@ -274,4 +274,5 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    with interruptible('make nano-compare'): # Ctrl-C: one line, no traceback
+        main()

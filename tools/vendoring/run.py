@@ -60,10 +60,11 @@ def group_is_gone(pgid):
 
 
 @contextlib.contextmanager
-def interruptible(what):
+def interruptible(what, resumes=True):
     """While inside: SIGINT or SIGTERM stops every running step (stop_running_steps) and exits
-    128 + the signal's number with one line naming `what` and the step. Nested uses keep the
-    outer one's name; the previous handlers come back on leaving (tests call drivers in-process)."""
+    128 + the signal's number with one line naming `what` and the step, and saying whether a rerun
+    resumes. Nested uses keep the outer one's line; the previous handlers come back on leaving
+    (tests call drivers in-process)."""
     if interrupt_owner:
         yield
         return
@@ -74,8 +75,9 @@ def interruptible(what):
         steps = ', '.join(os.path.basename(str(next((c for c in p.args if str(c).endswith('.py')), p.args[0]))) for p in running)
         stop_running_steps(signum)
         during = f' during {steps}' if steps else ''
-        print(f'\n{what}: interrupted ({signal.Signals(signum).name}){during}; nothing it started is left running. '
-              f'Run the same command again to resume.', file=sys.stderr, flush=True)
+        rerun = 'Run the same command again to resume.' if resumes else 'Run the same command again to start over.'
+        print(f'\n{what}: interrupted ({signal.Signals(signum).name}){during}; nothing it started is left running. {rerun}',
+              file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -96,11 +98,11 @@ def start(command, cwd, env=None, output=None):
     return process
 
 
-def run_tool(command, what):
-    """Run a command of this project (another driver, a download) from the repository root, its
-    output going straight to ours; its exit status."""
+def run_tool(command, what, cwd=ROOT, env=None):
+    """Run a command of this project (another driver, a download, nano.py) in cwd, its output going
+    straight to ours (progress bars included); its exit status."""
     with interruptible(what):
-        process = start(command, ROOT)
+        process = start(command, cwd, env)
         try:
             return process.wait()
         finally:
