@@ -25,6 +25,7 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
+from tools.data.dataset_check import check_edm_zip
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir
 from tools.figures.images import show_samples
@@ -35,6 +36,11 @@ from tools.scoring.upstreams import EDM
 from tools.vendoring.run import run_step
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
+
+
+def row_classes(row):
+    """The classes of a conditional row (--cond=1): CIFAR-10's 10, EDM's only labelled dataset here; 0: unconditional."""
+    return len(CIFAR10_CLASSES) if flag_value(row.flags, '--cond') == '1' else 0
 
 
 def smoke_base(args, row):
@@ -80,7 +86,7 @@ def main(argv=None, launcher=None):
             variant_flags = [flag for flag in variant_flags if not flag.startswith(('--transfer', '--duration'))] + [f'--transfer={smoke_base(args, row)}']
         train_flags = list(row.recipe.flags) + SMOKE_FLAGS + variant_flags
     else:
-        data = dataset_path(args, row)
+        data = dataset_path(args, row, lambda path: check_edm_zip(path, row.recipe.resolution, row_classes(row)))
         train_flags = [f'--transfer={published_network(row.recipe.pretrained, args.dry_run)}' if flag.startswith('--transfer=') else flag
                        for flag in row.flags]
     train_flags += shlex.split(args.train_flags)
@@ -106,7 +112,7 @@ def main(argv=None, launcher=None):
 
 def sample_grid(folder, row, snapshot, protocol, launcher, smoke):
     """Appendix D: samples of the reported snapshot, samples.png; conditional rows: a row of samples a class."""
-    classes = 10 if flag_value(row.flags, '--cond') == '1' else 0
+    classes = row_classes(row)
     per_class, count = (4, 16) if smoke else (10, 64)
     images = []
     for label in range(classes) if classes else [None]:

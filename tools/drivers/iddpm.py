@@ -26,6 +26,7 @@ import shlex
 import numpy as np
 
 from tools import ROOT
+from tools.data.dataset_check import check_image_folder
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir
 from tools.figures.images import show_samples
@@ -36,6 +37,11 @@ from tools.scoring.upstreams import IDDPM
 from tools.vendoring.run import run_step
 
 SMOKE_TRAIN = ['--batch_size', 4, '--log_interval', 1]
+
+
+def row_classes(model_flags):
+    """The classes of a class-conditional row (--class_cond True: its --num_classes); 0: unconditional."""
+    return int(flag_value(model_flags, '--num_classes')) if flag_value(model_flags, '--class_cond') == 'True' else 0
 
 
 def resumable_checkpoint(folder):
@@ -60,10 +66,10 @@ def main(argv=None, launcher=None):
     folder = run_dir(args, row)
     run_with = launcher or IDDPM.launcher(args.gpus)
     if args.smoke:
-        data = IDDPM.smoke_data(folder)
+        data = IDDPM.smoke_data(folder, args.dry_run)
         train_flags, iterations, save_interval = SMOKE_TRAIN, 2, 2
     else:
-        data = dataset_path(args, row)
+        data = dataset_path(args, row, lambda path: check_image_folder(path, int(flag_value(row.flags, '--image_size')), row_classes(row.flags)))
         batch = int(flag_value(row.recipe.train_flags, '--batch_size'))
         if batch % args.gpus:
             parser.error(f'the paper\'s batch of {batch} does not split evenly over {args.gpus} processes')
