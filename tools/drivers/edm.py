@@ -3,7 +3,9 @@
     python -m tools.drivers.edm cifar10-uncond --variant=with-lora --gpus=8
     python -m tools.drivers.edm ffhq64 --variant=only-lora --smoke
 
-The row's flags come from the table of paper rows (tools/paper/rows.py). Each step prints the
+The row's flags come from the table of paper rows (tools/paper/rows.py). Its dataset is checked first
+(tools/data/dataset_check.py: a readable zip of images at the row's resolution, 3 channels, and for
+--cond=1 rows CIFAR-10's 10 classes in dataset.json); a bad one is refused in one line. Each step prints the
 command it runs (in vendor/edm), so it can be rerun by hand. Re-running the same row continues
 where it stopped: training resumes from the newest training-state-*.pt in the run folder (written
 atomically: patch 0004), and scoring (tools/scoring/score.py) skips what it has recorded and

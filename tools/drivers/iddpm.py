@@ -3,7 +3,9 @@
     python -m tools.drivers.iddpm cifar10-uncond --variant=with-lora --gpus=8
     python -m tools.drivers.iddpm imagenet64 --variant=only-lora --smoke
 
-The row's flags come from the table of paper rows (tools/paper/rows.py). Each step prints the
+The row's flags come from the table of paper rows (tools/paper/rows.py). Its image folder is checked
+first (tools/data/dataset_check.py: images at --image_size, 3 channels, and for --class_cond rows
+--num_classes class names); a bad one is refused in one line. Each step prints the
 command it runs (in vendor/improved-diffusion, or vendor/edm for FID), so it can be rerun by hand.
 improved-diffusion trains until stopped: this script stops it once the checkpoint of the paper's
 last iteration is written. Re-running the row resumes from the newest step whose checkpoint files
