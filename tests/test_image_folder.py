@@ -52,3 +52,15 @@ def test_npz_samples_become_pngs_and_a_second_run_keeps_them(tmp_path):
 def test_missing_input_is_a_usage_error(tmp_path):
     result = tool('data.image_folder', 'cifar10', tmp_path / 'nope.tar.gz', tmp_path / 'out')
     assert result.returncode == 2 and 'no such file' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_a_folder_of_another_count_is_refused_before_writing(tmp_path):
+    # write_images renames a whole folder into place: one with another count is not its own (or damaged), and is not
+    # replaced; refused at once, not after writing all the images.
+    np.savez(tmp_path / 'samples.npz', np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    (tmp_path / 'png').mkdir()
+    (tmp_path / 'png' / 'other.png').write_bytes(b'')
+    result = tool('data.image_folder', 'npz', tmp_path / 'samples.npz', tmp_path / 'png')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == f'image_folder: {tmp_path / "png"} holds 1 files, not the 3 images expected; remove it and run again'
+    assert not (tmp_path / 'png.partial').exists()

@@ -5,6 +5,7 @@ view, the mean drift, the Fig. 4 similarity) and tools/figures/images.py (pixels
 
 import gzip
 import os
+import struct
 import sys
 import warnings
 
@@ -79,13 +80,18 @@ def test_the_model_range_and_pixels_convert_both_ways():
     assert abs(resized[0].mean() - (digits[0].mean() / 127.5 - 1)) < 0.05, 'a 28-pixel digit is resized, not cropped or padded'
 
 
+def write_idx(folder, images, labels):
+    """The official MNIST training files: gzipped idx, a big-endian header (magic number, count, rows, columns) before the bytes."""
+    with gzip.open(folder / 'train-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>IIII', 2051, len(images), 28, 28) + images.tobytes())
+    with gzip.open(folder / 'train-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>II', 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
 def test_the_official_files_load_and_100_digits_a_class_are_held_out(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (1030, 28, 28), dtype=np.uint8)
     labels = np.arange(1030) % 10
-    with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:
-        f.write(bytes(16) + images.tobytes())
-    with gzip.open(tmp_path / 'train-labels-idx1-ubyte.gz', 'wb') as f:
-        f.write(bytes(8) + labels.astype(np.uint8).tobytes())
+    write_idx(tmp_path, images, labels)
     loaded, loaded_labels = nano_data.load_digits(str(tmp_path))
     assert np.array_equal(loaded, images) and np.array_equal(loaded_labels, labels)
     (train, train_labels), (held_out, held_out_labels) = nano_data.split(loaded, loaded_labels)
@@ -101,6 +107,46 @@ def test_mnist5k_is_mlxtends_digits():
     loaded, loaded_labels = nano_data.load_digits('mnist5k') # from the cache after the first read
     assert np.array_equal(loaded, images.reshape(5000, 28, 28)) and np.array_equal(loaded_labels, labels)
     assert loaded.dtype == np.uint8 and os.path.exists(nano_data.MNIST5K_CACHE)
+
+
+def test_a_damaged_mnist5k_cache_is_written_again(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / 'mnist5k.npz'
+    monkeypatch.setattr(nano_data, 'MNIST5K_CACHE', str(cache))
+    np.savez(cache, images=np.zeros((5000, 28, 28), dtype=np.uint8), labels=np.zeros(5000, dtype=np.int64))
+    cache.write_bytes(cache.read_bytes()[:100000]) # cut short: a full disk, or a copy killed midway
+    images, labels = nano_data.load_digits('mnist5k')
+    assert images.shape == (5000, 28, 28) and images.any() and labels.shape == (5000,)
+    with np.load(cache) as rewritten:
+        assert np.array_equal(rewritten['images'], images)
+    assert 'unreadable' in capsys.readouterr().err
+
+
+def bad_mnist_folder(folder, damage):
+    """A folder of the official files, damaged: 'empty', 'truncated' (the images' gzip cut short) or 'header' (not an idx header)."""
+    folder.mkdir()
+    if damage == 'empty':
+        return folder
+    write_idx(folder, np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20) % 10)
+    path = folder / 'train-images-idx3-ubyte.gz'
+    if damage == 'truncated':
+        path.write_bytes(path.read_bytes()[:8000])
+    else:
+        with gzip.open(path, 'wb') as f:
+            f.write(bytes(16) + bytes(20 * 28 * 28))
+    return folder
+
+
+@pytest.mark.parametrize('damage,message', [
+    ('empty', 'no train-images-idx3-ubyte.gz there (give mnist5k, or the folder `make data-mnist` fills)'),
+    ('truncated', 'train-images-idx3-ubyte.gz is damaged or truncated'),
+    ('header', 'train-images-idx3-ubyte.gz is not an MNIST idx file of its stated size'),
+])
+def test_a_bad_mnist_folder_is_one_line(damage, message, tmp_path, monkeypatch, capsys):
+    folder = bad_mnist_folder(tmp_path / 'mnist', damage)
+    with pytest.raises(SystemExit) as stopped:
+        run_nano(monkeypatch, capsys, '--data', folder, '--out', tmp_path / 'run')
+    said = stopped.value.code
+    assert isinstance(said, str) and '\n' not in said and said.startswith(f'nano: --data {folder}: {message}'), said
 
 
 @pytest.mark.parametrize('args,message', [

@@ -12,7 +12,8 @@
     checks/     end-to-end checks: kill_check.py with kill_midwrite.py, pristine_check.py
     vendoring/  vendor/: build, export (make patches), audit, run (an upstream command in its tree),
                 notebook (the nano-diffusion notebook as a module)
-    data/       datasets: downloads with checksums, image folders, synthetic data
+    data/       datasets: downloads with checksums, image folders, synthetic data, the checks before
+                training (dataset_check.py)
     bench/      benchmarks
 
 Imports go one way, never back: vendoring and data, then paper, scoring, figures, drivers, checks

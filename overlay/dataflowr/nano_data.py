@@ -5,11 +5,17 @@ model's range (used for training by nano.py and for scoring by nano_metrics.py).
               its CSV once, then read from datasets/mnist5k.npz
     a folder  the official MNIST training files (train-images-idx3-ubyte.gz, ...), as `make data-mnist` writes
 
-Either way 1,000 digits (100 a class) are held out for evaluation; the rest trains.
+Either way 1,000 digits (100 a class) are held out for evaluation; the rest trains. A folder's files are
+checked as they are read (there, gzip, the idx header and its size): a missing or damaged one is a
+DataError of one line. A damaged mnist5k.npz, this project's own cache, is written again.
 """
 
 import gzip
 import os
+import struct
+import sys
+import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -27,13 +33,33 @@ class DataError(Exception):
 def load_digits(data):
     """(images [N, 28, 28] uint8, labels [N] int64) of real MNIST digits: 'mnist5k' or a folder of the official files."""
     if data == 'mnist5k':
-        if not os.path.exists(MNIST5K_CACHE):
+        cached = read_mnist5k_cache()
+        if cached is None:
             cache_mnist5k()
-        with np.load(MNIST5K_CACHE) as cached:
-            return cached['images'], cached['labels']
+            cached = read_mnist5k_cache()
+        if cached is None: # written just now: not a stale or damaged file but something in the way
+            raise DataError(f'--data mnist5k: cannot read back {MNIST5K_CACHE} after writing it')
+        return cached
     if not os.path.isdir(data):
         raise DataError(f'--data {data}: no such folder (give mnist5k, or the folder `make data-mnist` fills)')
     return read_mnist_idx(data)
+
+
+def read_mnist5k_cache():
+    """The cached (images, labels), or None where there is none or it does not read as 5,000 digits with
+    their labels (damaged on disk: the caller writes it again; it is this project's own file)."""
+    if not os.path.exists(MNIST5K_CACHE):
+        return None
+    try:
+        with np.load(MNIST5K_CACHE) as cached:
+            images, labels = cached['images'], cached['labels']
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err: # np.load's errors for a damaged .npz
+        print(f'{MNIST5K_CACHE}: unreadable ({err}); writing it again', file=sys.stderr)
+        return None
+    if images.shape != (5000, 28, 28) or images.dtype != np.uint8 or labels.shape != (5000,):
+        print(f'{MNIST5K_CACHE}: not 5,000 digits and their labels; writing it again', file=sys.stderr)
+        return None
+    return images, labels
 
 
 def cache_mnist5k():
@@ -50,13 +76,34 @@ def cache_mnist5k():
     os.replace(partial, MNIST5K_CACHE)
 
 
+# The official files as `make data-mnist` writes them: (name, magic number, dimensions after the count).
+MNIST_FILES = [('train-images-idx3-ubyte.gz', 2051, (28, 28)), ('train-labels-idx1-ubyte.gz', 2049, ())]
+
+
+def read_idx(folder, name, magic, shape):
+    """One gzipped idx file: its header (magic number, count, dimensions, big-endian) checked against
+    what MNIST's should be, and its data as long as the header says; else a DataError naming it."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise DataError(f'--data {folder}: no {name} there (give mnist5k, or the folder `make data-mnist` fills)')
+    try:
+        with gzip.open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err: # not gzip, or cut short
+        raise DataError(f'--data {folder}: {name} is damaged or truncated ({err}); `make data-mnist` downloads it again') from None
+    header = 4 * (2 + len(shape))
+    found = struct.unpack(f'>{2 + len(shape)}I', raw[:header]) if len(raw) >= header else None
+    if found is None or found[0] != magic or found[2:] != shape or len(raw) != header + found[1] * int(np.prod(shape)):
+        raise DataError(f'--data {folder}: {name} is not an MNIST idx file of its stated size; `make data-mnist` downloads it again')
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(-1, *shape)
+
+
 def read_mnist_idx(folder):
     """The official MNIST training files (idx format, gzipped) -> (images [N, 28, 28] uint8, labels [N])."""
-    with gzip.open(os.path.join(folder, 'train-images-idx3-ubyte.gz')) as f:
-        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(os.path.join(folder, 'train-labels-idx1-ubyte.gz')) as f:
-        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
-    return images, labels
+    images, labels = (read_idx(folder, *file) for file in MNIST_FILES)
+    if len(images) != len(labels):
+        raise DataError(f'--data {folder}: {len(images)} images but {len(labels)} labels')
+    return images, labels.astype(np.int64)
 
 
 def split(images, labels, held_out_per_class=100):

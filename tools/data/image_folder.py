@@ -26,9 +26,12 @@ CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 
 def write_images(batches, count, out):
     """Write (images [N, H, W, 3] uint8, names) batches to out/; a partial folder never looks complete."""
-    if os.path.isdir(out) and len(os.listdir(out)) == count:
-        print(f'{out}: {count} images already there')
-        return
+    if os.path.isdir(out):
+        if len(os.listdir(out)) == count:
+            print(f'{out}: {count} images already there')
+            return
+        # Not written here (this function renames a whole folder into place): another's, or damaged.
+        sys.exit(f'image_folder: {out} holds {len(os.listdir(out))} files, not the {count} images expected; remove it and run again')
     partial = out + '.partial'
     os.makedirs(partial, exist_ok=True)
     written = 0

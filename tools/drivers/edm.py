@@ -3,7 +3,9 @@
     python -m tools.drivers.edm cifar10-uncond --variant=with-lora --gpus=8
     python -m tools.drivers.edm ffhq64 --variant=only-lora --smoke
 
-The row's flags come from the table of paper rows (tools/paper/rows.py). Each step prints the
+The row's flags come from the table of paper rows (tools/paper/rows.py). Its dataset is checked first
+(tools/data/dataset_check.py: a readable zip of images at the row's resolution, 3 channels, and for
+--cond=1 rows CIFAR-10's 10 classes in dataset.json); a bad one is refused in one line. Each step prints the
 command it runs (in vendor/edm), so it can be rerun by hand. Re-running the same row continues
 where it stopped: training resumes from the newest training-state-*.pt in the run folder (written
 atomically: patch 0004), and scoring (tools/scoring/score.py) skips what it has recorded and
@@ -24,6 +26,7 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
+from tools.data.dataset_check import check_edm_zip
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
@@ -34,6 +37,11 @@ from tools.scoring.upstreams import EDM
 from tools.vendoring.run import run_step, run_tool
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
+
+
+def row_classes(row):
+    """The classes of a conditional row (--cond=1): CIFAR-10's 10, EDM's only labelled dataset here; 0: unconditional."""
+    return len(CIFAR10_CLASSES) if flag_value(row.flags, '--cond') == '1' else 0
 
 
 def smoke_base(args, row):
@@ -68,12 +76,14 @@ def main(argv=None, launcher=None):
     runs each step under a killer)."""
     parser, args, row = parse_row(__doc__, 'edm', gpus_help='processes (GPUs) per node for torchrun',
                                   train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"', argv=argv)
+    # The dataset is checked before the run folder exists: a refusal leaves nothing behind.
+    data = None if args.smoke else dataset_path(args, row, lambda path: check_edm_zip(path, row.recipe.resolution, row_classes(row)))
     folder = run_dir(args, row)
     with running_row(args, folder):
-        return run_row(args, row, folder, launcher or EDM.launcher(args.gpus))
+        return run_row(args, row, folder, data, launcher or EDM.launcher(args.gpus))
 
 
-def run_row(args, row, folder, launcher):
+def run_row(args, row, folder, data, launcher):
     run = lambda command: run_step(launcher + command, EDM.tree, dry_run=args.dry_run)
     if args.smoke:
         data = EDM.smoke_data(folder, args.dry_run)
@@ -82,7 +92,6 @@ def run_row(args, row, folder, launcher):
             variant_flags = [flag for flag in variant_flags if not flag.startswith(('--transfer', '--duration'))] + [f'--transfer={smoke_base(args, row)}']
         train_flags = list(row.recipe.flags) + SMOKE_FLAGS + variant_flags
     else:
-        data = dataset_path(args, row)
         train_flags = [f'--transfer={published_network(row.recipe.pretrained, args.dry_run)}' if flag.startswith('--transfer=') else flag
                        for flag in row.flags]
     train_flags += shlex.split(args.train_flags)
@@ -108,7 +117,7 @@ def run_row(args, row, folder, launcher):
 
 def sample_grid(folder, row, snapshot, protocol, launcher, smoke):
     """Appendix D: samples of the reported snapshot, samples.png; conditional rows: a row of samples a class."""
-    classes = 10 if flag_value(row.flags, '--cond') == '1' else 0
+    classes = row_classes(row)
     per_class, count = (4, 16) if smoke else (10, 64)
     images = []
     for label in range(classes) if classes else [None]:

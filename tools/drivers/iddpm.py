@@ -3,7 +3,9 @@
     python -m tools.drivers.iddpm cifar10-uncond --variant=with-lora --gpus=8
     python -m tools.drivers.iddpm imagenet64 --variant=only-lora --smoke
 
-The row's flags come from the table of paper rows (tools/paper/rows.py). Each step prints the
+The row's flags come from the table of paper rows (tools/paper/rows.py). Its image folder is checked
+first (tools/data/dataset_check.py: images at --image_size, 3 channels, and for --class_cond rows
+--num_classes class names); a bad one is refused in one line. Each step prints the
 command it runs (in vendor/improved-diffusion, or vendor/edm for FID), so it can be rerun by hand.
 improved-diffusion trains until stopped: this script stops it once the checkpoint of the paper's
 last iteration is written. Re-running the row resumes from the newest step whose checkpoint files
@@ -26,6 +28,7 @@ import shlex
 import numpy as np
 
 from tools import ROOT
+from tools.data.dataset_check import check_image_folder
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
@@ -36,6 +39,11 @@ from tools.scoring.upstreams import IDDPM
 from tools.vendoring.run import run_step
 
 SMOKE_TRAIN = ['--batch_size', 4, '--log_interval', 1]
+
+
+def row_classes(model_flags):
+    """The classes of a class-conditional row (--class_cond True: its --num_classes); 0: unconditional."""
+    return int(flag_value(model_flags, '--num_classes')) if flag_value(model_flags, '--class_cond') == 'True' else 0
 
 
 def resumable_checkpoint(folder):
@@ -60,17 +68,19 @@ def main(argv=None, launcher=None):
     batch = int(flag_value(row.recipe.train_flags, '--batch_size'))
     if not args.smoke and batch % args.gpus:
         parser.error(f'the paper\'s batch of {batch} does not split evenly over {args.gpus} processes')
+    # The dataset is checked before the run folder exists: a refusal leaves nothing behind.
+    data = None if args.smoke else dataset_path(args, row, lambda path: check_image_folder(path, int(flag_value(row.flags, '--image_size')),
+                                                                                        row_classes(row.flags)))
     folder = run_dir(args, row)
     with running_row(args, folder):
-        return run_row(args, row, folder, launcher or IDDPM.launcher(args.gpus))
+        return run_row(args, row, folder, data, launcher or IDDPM.launcher(args.gpus))
 
 
-def run_row(args, row, folder, run_with):
+def run_row(args, row, folder, data, run_with):
     if args.smoke:
-        data = IDDPM.smoke_data(folder)
+        data = IDDPM.smoke_data(folder, args.dry_run)
         train_flags, iterations, save_interval = SMOKE_TRAIN, 2, 2
     else:
-        data = dataset_path(args, row)
         batch = int(flag_value(row.recipe.train_flags, '--batch_size'))
         # The table's batch is global; image_train.py's --batch_size is per MPI process.
         train_flags = ['--lr', flag_value(row.recipe.train_flags, '--lr'), '--batch_size', batch // args.gpus]

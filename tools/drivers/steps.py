@@ -9,6 +9,7 @@ import re
 import sys
 
 from tools import ROOT
+from tools.data.dataset_check import DatasetError
 from tools.paper.rows import find, rows, run_folder
 from tools.vendoring.run import interruptible, locked_folder
 from tools.vendoring.upstream import read_upstream
@@ -66,9 +67,17 @@ def running_row(args, folder):
         yield
 
 
-def dataset_path(args, row):
-    """The row's dataset; a missing one is an error that names the make target writing it."""
+def dataset_path(args, row, check):
+    """The row's dataset, checked before anything trains on it: `check(path)` (tools.data.dataset_check)
+    opens it, lists its images and reads one. A missing or bad dataset is an error of one line that names
+    the file, the problem and the make target writing it (a dry run may name a dataset not there yet)."""
     path = os.path.join(ROOT, row.recipe.data)
-    if not os.path.exists(path) and not args.dry_run:
-        sys.exit(f'{row.upstream}: {row.recipe.data} is missing; run `make {row.recipe.make_data}` first')
+    if not os.path.exists(path):
+        if not args.dry_run:
+            sys.exit(f'{row.upstream}: {row.recipe.data} is missing; run `make {row.recipe.make_data}` first')
+        return path
+    try:
+        check(path)
+    except DatasetError as err:
+        sys.exit(f'{row.upstream}: {err}; remove it and run `make {row.recipe.make_data}`')
     return path

@@ -14,12 +14,14 @@ detector against statistics of their own synthetic data.
 
 import glob
 import os
+import shutil
 import sys
 
 import numpy as np
 import PIL.Image
 
 from tools import ROOT
+from tools.data.dataset_check import DatasetError, check_edm_zip, check_image_folder
 from tools.data.synthetic import write_folder
 from tools.paper.rows import flag_value
 from tools.scoring.fid_steps import reference_statistics
@@ -28,13 +30,25 @@ from tools.vendoring.run import run_step
 from tools.vendoring.upstream import read_upstream
 
 SMOKE_IMAGES = 32 # images an evaluation of a smoke run (16x16 or 32x32, stand-in detector)
+SMOKE_CLASSES = 10 # classes of the synthetic smoke data, labelled for the conditional rows (CIFAR-10's 10)
 PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82' # the last 12 bytes of every complete PNG file
 
 
-def synthetic_images(folder, count, resolution):
-    """A synthetic image folder (tools.data.synthetic) for smoke runs, written once."""
-    if not os.path.isdir(folder):
-        write_folder(folder, count=count, resolution=resolution)
+def synthetic_images(folder, count, resolution, dry_run=False):
+    """A synthetic image folder (tools.data.synthetic, written whole under a temporary name) for smoke runs,
+    written once; checked at each use, and written again if it is not what it should be (it is this
+    project's own data: a damaged one is replaced, not refused)."""
+    if os.path.isdir(folder):
+        try:
+            check_image_folder(folder, resolution, SMOKE_CLASSES)
+            return folder
+        except DatasetError as err:
+            print(f'{err}; writing it again')
+            if dry_run:
+                return folder
+            shutil.rmtree(folder)
+    if not dry_run:
+        write_folder(folder, count=count, resolution=resolution, classes=SMOKE_CLASSES)
         print(f'wrote {count} images of {resolution}x{resolution} to {folder}')
     return folder
 
@@ -102,11 +116,21 @@ class EDMUpstream(Upstream):
         return number_in_name(snapshot) * 1000 # named by kimg
 
     def smoke_data(self, folder, dry_run=False):
-        """A synthetic 16x16 dataset in EDM's zip format, written by EDM's own dataset_tool.py."""
+        """A synthetic 16x16 dataset in EDM's zip format, written by EDM's own dataset_tool.py under a
+        temporary name, then renamed (a killed write never leaves a truncated zip under the name that is
+        reused); checked at each use, and written again if it is not what it should be."""
         data = os.path.join(folder, 'synthetic-16x16.zip')
-        if not os.path.exists(data):
-            images = synthetic_images(os.path.join(folder, 'synthetic-images'), count=64, resolution=16)
-            run_step([sys.executable, 'dataset_tool.py', f'--source={images}', f'--dest={data}'], self.tree, dry_run=dry_run)
+        if os.path.exists(data):
+            try:
+                check_edm_zip(data, 16, SMOKE_CLASSES)
+                return data
+            except DatasetError as err:
+                print(f'{err}; writing it again')
+        images = synthetic_images(os.path.join(folder, 'synthetic-images'), count=64, resolution=16, dry_run=dry_run)
+        partial = os.path.join(folder, 'synthetic-16x16.partial.zip') # dataset_tool.py writes a zip for a name ending in .zip
+        run_step([sys.executable, 'dataset_tool.py', f'--source={images}', f'--dest={partial}'], self.tree, dry_run=dry_run)
+        if not dry_run:
+            os.replace(partial, data)
         return data
 
     def protocol(self, row, folder, smoke, evaluations=None, images=None, dry_run=False):
@@ -157,7 +181,7 @@ class IDDPMUpstream(Upstream):
         return number_in_name(snapshot) * train_batch # named by optimiser step
 
     def smoke_data(self, folder, dry_run=False):
-        return synthetic_images(os.path.join(folder, 'synthetic-32x32'), count=16, resolution=32)
+        return synthetic_images(os.path.join(folder, 'synthetic-32x32'), count=16, resolution=32, dry_run=dry_run)
 
     def model_flags(self, row, smoke):
         """image_sample.py's and image_train.py's model flags of the row (smoke runs: a tiny model, 100 / 101 steps)."""
