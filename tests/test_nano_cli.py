@@ -17,6 +17,7 @@ import torch
 from conftest import IDDPM, NANO, cuda_only, nano
 from tiny import NANO_TRAIN
 from tools.figures.images import to_uint8
+from tools.vendoring.run import locked_folder
 
 sys.path.insert(0, NANO)
 sys.path.append(IDDPM) # improved-diffusion's respaced sampler, which --sample-steps follows
@@ -339,3 +340,11 @@ def test_the_kernel_distance_is_the_unbiased_mmd():
     assert np.mean([nano_metrics.frechet_distance(rng.normal(size=(10, 4)), rng.normal(size=(50, 4))) for _ in range(50)]) > 1
     shifted = [nano_metrics.kernel_distance(rng.normal(size=(10, 4)) + 1, rng.normal(size=(50, 4))) for _ in range(50)]
     assert np.mean(shifted) > 10 * np.std(same) / np.sqrt(len(same))
+
+
+def test_a_second_run_on_the_same_out_folder_refuses(tmp_path, monkeypatch, capsys):
+    with locked_folder(str(tmp_path), 'first'):
+        with pytest.raises(SystemExit) as refusal:
+            run_nano(monkeypatch, capsys, '--cond', 'uclora', '--out', str(tmp_path), *NANO_TRAIN)
+    assert f'in use by process {os.getpid()}' in str(refusal.value)
+    assert not os.path.exists(tmp_path / 'checkpoint.pt')

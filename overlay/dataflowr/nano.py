@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 try: # first: nano_data needs it too
     from tools.figures.images import save_grid, to_uint8
+    from tools.vendoring.run import interruptible, locked_folder
 except ImportError:
     sys.exit("nano: needs the project's tools package on the path (make setup installs it into .venv)")
 
@@ -301,6 +302,13 @@ def score(samples, network, args, digits):
 
 def main():
     parser, args = parse_args()
+    # Ctrl-C or SIGTERM: one line, no traceback (the checkpoint of the last finished epoch is kept);
+    # a second nano.py on the same --out refuses instead of writing beside this one.
+    with interruptible(f'nano: {args.out}'), locked_folder(args.out, f'nano: {args.out}'):
+        run(parser, args)
+
+
+def run(parser, args):
     try:
         images, labels = nano_data.load_digits(args.data)
     except nano_data.DataError as err:
