@@ -20,22 +20,34 @@ it), an upstream marked `install: editable` is put on the running environment's 
 `pip install -e` would, so that its own scripts import it from any folder.
 """
 
-import argparse
-import contextlib
-import fcntl
-import json
-import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
-import sysconfig
-import time
 
-from tools import ROOT
-from tools.vendoring import notebook
-from tools.vendoring.upstream import (VENDOR_EMAIL, VendorError, git, inputs_digest, patch_header, read_series, read_upstream,
+
+def stop_before_main(signum, frame):
+    """Ctrl-C or kill while the modules below load: no build has begun, there is nothing to undo."""
+    print('vendor: interrupted; nothing changed', file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == '__main__': # before the other imports, which take most of the start-up: no traceback from them
+    signal.signal(signal.SIGINT, stop_before_main)
+    signal.signal(signal.SIGTERM, stop_before_main)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sysconfig  # noqa: E402
+import time  # noqa: E402
+
+from tools import ROOT  # noqa: E402
+from tools.vendoring import notebook  # noqa: E402
+from tools.vendoring.upstream import (VENDOR_EMAIL, VendorError, git, inputs_digest, patch_header, read_series, read_upstream,  # noqa: E402
                                       overlay_files, vendor_dir)
 
 SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -356,14 +368,14 @@ def vendor(name, upstream, rebuild, pristine, editable):
 
 
 def main():
-    for signum in SIGNALS: # first: Ctrl-C and kill end in one line, once the build folder is removed
-        signal.signal(signum, on_signal)
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('names', nargs='+', metavar='UPSTREAM', help='upstream names, as under patches/')
     parser.add_argument('--rebuild', action='store_true', help='build vendor/<name> again; an old tree holding anything of yours is moved aside, not deleted')
     parser.add_argument('--pristine', action='store_true', help='also provide vendor/pristine/<name>, the unpatched pinned commit (tests compare against it)')
     parser.add_argument('--install', action='store_true', help='put upstreams marked `install: editable` on the running environment\'s import path')
     args = parser.parse_args()
+    for signum in SIGNALS: # from here an interrupt ends in main's one line, once the build folder is removed
+        signal.signal(signum, on_signal)
     try:
         for name in args.names:
             upstream = read_upstream(name)
