@@ -15,7 +15,7 @@ scoring = $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) $(if $(FID_EVALS),--fid-ev
 # What a row needs beyond its own tree (the dataset, EDM's fid.py), unless it is a smoke or dry run.
 full_run = $(if $(SMOKE)$(DRY),,$(1))
 
-.PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit readme bench bench-layers patches results score kill-check \
+.PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit readme bench bench-layers patches results score kill-check vendor-interrupt-check \
         edm-authors-checkpoint edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
         data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
 
@@ -49,7 +49,9 @@ help:
 	@echo "make data-ffhq FFHQ_ZIP=  FFHQ 64x64 for EDM from your images1024x1024 zip [FFHQ_SHA256=]"
 	@echo "make data-imagenet64 IMAGENET64_ZIPS=\"part1 part2\"   downsampled ImageNet64 for improved-diffusion [IMAGENET64_SHA256=]"
 	@echo "make data-mnist           the official MNIST files (download, MD5-checked), for nano.py --data downloads/mnist"
-	@echo "make vendor [REBUILD=1]   fetch, patch and overlay the upstreams into vendor/ (or vendor-edm, vendor-iddpm, vendor-dataflowr)"
+	@echo "make vendor [REBUILD=1]   fetch, patch and overlay the upstreams into vendor/ (or vendor-edm, vendor-iddpm, vendor-dataflowr);"
+	@echo "                          REBUILD=1 builds again, moving an old tree that holds your files aside (vendor/<u>.old-<date>-<time>)"
+	@echo "make vendor-interrupt-check   make vendor-edm REBUILD=1 interrupted 20 times, then make vendor-edm: trees intact, user file kept"
 	@echo "make patches U=edm        write edited vendor/<U> commits back to patches/<U>/"
 
 # ---------------------------------------------------------------------------- set-up
@@ -122,6 +124,11 @@ smoke: vendor
 	$(MAKE) --no-print-directory nano-compare NANO_EPOCHS=2 NANO_SEEDS=0 NANO_SAMPLES=2 NANO_OUT=runs/nano-compare-smoke
 	$(MAKE) --no-print-directory kill-check
 	$(MAKE) --no-print-directory results SMOKE=1
+
+# make vendor-edm REBUILD=1 stopped by Ctrl-C at 20 random moments, each followed by make vendor-edm: the trees
+# stay correct and a user's file in vendor/edm is kept (tools/checks/vendor_interrupt_check.py).
+vendor-interrupt-check: vendor-edm
+	$(PY) -m tools.checks.vendor_interrupt_check
 
 # A smoke run killed mid-write (a snapshot, then a sample) and rerun ends as an uninterrupted one.
 kill-check: vendor-edm

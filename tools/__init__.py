@@ -9,7 +9,8 @@
                 fid.py, or with a stand-in detector), results.py (`make results`)
     figures/    pictures: images.py (grids, pixels), composition.py (composition-weight similarity),
                 class_grid.py (Fig. 5), composition_maps.py (Fig. 4, 7), nano_compare.py (Fig. 3)
-    checks/     end-to-end checks: kill_check.py with kill_midwrite.py, pristine_check.py
+    checks/     end-to-end checks: kill_check.py with kill_midwrite.py, pristine_check.py,
+                vendor_interrupt_check.py
     vendoring/  vendor/: build, export (make patches), audit, run (an upstream command in its tree),
                 notebook (the nano-diffusion notebook as a module)
     data/       datasets: downloads with checksums, image folders, synthetic data, the checks before

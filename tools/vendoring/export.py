@@ -50,7 +50,7 @@ def main():
         rel = os.path.relpath(repo, ROOT)
         if not os.path.isdir(os.path.join(repo, '.git')):
             raise VendorError(f'{rel} does not exist; run make vendor first')
-        if git(repo, 'status', '--porcelain'):
+        if git(repo, 'status', '--porcelain', '--untracked-files=no'): # untracked files (runs, notes) are never exported
             raise VendorError(f'{rel} has uncommitted edits: commit them into the patch they belong to first')
         if not git(repo, 'log', '-1', '--format=%s').startswith('Copy overlay files'):
             raise VendorError(f'the last commit of {rel} must be "Copy overlay files"')
