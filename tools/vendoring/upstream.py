@@ -30,7 +30,8 @@ class VendorError(Exception):
 
 def git(repo, *args):
     """Run git in repo with the vendor identity and dates; its stdout, stripped."""
-    env = dict(os.environ, **GIT_DATES)
+    # The committer from the environment too: GIT_COMMITTER_* set by a user would outrank the -c options.
+    env = dict(os.environ, **GIT_DATES, GIT_COMMITTER_NAME='vendor', GIT_COMMITTER_EMAIL=VENDOR_EMAIL)
     result = subprocess.run(['git', *GIT_IDENTITY, '-C', repo, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if result.returncode != 0:
         raise VendorError(f'git {" ".join(args)} failed in {os.path.relpath(repo, ROOT)}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no message"}')
