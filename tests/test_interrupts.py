@@ -7,6 +7,7 @@ driver starts a step, then the whole run is sent the signal a terminal's Ctrl-C 
 its process group) or SIGTERM to the driver alone, as `make` forwards it.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -110,10 +111,16 @@ def hold_lock(folder, marker):
 
 
 def kill_all(holder, marker):
+    """SIGKILL the holder and its step, and wait until no process carries the marker."""
     holder.kill()
     holder.wait()
-    for pid in processes_with(marker):
-        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while processes_with(marker):
+        for pid in processes_with(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f'cannot stop {processes_with(marker)}'
+        time.sleep(0.05)
 
 
 def test_a_second_run_on_a_locked_folder_refuses_naming_the_holder_and_no_lock_outlives_its_holders(tmp_path):
@@ -130,13 +137,14 @@ def test_a_second_run_on_a_locked_folder_refuses_naming_the_holder_and_no_lock_o
         with locked_folder(str(tmp_path), 'second'):
             pass
     kill_all(holder, marker)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         try:
             with locked_folder(str(tmp_path), 'second'):
                 break
         except SystemExit:
-            assert time.monotonic() < deadline, 'the lock outlived every process that held it'
+            held = subprocess.run(['lslocks', '-n', '-o', 'PID,COMMAND,PATH'], text=True, capture_output=True).stdout if shutil.which('lslocks') else '?'
+            assert time.monotonic() < deadline, f'the lock outlived every process that held it; locks: {held}'
             time.sleep(0.05)
 
 

@@ -65,6 +65,8 @@ class Interrupted(BaseException):
 
 
 def on_signal(signum, frame):
+    for other in SIGNALS: # once: a second signal must not cut short the cleanup this one starts
+        signal.signal(other, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -102,6 +104,16 @@ def locked(upstream):
 def beside(dest, kind):
     """A folder next to dest (on its file system, so that a rename moves it) that only this process uses."""
     return os.path.join(os.path.dirname(dest), f'.{kind}-{os.path.basename(dest)}-{os.getpid()}')
+
+
+def remove_tree(path, seconds=5):
+    """shutil.rmtree, tried again while a process that was just stopped (its files still closing) may
+    still add to it; what is left, the next run's remove_leftovers takes."""
+    deadline = time.monotonic() + seconds
+    shutil.rmtree(path, ignore_errors=True)
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_leftovers(dest):
@@ -178,7 +190,7 @@ def make_atomically(dest, make, upstream):
         swap_in(new, dest, upstream)
     except BaseException: # a failed or interrupted build leaves nothing, and a second Ctrl-C cannot cut that short
         with signals_blocked():
-            shutil.rmtree(new, ignore_errors=True)
+            remove_tree(new)
         raise
     progress['making'].remove(dest)
 

@@ -19,7 +19,8 @@ import tempfile
 from tools import ROOT
 
 VENDOR_EMAIL = 'vendor@localhost' # the committer of every commit a build makes (so a build can tell the user's own)
-GIT_IDENTITY = ['-c', 'user.name=vendor', '-c', f'user.email={VENDOR_EMAIL}', '-c', 'commit.gpgsign=false']
+# No background gc or maintenance: a detached git writing into a tree could outlive a build that removes it.
+GIT_IDENTITY = ['-c', 'user.name=vendor', '-c', f'user.email={VENDOR_EMAIL}', '-c', 'commit.gpgsign=false', '-c', 'gc.auto=0', '-c', 'maintenance.auto=false']
 # Fixed dates make the vendor commits, and so a rebuilt tree's HEAD and the exported patches, reproducible.
 GIT_DATES = {'GIT_AUTHOR_DATE': '2000-01-01T00:00:00Z', 'GIT_COMMITTER_DATE': '2000-01-01T00:00:00Z'}
 
