@@ -136,10 +136,11 @@ def markdown(lines, smoke):
 # FID against training images: one picture a run (written after scoring) and one a table.
 
 def images_axis(ax, images):
-    """Training images on the x axis: millions, or thousands for runs below a million (smoke runs).
-    Returns the scale to divide image counts by."""
-    scale, unit = (1e6, 'millions') if max(images, default=0) >= 1e6 else (1e3, 'thousands')
-    ax.set_xlabel(f'training images ({unit})')
+    """Training images on the x axis: millions, thousands for runs below a million, or images for runs
+    below a thousand (smoke runs). Returns the scale to divide image counts by."""
+    most = max(images, default=0)
+    scale, unit = (1e6, ' (millions)') if most >= 1e6 else (1e3, ' (thousands)') if most >= 1e3 else (1, '')
+    ax.set_xlabel(f'training images{unit}')
     ax.ticklabel_format(useOffset=False)
     return scale
 
