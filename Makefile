@@ -65,8 +65,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 vendor: vendor-edm vendor-iddpm vendor-dataflowr
+# Python starts with Ctrl-C and SIGTERM ignored, until build.py puts its own handler in place (its first
+# lines): an interrupt in Python's start-up would end in a traceback, and there is nothing to undo yet.
 vendor-%: setup
-	$(PY) -m tools.vendoring.build $* --pristine --install $(if $(REBUILD),--rebuild)
+	trap '' INT TERM; exec $(PY) -m tools.vendoring.build $* --pristine --install $(if $(REBUILD),--rebuild)
 
 patches: setup
 	$(PY) -m tools.vendoring.export $(U)

@@ -81,10 +81,13 @@ def interrupted_rebuild(moment):
         return 'finished', 'finished before the signal', output
     if said and said[0].startswith('vendor: interrupted'):
         return 'interrupted', f'{said[0]} ({status})', output
+    if 'ready at' in output: # the Makefile starts Python with the signals ignored until build.py handles them
+        return 'ignored', f'signal in Python\'s start-up, ignored there; the build went on to the end ({status})', output
     return 'before', f'ended before the build began, no line ({status})', output
 
 
 ENDINGS = {'interrupted': 'interrupted, in one line', 'before': 'stopped before Python ran the build',
+           'ignored': 'signalled in Python\'s start-up, which ignores it, and built to the end',
            'startup': "stopped by Python's own KeyboardInterrupt (its traceback), in its start-up", 'finished': 'finished before the signal',
            'traceback': 'ended in a TRACEBACK'}
 
