@@ -141,13 +141,14 @@ def write_folder(folder, digits, labels, indices):
     os.replace(partial, folder)
 
 
-def write_edm_zip(zip_path, folder):
+def write_edm_zip(zip_path, folder, count):
     """EDM's dataset zip of an image folder (with its dataset.json), by EDM's own dataset_tool.py, under a
-    temporary name, then renamed."""
+    temporary name, checked (`count` digits, 10 labelled classes), then renamed."""
     partial = zip_path[:-len('.zip')] + '.partial.zip' # dataset_tool.py writes a zip for a name ending in .zip
     if os.path.exists(partial):
         os.remove(partial) # left by a killed write; dataset_tool.py would add to it
     run_step([sys.executable, 'dataset_tool.py', f'--source={os.path.abspath(folder)}', f'--dest={os.path.abspath(partial)}'], 'edm')
+    check_kept(partial, count, is_zip=True) # a folder without dataset.json would give a zip without labels
     os.replace(partial, zip_path)
 
 
@@ -189,7 +190,7 @@ def write_mini_digits(edm_zip=EDM_ZIP, folder=TRAIN_FOLDER, held_out=HELD_OUT_FO
     if folder in missing:
         write_folder(folder, images[~mask], labels[~mask], np.flatnonzero(~mask))
     if edm_zip in missing:
-        write_edm_zip(edm_zip, folder)
+        write_edm_zip(edm_zip, folder, train_count)
     if held_out in missing:
         write_folder(held_out, images[mask], labels[mask], np.flatnonzero(mask))
     for path, count, is_zip in outputs:
