@@ -2,8 +2,10 @@
 (tools/scoring/digit_detector.py, fid_digits.py): the data in both upstreams' formats, the
 detector's accuracy, input and reproducibility, and FID and KID through EDM's fid.py with it."""
 
+import gzip
 import hashlib
 import json
+import struct
 import os
 import zipfile
 
@@ -102,6 +104,22 @@ def test_a_killed_write_leaves_no_folder_under_its_name(data, tmp_path, monkeypa
     monkeypatch.undo()
     write_folder(str(tmp_path / 'digits'), images[:10], labels[:10], np.arange(10)) # the leftover .partial is replaced
     assert len(iddpm_image_files(tmp_path / 'digits')) == 10 and not os.path.exists(tmp_path / 'digits.partial')
+
+
+def test_official_mnist_files_are_read_and_a_truncated_one_refused(tmp_path):
+    # --source FOLDER: the idx files as `make data-mnist` writes them (here 20 made-up digits).
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20) % 10
+    with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>4I', 2051, 20, 28, 28) + images.tobytes())
+    with gzip.open(tmp_path / 'train-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>2I', 2049, 20) + labels.astype(np.uint8).tobytes())
+    read_images, read_labels = load_digits(str(tmp_path))
+    assert (read_images == images).all() and (read_labels == labels).all() and read_labels.dtype == np.int64
+    with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>4I', 2051, 20, 28, 28) + images.tobytes()[:-1])
+    with pytest.raises(DatasetError, match='not an MNIST idx file of its stated size'):
+        load_digits(str(tmp_path))
 
 
 def test_detector_held_out_accuracy(data, detector):
