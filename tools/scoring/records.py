@@ -13,8 +13,11 @@ import re
 
 import numpy as np
 
-# The detectors a record can name: fid.py's own, or the stand-in of smoke runs (tools/scoring/fid_standin.py).
-DETECTORS = {'inception': "Inception-v3 (EDM's fid.py)", 'standin': 'stand-in random projection (smoke: plumbing only)'}
+# The detectors a record can name: fid.py's own, the stand-in of smoke runs (tools/scoring/fid_standin.py),
+# or the digit classifier of the mini tables (tools/scoring/digit_detector.py; a record of it also carries
+# digit_detector.detector_identity(): its weights' SHA-256).
+DETECTORS = {'inception': "Inception-v3 (EDM's fid.py)", 'standin': 'stand-in random projection (smoke: plumbing only)',
+             'digits': 'digit classifier features (mini: MNIST digits)'}
 
 
 def number_in_name(path):
