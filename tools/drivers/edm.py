@@ -27,10 +27,9 @@ import PIL.Image
 
 from tools import ROOT
 from tools.data.dataset_check import check_edm_zip
-from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
-from tools.paper.rows import find, flag_value, override
+from tools.paper.rows import class_names, find, flag_value, override
 from tools.scoring.records import best, newest, number_in_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import EDM
@@ -40,8 +39,8 @@ SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--t
 
 
 def row_classes(row):
-    """The classes of a conditional row (--cond=1): CIFAR-10's 10, EDM's only labelled dataset here; 0: unconditional."""
-    return len(CIFAR10_CLASSES) if flag_value(row.flags, '--cond') == '1' else 0
+    """The classes of a conditional row (--cond=1): CIFAR-10's 10 or the digits' 10; 0: unconditional."""
+    return len(class_names(row)) if flag_value(row.flags, '--cond') == '1' else 0
 
 
 def smoke_base(args, row):
@@ -131,7 +130,7 @@ def sample_grid(folder, row, snapshot, protocol, launcher, smoke):
     what = f'a row a class, seeds 0-{per_class - 1}' if classes else f'seeds 0-{count - 1}'
     show_samples(np.stack(images), os.path.join(folder, 'samples.png'),
                  f'{row.name}: {snapshot} (the best FID of the run), {what}, {protocol["sampler"]} (NFE {protocol["nfe"]})',
-                 smoke, count=len(images), columns=per_class if classes else None, row_labels=CIFAR10_CLASSES if classes else None)
+                 smoke, count=len(images), columns=per_class if classes else None, row_labels=class_names(row) if classes else None)
 
 
 if __name__ == '__main__':

@@ -29,10 +29,9 @@ import numpy as np
 
 from tools import ROOT
 from tools.data.dataset_check import check_image_folder
-from tools.data.image_folder import CIFAR10_CLASSES
 from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
 from tools.figures.images import show_samples
-from tools.paper.rows import flag_value, override
+from tools.paper.rows import class_names, flag_value, override
 from tools.scoring.records import best, number_in_name, record_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import IDDPM
@@ -111,7 +110,7 @@ def run_row(args, row, folder, data, run_with):
     per_class = min(8, min(np.sum(labels == label) for label in range(10))) if '--class_cond' in row.recipe.flags else 0
     if per_class >= 4: # Appendix D: a row a class (a smoke run's few samples may not have enough of each)
         images = np.stack([image for label in range(10) for image in images[labels == label][:per_class]])
-        what, row_labels = 'a row a class', CIFAR10_CLASSES
+        what, row_labels = 'a row a class', class_names(row)
     else:
         images, per_class, what, row_labels = images[:64], 8, 'the first samples', None
     show_samples(images, os.path.join(folder, 'samples.png'), f'{row.name}: {what} of {reported["snapshot"]} (the best FID of the run), '

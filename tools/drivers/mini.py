@@ -18,7 +18,9 @@ import time
 from tools import ROOT
 from tools.data.dataset_check import DatasetError
 from tools.data.mini_digits import write_mini_digits
-from tools.paper.rows import MINI_ROWS, mini_group
+from tools.paper.rows import MINI_ROWS, find, mini_group, run_folder
+from tools.scoring.records import newest
+from tools.scoring.upstreams import UPSTREAMS
 from tools.vendoring.run import interruptible, run_tool
 
 GROUPS = sorted({mini_group(row) for row in MINI_ROWS}, key=lambda group: [mini_group(row) for row in MINI_ROWS].index(group))
@@ -51,9 +53,33 @@ def main(argv=None):
                 sys.exit(f'make mini: {row.name} seed {seed} failed; see above (rerunning `make mini` resumes it)')
             print(f'[mini {index + 1}/{len(chosen)}] {row.name}, seed {seed}: {(time.time() - started) / 60:.1f} min', flush=True)
     if not args.dry_run:
+        figures(args.runs, args.group, args.seeds[0])
         command = [sys.executable, '-m', 'tools.scoring.mini_report', f'--runs={os.path.abspath(args.runs)}']
         if run_tool(command, 'make mini') != 0:
             sys.exit('make mini: the mini tables failed; see above')
+
+
+def newest_snapshot(runs, upstream, dataset, variant, seed):
+    row = find(upstream, dataset, variant)
+    return newest(os.path.join(run_folder(runs, row, seed=seed), UPSTREAMS[upstream].snapshot_pattern))
+
+
+def figures(runs, groups, seed):
+    """Fig. 5 on digits (ClassLoRA beside the conditional baseline) and the composition maps of one UC-LoRA
+    and one TimeLoRA run, from the first seed's last snapshots, into <runs>/mini/."""
+    out = os.path.join(runs, 'mini')
+    commands = []
+    if 'edm-cond' in groups:
+        nets = [newest_snapshot(runs, 'edm', 'mini-cond', variant, seed) for variant in ('baseline', 'classlora')]
+        commands.append([sys.executable, '-m', 'tools.figures.class_grid', '--digits', '--nets', *nets, '--names', 'scale-and-shift', 'ClassLoRA',
+                         f'--out={os.path.join(out, "fig5-digits.png")}'])
+    for group, upstream, name in [('edm-uncond', 'edm', 'uc-lora'), ('iddpm-uncond', 'iddpm', 'timelora')]:
+        if group in groups:
+            snapshot = newest_snapshot(runs, upstream, 'mini-uncond', 'with-lora', seed)
+            commands.append([sys.executable, '-m', 'tools.figures.composition_maps', snapshot, f'--out={os.path.join(out, f"composition-maps-{name}")}'])
+    for command in commands:
+        if run_tool(command, 'make mini') != 0:
+            sys.exit(f'make mini: {command[2]} failed; see above')
 
 
 if __name__ == '__main__':

@@ -39,9 +39,9 @@ def parse_numbers(text):
     return [float(value) for value in text.split(',')]
 
 
-def class_index(name, label_dim):
-    """A class given by CIFAR-10 name or by index."""
-    names = CIFAR10_CLASSES if label_dim == len(CIFAR10_CLASSES) else []
+def class_index(name, label_dim, digits=False):
+    """A class given by CIFAR-10 name (not for digits) or by index."""
+    names = CIFAR10_CLASSES if label_dim == len(CIFAR10_CLASSES) and not digits else []
     if name in names:
         return names.index(name)
     if name.isdigit() and int(name) < label_dim:
@@ -49,7 +49,9 @@ def class_index(name, label_dim):
     raise ValueError(f'unknown class "{name}" (choose from {", ".join(names) or f"0 to {label_dim - 1}"})')
 
 
-def class_name(index, label_dim):
+def class_name(index, label_dim, digits=False):
+    if digits:
+        return f'digit {index}'
     return CIFAR10_CLASSES[index] if label_dim == len(CIFAR10_CLASSES) else f'class {index}'
 
 
@@ -115,7 +117,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--nets', nargs='+', metavar='PKL', help='network snapshots (default: the newest of the CIFAR-10 cond baseline and ClassLoRA runs)')
     parser.add_argument('--names', nargs='+', help='a row label a network (default: scale-and-shift, ClassLoRA; or the file names)')
-    parser.add_argument('--classes', nargs=2, default=['airplane', 'horse'], metavar=('A', 'B'), help='c_a and c_b, by CIFAR-10 name or index (default: the paper\'s airplane and horse)')
+    parser.add_argument('--classes', nargs=2, metavar=('A', 'B'), help='c_a and c_b, by CIFAR-10 name or index (default: the paper\'s airplane and horse; digits: 1 and 7)')
+    parser.add_argument('--digits', action='store_true', help='networks of the mini digits (make mini): classes are digits')
     parser.add_argument('--lambdas', type=parse_numbers, default=parse_numbers('0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1'), help='interpolation weights lambda')
     parser.add_argument('--scales', type=parse_numbers, default=parse_numbers('-1,-0.75,-0.5,-0.25,0,0.25,0.5,0.75,1,1.5,2'), help='scales alpha of c_b (write --scales=-1,0,1: a leading minus sign needs the =)')
     parser.add_argument('--seeds', type=lambda text: [int(s) for s in text.split(',')], default=[0, 1], help='latent seeds, a row each (default: 0,1)')
@@ -129,6 +132,7 @@ def main(argv=None):
     if args.steps < 2:
         parser.error('--steps must be at least 2')
 
+    args.classes = args.classes or (['1', '7'] if args.digits else ['airplane', 'horse'])
     nets = args.nets or default_nets(args)
     names = args.names or (list(DEFAULT_VARIANTS.values()) if not args.nets else [os.path.basename(path) for path in nets])
     out = args.out or os.path.join(args.runs, 'edm-cifar10-cond-class-grid' + ('-smoke' if args.smoke else '') + '.png')
@@ -141,7 +145,7 @@ def main(argv=None):
         if len(shapes) > 1: # one grid needs images of one size and one set of classes
             parser.error(f'{path}: {net.img_channels}x{net.img_resolution}x{net.img_resolution} images, {net.label_dim} classes, unlike the networks before it')
         try:
-            a, b = [class_index(c, net.label_dim) for c in args.classes]
+            a, b = [class_index(c, net.label_dim, args.digits) for c in args.classes]
         except ValueError as err:
             parser.error(str(err))
         eye = np.eye(net.label_dim, dtype=np.float32)
@@ -149,7 +153,7 @@ def main(argv=None):
             print(f'class_grid: {name} ({os.path.relpath(path)}), seed {seed}: {len(args.lambdas) + len(args.scales)} samples', flush=True)
             interpolation.append(sample(net, seed, [(1 - l) * eye[a] + l * eye[b] for l in args.lambdas], args.steps))
             scaling.append(sample(net, seed, [s * eye[b] for s in args.scales], args.steps))
-    names_a_b = [class_name(i, net.label_dim) for i in (a, b)]
+    names_a_b = [class_name(i, net.label_dim, args.digits) for i in (a, b)]
 
     font = PIL.ImageFont.load_default(size=14)
     scale = max(1, 96 // interpolation[0].shape[1])
@@ -161,7 +165,7 @@ def main(argv=None):
     figure = PIL.Image.new('RGB', [max(p.width for p in panels), sum(p.height for p in panels) + 16], 'white')
     figure.paste(panels[0], (0, 0))
     figure.paste(panels[1], (0, panels[0].height + 16))
-    caption = f'Fig. 5: class vectors beyond one-hot. EDM\'s Heun sampler, {args.steps} steps (NFE {2 * args.steps - 1}); same latent along each row.'
+    caption = f'Fig. 5{" on the mini digits" if args.digits else ""}: class vectors beyond one-hot. EDM\'s Heun sampler, {args.steps} steps (NFE {2 * args.steps - 1}); same latent along each row.'
     figure = with_caption(figure, f'{caption}\n{SMOKE_CAPTION}' if args.smoke else caption)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     figure.save(out)

@@ -16,6 +16,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from tools.data.image_folder import CIFAR10_CLASSES
+
 EDM_CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm'
 
 
@@ -318,6 +320,14 @@ MINI_ROWS = [
     *mini_rows(IDDPM_CIFAR10_UNCOND, ['baseline', 'only-lora', 'with-lora']),
     *mini_rows(IDDPM_CIFAR10_COND, ['baseline', 'with-lora']),
 ]
+
+
+DIGIT_CLASSES = [str(digit) for digit in range(10)]
+
+
+def class_names(row):
+    """The names of a conditional row's classes, for sample grids: CIFAR-10's, or the digits of a mini row."""
+    return DIGIT_CLASSES if row.recipe.scales is not None else CIFAR10_CLASSES
 
 
 def mini_group(row):
