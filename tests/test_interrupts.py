@@ -20,6 +20,7 @@ import uuid
 import pytest
 
 from tools import ROOT
+from tools.checks.kill_check import processes_naming
 from tools.drivers import edm
 from tools.vendoring.run import locked_folder
 
@@ -42,15 +43,7 @@ def driver_script(tmp_path, step):
 
 
 def processes_with(marker):
-    found = []
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    return [pid for pid, _ in processes_naming(marker)]
 
 
 def start_and_interrupt(tmp_path, step, marker, processes, signum, whole_group):

@@ -183,6 +183,7 @@ def frechet(features, ref):
     return float(np.square(mu - ref['mu']).sum() + np.trace(sigma + ref['sigma'] - 2 * root))
 
 
+@pytest.mark.smoke # two fid.py processes: end to end (make smoke), not make test
 def test_fid_through_fid_py_small_for_real_digits_large_for_noise(detector, scored):
     # Measured: 1.05 for 640 training digits against the held-out ones (0.89 for 1,000), 258 for noise.
     assert 0 < scored['fid'] < 2
@@ -191,6 +192,7 @@ def test_fid_through_fid_py_small_for_real_digits_large_for_noise(detector, scor
     assert frechet(noise, np.load(scored['ref'])) > 100 * scored['fid']
 
 
+@pytest.mark.smoke
 def test_fid_py_statistics_are_the_detector_features(data, detector, scored):
     path, net = detector
     ref = np.load(scored['ref'])

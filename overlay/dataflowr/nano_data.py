@@ -10,9 +10,7 @@ checked as they are read (there, gzip, the idx header and its size): a missing o
 DataError of one line. A damaged mnist5k.npz, this project's own cache, is written again.
 """
 
-import gzip
 import os
-import struct
 import sys
 import zipfile
 import zlib
@@ -22,6 +20,8 @@ import PIL.Image
 import torch
 
 from tools import ROOT
+from tools.data import mini_digits
+from tools.data.dataset_check import DatasetError
 
 MNIST5K_CACHE = os.path.join(ROOT, 'datasets', 'mnist5k.npz')
 
@@ -81,21 +81,12 @@ MNIST_FILES = [('train-images-idx3-ubyte.gz', 2051, (28, 28)), ('train-labels-id
 
 
 def read_idx(folder, name, magic, shape):
-    """One gzipped idx file: its header (magic number, count, dimensions, big-endian) checked against
-    what MNIST's should be, and its data as long as the header says; else a DataError naming it."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        raise DataError(f'--data {folder}: no {name} there (give mnist5k, or the folder `make data-mnist` fills)')
+    """One gzipped idx file, checked as it is read (tools.data.mini_digits.read_idx: there, gzip, the
+    idx header and its size); else a DataError naming it."""
     try:
-        with gzip.open(path) as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as err: # not gzip, or cut short
-        raise DataError(f'--data {folder}: {name} is damaged or truncated ({err}); `make data-mnist` downloads it again') from None
-    header = 4 * (2 + len(shape))
-    found = struct.unpack(f'>{2 + len(shape)}I', raw[:header]) if len(raw) >= header else None
-    if found is None or found[0] != magic or found[2:] != shape or len(raw) != header + found[1] * int(np.prod(shape)):
-        raise DataError(f'--data {folder}: {name} is not an MNIST idx file of its stated size; `make data-mnist` downloads it again')
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(-1, *shape)
+        return mini_digits.read_idx(folder, name, magic, shape, flag='--data')
+    except DatasetError as err:
+        raise DataError(str(err)) from None
 
 
 def read_mnist_idx(folder):

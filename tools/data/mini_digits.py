@@ -77,21 +77,22 @@ def mnist5k():
     return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
 
 
-def read_idx(folder, name, magic, shape):
+def read_idx(folder, name, magic, shape, flag='--source'):
     """One gzipped idx file, its header (magic number, count, dimensions, big-endian) checked against
-    MNIST's, and its data as long as the header says."""
+    MNIST's, and its data as long as the header says; else a DatasetError naming `flag` and the file
+    (nano diffusion's nano_data reads its --data folder with it too)."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise DatasetError(f'--source {folder}: no {name} there (give mnist5k, or the folder `make data-mnist` fills)')
+        raise DatasetError(f'{flag} {folder}: no {name} there (give mnist5k, or the folder `make data-mnist` fills)')
     try:
         with gzip.open(path) as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as err: # not gzip, or cut short
-        raise DatasetError(f'--source {folder}: {name} is damaged or truncated ({err}); `make data-mnist` downloads it again') from None
+        raise DatasetError(f'{flag} {folder}: {name} is damaged or truncated ({err}); `make data-mnist` downloads it again') from None
     header = 4 * (2 + len(shape))
     found = struct.unpack(f'>{2 + len(shape)}I', raw[:header]) if len(raw) >= header else None
     if found is None or found[0] != magic or found[2:] != shape or len(raw) != header + found[1] * int(np.prod(shape)):
-        raise DatasetError(f'--source {folder}: {name} is not an MNIST idx file of its stated size; `make data-mnist` downloads it again')
+        raise DatasetError(f'{flag} {folder}: {name} is not an MNIST idx file of its stated size; `make data-mnist` downloads it again')
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(-1, *shape)
 
 

@@ -20,9 +20,7 @@ picked by --seed) and writes their features [N, 64] as `features` in an .npz (wr
 renamed); digit_detector.kid(read_features(a), read_features(b)) is their KID.
 """
 
-import io
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 # Run from vendor/edm, with only the EDM tree on PYTHONPATH: the project's root goes on the path, for the detector.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tools.scoring.digit_detector import DETECTOR_PATH, FEATURES, MIN_IMAGES, load_detector
+from tools.scoring.fid_standin import in_place_of_inception
 
 FID_PY_FEATURES = 2048 # fid.py's feature_dim, fixed in its calculate_inception_stats
 
@@ -96,13 +95,7 @@ def main():
         features.main(sys.argv[2:], standalone_mode=False)
         return
 
-    padded = pickle.dumps(PaddedDetector(detector))
-    open_url = dnnlib.util.open_url
-    def open_url_with_digits(url, *args, **kwargs):
-        if 'inception' in url:
-            return io.BytesIO(padded)
-        return open_url(url, *args, **kwargs)
-    dnnlib.util.open_url = open_url_with_digits
+    in_place_of_inception(dnnlib, PaddedDetector(detector))
 
     upstream_stats = fid.calculate_inception_stats
     def digit_stats(image_path, num_expected=None, **kwargs):

@@ -50,18 +50,24 @@ def frechet_distance_through_eigenvalues(mu, sigma, mu_ref, sigma_ref):
     return float(np.square(mu - mu_ref).sum() + np.trace(sigma) + np.trace(sigma_ref) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
 
 
+def in_place_of_inception(dnnlib, detector):
+    """Make fid.py load `detector` (a torch module) where it downloads Inception-v3: its detector URL
+    goes through dnnlib.util.open_url, which then hands back the module's pickle."""
+    pickled = pickle.dumps(detector)
+    open_url = dnnlib.util.open_url
+    def open_url_with_detector(url, *args, **kwargs):
+        if 'inception' in url:
+            return io.BytesIO(pickled)
+        return open_url(url, *args, **kwargs)
+    dnnlib.util.open_url = open_url_with_detector
+
+
 def main():
     # fid.py imports from the EDM tree, which is on PYTHONPATH.
     import dnnlib
     import fid
 
-    detector = pickle.dumps(StandInDetector())
-    open_url = dnnlib.util.open_url
-    def open_url_with_standin(url, *args, **kwargs):
-        if 'inception' in url:
-            return io.BytesIO(detector)
-        return open_url(url, *args, **kwargs)
-    dnnlib.util.open_url = open_url_with_standin
+    in_place_of_inception(dnnlib, StandInDetector())
 
     # Load the images in this process: each of fid.py's 3 loader processes would import torch again
     # (seconds each) to read a few dozen small images.
