@@ -6,6 +6,7 @@ import pytest
 
 from tools.drivers import iddpm, mini
 from tools.paper import rows
+from tools.scoring import mini_report, records
 from tools.paper.rows import MINI_ROWS, flag_value, mini_group, override, row_of_folder, run_folder, seed_of_folder
 
 # What a mini row may change of its paper row (the issue's list: size and budget), by upstream.
@@ -83,3 +84,29 @@ def test_make_mini_runs_each_row_of_a_group_for_each_seed_through_its_driver(mon
     assert f'iddpm-mini-cond-with-lora-seed1' in printed and '--seed 1' in printed and '--ema_rate 0.999' in printed
     assert f'ema_0.999_{rows.MINI_IDDPM_ITERATIONS:06d}.pt' in printed and '--timestep_respacing 100' in printed
     assert not (tmp_path / 'iddpm-mini-cond-with-lora-seed1').exists(), 'a dry run writes nothing'
+
+
+def fake_run(runs, row, seed, fids):
+    """A run folder with one scored record a snapshot (FIDs by snapshot, KID a tenth of each)."""
+    scores = runs / f'{row.name}-seed{seed}' / 'scores'
+    scores.mkdir(parents=True)
+    for index, fid in enumerate(fids):
+        record = dict(snapshot=f'network-snapshot-{index * 25:06d}.pkl', images_seen=index * 25000, nfe=35, images=1000,
+                      evaluations=[dict(seeds='seeds 0-999', fid=fid, kid=fid / 10)], evaluations_planned=1)
+        records.write_json(str(scores / f'snapshot-{index}.json'), records.summarise(record))
+
+
+def test_the_mini_tables_give_mean_spread_and_whether_the_papers_direction_holds(tmp_path):
+    group = [row for row in MINI_ROWS if mini_group(row) == 'edm-uncond']
+    by_variant = {row.variant: row for row in group}
+    for seed, (base, lora) in enumerate([(8.0, 6.0), (9.0, 6.5), (10.0, 7.0)]):
+        fake_run(tmp_path, by_variant['baseline'], seed, [270.0, base])
+        fake_run(tmp_path, by_variant['with-lora'], seed, [270.0, lora])
+    summaries = [mini_report.summary(row, str(tmp_path)) for row in group]
+    base = summaries[[row.variant for row in group].index('baseline')]
+    assert base['seeds'] == [0, 1, 2] and base['fid'] == pytest.approx(9.0) and base['fid_std'] == pytest.approx(1.0) # the sample standard deviation
+    assert base['first'] == pytest.approx(270.0) and base['kid'] == pytest.approx(0.9)
+    lines = '\n'.join(mini_report.comparison_lines('edm-uncond', summaries))
+    # The paper: with LoRA 1.96 vs baseline 1.97 (lower); mini: 6.5 vs 9.0, lower by 2.5 > 0.5 + 1.0.
+    assert '| with-lora vs baseline | -0.01 | -2.50 | yes | yes (sd 0.50 + 1.00) |' in lines
+    assert '| only-lora vs baseline | 0.02 | no runs |' in lines

@@ -5,7 +5,7 @@ paper's comparisons holds at this scale.
 
 For every mini row (tools.paper.rows.MINI_ROWS): its runs (runs/<row>-seed<N>/), each reported at its
 best snapshot as every row is (tools.scoring.records.best), FID and KID by the digit detector; the
-mean and the spread (standard deviation) over seeds; the FID of the first and the last snapshot (a run
+mean and the spread (sample standard deviation) over seeds; the FID of the first and the last snapshot (a run
 that learns falls); its parameter count and ratio to the group's baseline beside the paper's ratio.
 Per comparison the paper makes (with LoRA vs baseline, only LoRA vs baseline, LoRA vs adaLN): the
 paper's FID difference, ours, whether the directions agree, and whether ours exceeds the seeds'
@@ -25,10 +25,10 @@ from tools.paper.rows import MINI_FID_IMAGES, MINI_ROWS, mini_group, run_folder
 from tools.scoring.digit_detector import detector_identity, kid, read_features
 from tools.scoring.fid_steps import compute_fid, digit_features
 from tools.scoring.records import load_records, reported
-from tools.scoring.results import fid_axis, images_axis, params_of, pyplot
+from tools.scoring.results import images_axis, params_of, pyplot
 from tools.scoring.upstreams import UPSTREAMS
 
-# The paper's comparisons: (variant A, variant B); the paper's claim is that A's FID is lower.
+# The paper's comparisons: (variant A, variant B), reported as FID(A) - FID(B) by the paper and by the mini runs.
 COMPARISONS = [('with-lora', 'baseline'), ('only-lora', 'baseline'), ('with-lora', 'adaln'), ('only-lora', 'adaln')]
 
 
@@ -50,8 +50,8 @@ def summary(row, runs):
     kids = [np.mean([e['kid'] for e in record['evaluations']]) for record in best.values() if 'kid' in record['evaluations'][0]]
     fids = [record['fid_min'] for record in best.values()]
     return dict(row=row, seeds=sorted(found), fids=fids, kids=kids,
-                fid=np.mean(fids) if fids else None, fid_std=np.std(fids) if fids else None,
-                kid=np.mean(kids) if kids else None, kid_std=np.std(kids) if kids else None,
+                fid=np.mean(fids) if fids else None, fid_std=np.std(fids, ddof=1) if len(fids) > 1 else None,
+                kid=np.mean(kids) if kids else None, kid_std=np.std(kids, ddof=1) if len(kids) > 1 else None,
                 first=np.mean([records[0]['fid_min'] for records in found.values()]) if found else None,
                 last=np.mean([records[-1]['fid_min'] for records in found.values()]) if found else None,
                 curves={seed: records for seed, records in found.items()})
@@ -118,11 +118,11 @@ def comparison_lines(group, summaries):
         lines.append(f'| {a} vs {b} | {number(paper)} | {number(ours)} | {agrees or "the paper gives no FID"} | {beyond} |')
     if not lines:
         return []
-    return ['', '| comparison (FID of A minus B; the paper: A lower) | paper | mini | same direction | beyond the seeds\' spread |',
+    return ['', '| comparison (FID of A minus FID of B) | paper | mini | same direction | beyond the seeds\' spread |',
             '|---|---|---|---|---|'] + lines
 
 
-def plot_group(group, summaries, out):
+def plot_group(group, summaries, out, real):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = [r['images_seen'] for s in summaries for records in s['curves'].values() for r in records]
@@ -130,14 +130,14 @@ def plot_group(group, summaries, out):
         plt.close(fig)
         return None
     scale = images_axis(ax, drawn)
-    values = []
     for index, s in enumerate(summaries):
         for n, (seed, records) in enumerate(sorted(s['curves'].items())):
             ax.plot([r['images_seen'] / scale for r in records], [r['fid_min'] for r in records], marker='osD^v'[index % 5],
                     color=f'C{index}', alpha=0.9, label=s['row'].variant if n == 0 else None)
-            values += [r['fid_min'] for r in records]
-    fid_axis(ax, values)
-    ax.set_ylabel(f'FID (digit detector, {MINI_FID_IMAGES:,} samples)')
+    # Logarithmic: an untrained network's FID is a hundred times a trained one's, and the variants differ late.
+    ax.set_yscale('log')
+    ax.axhline(real['fid'], color='0.4', ls='--', lw=1, label=f'real digits (held out): {real["fid"]:.2f}')
+    ax.set_ylabel(f'FID (digit detector, {MINI_FID_IMAGES:,} samples; log scale)')
     ax.set_title(f'mini {group}: FID by training images (one line a seed)', fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -167,7 +167,7 @@ def main(argv=None):
     for group in groups:
         summaries = [summary(row, args.runs) for row in MINI_ROWS if mini_group(row) == group]
         text += [f'## {group}', ''] + group_table(group, summaries) + comparison_lines(group, summaries)
-        png = plot_group(group, summaries, out)
+        png = plot_group(group, summaries, out, real)
         text += ['', f'![FID by training images]({os.path.basename(png)})' if png else '(no runs yet)', '']
     with open(os.path.join(out, 'mini.md'), 'w') as f:
         f.write('\n'.join(text) + '\n')
