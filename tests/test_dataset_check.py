@@ -76,16 +76,6 @@ EDM_BAD = {
 }
 
 
-@pytest.mark.parametrize('case', EDM_BAD)
-def test_a_bad_edm_zip_is_refused_in_one_line(case, monkeypatch, tmp_path):
-    dataset, make, problem = EDM_BAD[case]
-    data = tmp_path / 'cifar10-32x32.zip'
-    make(data)
-    said = refusal(monkeypatch, edm, dataset, data, tmp_path)
-    assert isinstance(said, str) and '\n' not in said, said
-    assert said.startswith(f'edm: {data}: ') and problem in said and 'make data-cifar10' in said, said
-
-
 def test_a_good_edm_zip_passes_and_edms_own_zip_is_read_as_edm_reads_it(monkeypatch, tmp_path, edm_dataset):
     use_dataset(monkeypatch, 'edm', 'cifar10-cond', edm_zip(tmp_path / 'good.zip'))
     dry_run(edm, 'cifar10-cond', tmp_path) # no exit: checked and passed
@@ -107,14 +97,20 @@ IDDPM_BAD = {
 }
 
 
-@pytest.mark.parametrize('case', IDDPM_BAD)
-def test_a_bad_iddpm_folder_is_refused_in_one_line(case, monkeypatch, tmp_path):
-    dataset, make, problem = IDDPM_BAD[case]
-    data = tmp_path / 'cifar10-train'
+# Each driver, the name its dataset gets here, the make target its refusal names, and its bad datasets.
+BAD = [(edm, 'cifar10-32x32.zip', 'make data-cifar10', case, *spec) for case, spec in EDM_BAD.items()] + \
+      [(iddpm, 'cifar10-train', 'make data-cifar10-folder', case, *spec) for case, spec in IDDPM_BAD.items()]
+
+
+@pytest.mark.parametrize('driver, name, target, case, dataset, make, problem', BAD,
+                         ids=[f'{bad[0].__name__.split(".")[-1]}-{bad[3]}' for bad in BAD])
+def test_a_bad_dataset_is_refused_in_one_line(driver, name, target, case, dataset, make, problem, monkeypatch, tmp_path):
+    data = tmp_path / name
     make(data)
-    said = refusal(monkeypatch, iddpm, dataset, data, tmp_path)
+    said = refusal(monkeypatch, driver, dataset, data, tmp_path)
     assert isinstance(said, str) and '\n' not in said, said
-    assert said.startswith(f'iddpm: {data}: ') and problem in said and 'make data-cifar10-folder' in said, said
+    upstream = driver.__name__.split('.')[-1]
+    assert said.startswith(f'{upstream}: {data}: ') and problem in said and target in said, said
 
 
 def test_a_good_iddpm_folder_passes(monkeypatch, tmp_path):

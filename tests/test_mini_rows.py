@@ -52,7 +52,7 @@ def test_every_variant_of_a_group_gets_the_same_overrides():
 
 
 def test_the_groups_are_the_issues():
-    groups = {group: sorted(row.variant for row in MINI_ROWS if mini_group(row) == group) for group in mini.GROUPS}
+    groups = {group: sorted(row.variant for row in MINI_ROWS if mini_group(row) == group) for group in rows.MINI_GROUPS}
     assert groups == {'edm-uncond': ['adaln', 'baseline', 'only-lora', 'with-lora'], 'edm-cond': ['baseline', 'classlora', 'with-lora'],
                       'iddpm-uncond': ['baseline', 'only-lora', 'with-lora'], 'iddpm-cond': ['baseline', 'with-lora']}
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 try: # first: nano_data needs it too
     from tools.figures.images import save_grid, to_uint8
-    from tools.vendoring.run import interruptible, locked_folder
+    from tools.vendoring.run import working_in
 except ImportError:
     sys.exit("nano: needs the project's tools package on the path (make setup installs it into .venv)")
 
@@ -304,7 +304,7 @@ def main():
     parser, args = parse_args()
     # Ctrl-C or SIGTERM: one line, no traceback (the checkpoint of the last finished epoch is kept);
     # a second nano.py on the same --out refuses instead of writing beside this one.
-    with interruptible(f'nano: {args.out}'), locked_folder(args.out, f'nano: {args.out}'):
+    with working_in(args.out, f'nano: {args.out}'):
         run(parser, args)
 
 

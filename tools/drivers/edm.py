@@ -26,14 +26,14 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
-from tools.data.dataset_check import check_edm_zip
-from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
+from tools.data.dataset_check import check_edm_zip, shown
+from tools.drivers.steps import dataset_path, parse_row, run_dir
 from tools.figures.images import show_samples
 from tools.paper.rows import class_names, find, flag_value, override
 from tools.scoring.records import best, newest, number_in_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import EDM
-from tools.vendoring.run import run_step, run_tool
+from tools.vendoring.run import run_step, run_tool, working_in
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
 
@@ -78,7 +78,7 @@ def main(argv=None, launcher=None):
     # The dataset is checked before the run folder exists: a refusal leaves nothing behind.
     data = None if args.smoke else dataset_path(args, row, lambda path: check_edm_zip(path, row.recipe.resolution, row_classes(row)))
     folder = run_dir(args, row)
-    with running_row(args, folder):
+    with working_in(folder, shown(folder), args.dry_run): # Ctrl-C stops every step; one run a folder
         return run_row(args, row, folder, data, launcher or EDM.launcher(args.gpus))
 
 

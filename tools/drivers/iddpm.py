@@ -28,14 +28,14 @@ import shlex
 import numpy as np
 
 from tools import ROOT
-from tools.data.dataset_check import check_image_folder
-from tools.drivers.steps import dataset_path, parse_row, run_dir, running_row
+from tools.data.dataset_check import check_image_folder, shown
+from tools.drivers.steps import dataset_path, parse_row, run_dir
 from tools.figures.images import show_samples
 from tools.paper.rows import class_names, flag_value, override
 from tools.scoring.records import best, number_in_name, record_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import IDDPM
-from tools.vendoring.run import run_step
+from tools.vendoring.run import run_step, working_in
 
 SMOKE_TRAIN = ['--batch_size', 4, '--log_interval', 1]
 
@@ -71,7 +71,7 @@ def main(argv=None, launcher=None):
     data = None if args.smoke else dataset_path(args, row, lambda path: check_image_folder(path, int(flag_value(row.flags, '--image_size')),
                                                                                         row_classes(row.flags)))
     folder = run_dir(args, row)
-    with running_row(args, folder):
+    with working_in(folder, shown(folder), args.dry_run): # Ctrl-C stops every step; one run a folder
         return run_row(args, row, folder, data, launcher or IDDPM.launcher(args.gpus))
 
 

@@ -18,17 +18,14 @@ import time
 from tools import ROOT
 from tools.data.dataset_check import DatasetError
 from tools.data.mini_digits import write_mini_digits
-from tools.paper.rows import MINI_ROWS, find, mini_group, run_folder
+from tools.paper.rows import MINI_GROUPS, MINI_ROWS, find, mini_group, run_folder
 from tools.scoring.records import newest
 from tools.scoring.upstreams import UPSTREAMS
 from tools.vendoring.run import interruptible, run_tool
 
-GROUPS = sorted({mini_group(row) for row in MINI_ROWS}, key=lambda group: [mini_group(row) for row in MINI_ROWS].index(group))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--group', nargs='+', choices=GROUPS, default=GROUPS, help='the groups to run (default: all)')
+    parser.add_argument('--group', nargs='+', choices=MINI_GROUPS, default=MINI_GROUPS, help='the groups to run (default: all)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0], help='training seeds; one run each (default: 0)')
     parser.add_argument('--gpus', type=int, default=1, help='processes (GPUs) a run, as the row targets\' GPUS')
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs'), help='where run folders go')

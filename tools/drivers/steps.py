@@ -3,7 +3,6 @@ row, its run folder and its dataset. (Running upstream commands: tools.vendoring
 tools.scoring.)"""
 
 import argparse
-import contextlib
 import os
 import re
 import sys
@@ -11,7 +10,6 @@ import sys
 from tools import ROOT
 from tools.data.dataset_check import DatasetError
 from tools.paper.rows import find, rows, run_folder
-from tools.vendoring.run import interruptible, locked_folder
 from tools.vendoring.upstream import read_upstream
 
 
@@ -59,15 +57,6 @@ def run_dir(args, row):
     if not args.dry_run:
         os.makedirs(path, exist_ok=True)
     return path
-
-
-@contextlib.contextmanager
-def running_row(args, folder):
-    """While a row runs: Ctrl-C or SIGTERM stops every step it started and exits with one line
-    (tools.vendoring.run.interruptible), and its run folder is locked against a second run."""
-    name = os.path.relpath(folder, ROOT) if folder.startswith(ROOT + os.sep) else folder
-    with interruptible(name), (contextlib.nullcontext() if args.dry_run else locked_folder(folder, name)):
-        yield
 
 
 def dataset_path(args, row, check):

@@ -335,6 +335,9 @@ def mini_group(row):
     return f'{row.upstream}-{row.dataset.removeprefix("mini-")}'
 
 
+MINI_GROUPS = list(dict.fromkeys(mini_group(row) for row in MINI_ROWS)) # in the order of MINI_ROWS
+
+
 def rows(upstream=None, table=None, runnable=None, mini=False):
     """The rows of an upstream and/or a table; runnable=True: only those this project can run;
     mini: False the paper rows, True the mini rows, None both."""

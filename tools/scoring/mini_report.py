@@ -21,7 +21,7 @@ import numpy as np
 
 from tools import ROOT
 from tools.data.mini_digits import HELD_OUT_FOLDER
-from tools.paper.rows import MINI_FID_IMAGES, MINI_ROWS, mini_group, run_folder
+from tools.paper.rows import MINI_FID_IMAGES, MINI_GROUPS, MINI_ROWS, mini_group, run_folder, seed_of_folder
 from tools.scoring.digit_detector import detector_identity, kid, read_features
 from tools.scoring.fid_steps import compute_fid, digit_features
 from tools.scoring.records import load_records, reported
@@ -36,10 +36,11 @@ def seed_runs(row, runs):
     """{seed: records} of a mini row's runs that have scores."""
     found = {}
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        if name.startswith(row.name + '-seed') and name[len(row.name) + 5:].isdigit():
+        seed = seed_of_folder(name)
+        if seed is not None and name == os.path.basename(run_folder(runs, row, seed=seed)):
             records = load_records(os.path.join(runs, name))
             if records:
-                found[int(name[len(row.name) + 5:])] = records
+                found[seed] = records
     return found
 
 
@@ -155,7 +156,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.out or os.path.join(args.runs, 'mini')
     os.makedirs(out, exist_ok=True)
-    groups = list(dict.fromkeys(mini_group(row) for row in MINI_ROWS))
     any_row = MINI_ROWS[0]
     protocol = UPSTREAMS[any_row.upstream].protocol(any_row, run_folder(args.runs, any_row), smoke=False)
     real = floor(out, protocol)
@@ -164,7 +164,7 @@ def main(argv=None):
             f'against the 4,000 training digits. Real-vs-real floor (the 1,000 held-out digits scored as samples are): '
             f'FID {real["fid"]:.2f}, KID {real["kid"]:.4f} ± {real["kid_std"]:.4f}. Paper FIDs: CIFAR-10 with Inception-v3, '
             f'for the direction only; never compare the numbers.', '']
-    for group in groups:
+    for group in MINI_GROUPS:
         summaries = [summary(row, args.runs) for row in MINI_ROWS if mini_group(row) == group]
         text += [f'## {group}', ''] + group_table(group, summaries) + comparison_lines(group, summaries)
         png = plot_group(group, summaries, out, real)

@@ -23,13 +23,14 @@ import numpy as np
 import PIL.Image
 
 from tools import ROOT
+from tools.data.dataset_check import shown
 from tools.paper.rows import row_of_folder
 from tools.scoring.digit_detector import detector_identity, kid, read_features
 from tools.scoring.fid_steps import compute_fid, digit_features
 from tools.scoring.records import DETECTORS, best, number_in_name, read_json, record_name, summarise, write_json
 from tools.scoring.results import plot_run
 from tools.scoring.upstreams import UPSTREAMS, snapshots
-from tools.vendoring.run import interruptible, locked_folder
+from tools.vendoring.run import working_in
 
 PREVIEW = 1000    # images of each snapshot's first evaluation kept for the sample grids
 
@@ -136,8 +137,7 @@ def score_folder(folder, gpus=1, which='all', evaluations=None, images=None, kee
     upstream = UPSTREAMS[row.upstream]
     if not select(snapshots(folder, upstream), which):
         sys.exit(f'{folder}: no snapshot to score ({which})')
-    name = os.path.relpath(folder, ROOT) if folder.startswith(ROOT + os.sep) else folder
-    with interruptible(f'scoring {name}'), locked_folder(folder, name): # its own training run may be scoring it
+    with working_in(folder, f'scoring {shown(folder)}'): # its own training run may be scoring it
         protocol = upstream.protocol(row, folder, smoke, evaluations, images)
         return score_run(folder, row, protocol, upstream.launcher(gpus), which, keep_images)
 

@@ -143,6 +143,15 @@ def run_step(command, tree, dry_run=False, env=None, stop_when=None):
 
 
 @contextlib.contextmanager
+def working_in(folder, what, dry_run=False):
+    """While a run works in folder: Ctrl-C or SIGTERM stops every step it started and exits with one
+    line naming `what` (interruptible), and the folder is locked against a second run (locked_folder;
+    not for a dry run, which writes nothing)."""
+    with interruptible(what), (contextlib.nullcontext() if dry_run else locked_folder(folder, what)):
+        yield
+
+
+@contextlib.contextmanager
 def locked_folder(folder, what):
     """Hold an OS lock (flock) on folder/.lock while inside, so that a second run on the same
     folder refuses in one line instead of writing into it beside this one. The kernel drops the
