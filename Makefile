@@ -34,7 +34,7 @@ help:
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT= GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..., as for EDM"
 	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
-	@echo "make mini                 the paper's comparisons at laptop scale on real digits, EDM and IDDPM through their CLIs [MINI=edm-uncond MINI_SEEDS=\"0 1 2\" GPUS=N]"
+	@echo "make mini                 the paper's comparisons at laptop scale on real digits, EDM and IDDPM through their CLIs [MINI=edm-uncond MINI_SEEDS=\"0 1 2\" MINI_VARIANTS=\"baseline with-lora\" GPUS=N]"
 	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_BATCH NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS"
 	@echo "                          NANO_CLIP_X0=all|none|\"shift uclora\": the runs also sampled with the clipped sampler)"
 	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
@@ -160,10 +160,11 @@ nano-compare: vendor-dataflowr
 
 # ---------------------------------------------------------------------------- mini rows
 
-# Every mini row (tools/paper/rows.py: MINI_ROWS) of the groups in MINI (default: all), for each seed in MINI_SEEDS
-# (default: 0), through the row drivers, then the mini tables beside the paper's (runs/mini/).
+# Every mini row (tools/paper/rows.py: MINI_ROWS) of the groups in MINI (default: all) and the variants in
+# MINI_VARIANTS (default: all), for each seed in MINI_SEEDS (default: 0), through the row drivers, then the mini tables beside the paper's (runs/mini/).
 mini: vendor-edm vendor-iddpm
-	$(PY) -m tools.drivers.mini $(if $(MINI),--group $(MINI)) $(if $(MINI_SEEDS),--seeds $(MINI_SEEDS)) $(if $(GPUS),--gpus=$(GPUS)) \
+	$(PY) -m tools.drivers.mini $(if $(MINI),--group $(MINI)) $(if $(MINI_SEEDS),--seeds $(MINI_SEEDS)) \
+	    $(if $(MINI_VARIANTS),--variants $(MINI_VARIANTS)) $(if $(GPUS),--gpus=$(GPUS)) \
 	    $(if $(MINI_DATA),--source "$(abspath $(MINI_DATA))") $(if $(DRY),--dry-run)
 
 # ---------------------------------------------------------------------------- paper rows

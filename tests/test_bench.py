@@ -11,6 +11,7 @@ pytestmark = pytest.mark.first(41) # one of the longest modules, started early (
 NETWORKS = ['edm-cifar10-uncond', 'iddpm-cifar10-cond', 'nano-mnist']
 
 
+@pytest.mark.smoke # every network of three upstreams built and timed: end to end (make smoke), not make test
 def test_the_tiny_benchmark_tables_every_variant_against_its_baseline(tmp_path):
     result = tool('bench.networks', '--tiny', '--networks', ','.join(NETWORKS), '--out', tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -78,6 +78,7 @@ def test_respaced_sampling_writes_an_npz(run, tmp_path):
 
 
 @pytest.mark.gpu # improved-diffusion's scripts take the GPU where there is one: make gpu-check runs this there
+@pytest.mark.smoke # float16 on a CPU is emulated and slow: make smoke runs it there, not make test
 def test_fp16_training_and_sampling_with_lora(images, tmp_path):
     # --use_fp16 True: improved-diffusion's convolutions in float16, fp32 master weights and loss scaling (fp16_util).
     # The LoRA layers keep float32 parameters, compute in their input's float16, and learn through the master weights.

@@ -1,12 +1,14 @@
 """The mini digits (tools/data/mini_digits.py) and the digit detector that scores them
 (tools/scoring/digit_detector.py, fid_digits.py): the data in both upstreams' formats, the
-detector's accuracy, input and reproducibility, and FID and KID through EDM's fid.py with it."""
+detector's accuracy, input and reproducibility, FID and KID through EDM's fid.py with it, and a few
+steps of one mini row per upstream through its own training script."""
 
 import gzip
 import hashlib
 import json
 import struct
 import os
+import shlex
 import zipfile
 
 import numpy as np
@@ -15,9 +17,12 @@ import pytest
 import scipy.linalg
 import torch
 
+from conftest import EDM, IDDPM, run_in, tool
+from tiny import load
 from tools.data import mini_digits
 from tools.data.dataset_check import DatasetError, check_edm_zip, check_image_folder, iddpm_image_files
 from tools.data.mini_digits import held_out_mask, load_digits, pad, split, write_folder, write_mini_digits
+from tools.paper.rows import find, flag_value, override
 from tools.scoring import digit_detector, fid_digits
 from tools.scoring.digit_detector import (FEATURES, MIN_IMAGES, build_detector, detector_identity, digits_as_images, kid, predict,
                                           read_info, train_detector, weights_bytes)
@@ -233,3 +238,50 @@ def test_kid_is_the_unbiased_mmd_estimate():
     expected = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
                 - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
     assert kid(a, b, subsets=1)[0] == pytest.approx(expected, rel=1e-9)
+
+#----------------------------------------------------------------------------
+# A few steps of a mini row through its upstream's own CLI, on the real digits: the command its driver
+# prints (--dry-run), with this module's digits and folder, stopped after two optimizer steps.
+
+def driver_commands(upstream, dataset, variant, tmp_path):
+    """{script: argv} of the upstream commands `python -m tools.drivers.<upstream>` prints for a mini row."""
+    result = tool(f'drivers.{upstream}', dataset, f'--variant={variant}', '--seed=0', '--dry-run', f'--runs={tmp_path / "runs"}')
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = [shlex.split(line.split('$ ', 1)[1]) for line in result.stdout.splitlines() if line.startswith('[vendor/')]
+    return {os.path.basename(command[1]): command[2:] for command in commands}
+
+
+def test_the_edm_mini_row_trains_through_train_py_at_its_size_and_ramp(data, tmp_path):
+    row = find('edm', 'mini-uncond', 'with-lora')
+    flags = [flag for flag in driver_commands('edm', 'mini-uncond', 'with-lora', tmp_path)['train.py']
+             if not flag.startswith(('--outdir=', '--data='))]
+    # EDM's train.py trains 1 kimg at the least: two steps of 500 images (click keeps the last --batch, --duration).
+    run_in(EDM, ['train.py', f'--outdir={tmp_path / "run"}', '--nosubdir', f'--data={data["zip"]}', *flags, '--batch=500', '--duration=0.001'])
+    state = load(EDM, str(tmp_path / 'run' / 'training-state-000001.pt'), tmp_path, 'state')
+    # The learning rate of the second step: EDM's 1e-3 ramped over --lr-rampup kimg from the 500 images seen
+    # before it (EDM's fixed ramp of 10 Mimg would give 1e-3 * 500 / 1e7).
+    rampup_images = float(flag_value(row.flags, '--lr-rampup')) * 1000
+    assert [group['lr'] for group in state['optimizer']['param_groups']] == pytest.approx([1e-3 * 500 / rampup_images])
+    weights = state['net']
+    # The mini size: --cbase channels at 32x32, --blocks blocks a resolution, the paper's UC-LoRA in the attention.
+    assert weights['model.enc.32x32_conv.weight'].shape[0] == int(flag_value(row.flags, '--cbase'))
+    blocks = {name.split('.')[2] for name in weights if name.startswith('model.enc.16x16_block')}
+    assert blocks == {f'16x16_block{index}' for index in range(int(flag_value(row.flags, '--blocks')))}
+    assert any('lora' in name for name in weights)
+
+
+def test_the_iddpm_mini_row_trains_through_image_train_py_reproducibly_by_seed(data, tmp_path):
+    flags = driver_commands('iddpm', 'mini-uncond', 'with-lora', tmp_path)['image_train.py']
+    flags = list(override(flags, ('--data_dir', data['train'], '--lr_anneal_steps', 2)))
+    weights = []
+    for attempt in ['first', 'second']:
+        run_in(IDDPM, ['scripts/image_train.py', *flags], env=dict(OPENAI_LOGDIR=str(tmp_path / attempt)))
+        ema = sorted(name for name in os.listdir(tmp_path / attempt) if name.startswith('ema_'))
+        assert ema == [f'ema_{flag_value(flags, "--ema_rate")}_{step:06d}.pt' for step in (0, 2)]
+        weights.append(torch.load(tmp_path / attempt / ema[-1]))
+    # The same --seed, the same data order, noise and initial weights: the same network.
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    # The mini size: --num_channels at the input, --num_res_blocks a level, the paper's TimeLoRA.
+    assert weights[0]['input_blocks.0.0.weight'].shape[0] == int(flag_value(flags, '--num_channels'))
+    assert not any(name.startswith('input_blocks.2.0.in_layers') for name in weights[0]), 'one res block, then a downsample'
+    assert any('lora' in name for name in weights[0])

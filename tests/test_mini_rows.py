@@ -9,10 +9,12 @@ from tools.paper import rows
 from tools.scoring import mini_report, records
 from tools.paper.rows import MINI_ROWS, flag_value, mini_group, override, row_of_folder, run_folder, seed_of_folder
 
-# What a mini row may change of its paper row (the issue's list: size and budget), by upstream.
+# What a mini row may change of its paper row (the issue's list: size and budget; regularisation off, augmentation
+# and dropout, measured to help at the mini budget; improved-diffusion's learning rate, measured not to learn in
+# the budget at the paper's 1e-4: results/mini/costs-2cpu.md), by upstream.
 SIZE_AND_BUDGET = {
-    'edm': {'--batch', '--cbase', '--cres', '--blocks', '--duration', '--lr-rampup', '--ema', '--tick', '--snap', '--dump', '--augment'},
-    'iddpm': {'--num_channels', '--num_res_blocks', '--batch_size', '--ema_rate', '--save_interval'},
+    'edm': {'--batch', '--cbase', '--cres', '--blocks', '--duration', '--lr-rampup', '--ema', '--tick', '--snap', '--dump', '--augment', '--dropout'},
+    'iddpm': {'--num_channels', '--num_res_blocks', '--batch_size', '--ema_rate', '--save_interval', '--dropout', '--lr'},
 }
 
 
@@ -81,9 +83,22 @@ def test_make_mini_runs_each_row_of_a_group_for_each_seed_through_its_driver(mon
     # The driver of such a command (in this process): the mini recipe's flags, its seed, and its EMA rate naming the snapshots.
     iddpm.main(list(commands[-1][3:]))
     printed = capsys.readouterr().out
-    assert f'iddpm-mini-cond-with-lora-seed1' in printed and '--seed 1' in printed and '--ema_rate 0.999' in printed
-    assert f'ema_0.999_{rows.MINI_IDDPM_ITERATIONS:06d}.pt' in printed and '--timestep_respacing 100' in printed
+    ema_rate, respacing = rows.flag_value(rows.MINI_IDDPM_TRAIN, '--ema_rate'), rows.flag_value(rows.MINI_IDDPM_SAMPLE, '--timestep_respacing')
+    assert f'iddpm-mini-cond-with-lora-seed1' in printed and '--seed 1' in printed and f'--ema_rate {ema_rate}' in printed
+    assert f'ema_{ema_rate}_{rows.MINI_IDDPM_ITERATIONS:06d}.pt' in printed and f'--timestep_respacing {respacing}' in printed
     assert not (tmp_path / 'iddpm-mini-cond-with-lora-seed1').exists(), 'a dry run writes nothing'
+
+
+def test_make_mini_variants_picks_rows_of_each_group_and_refuses_none(monkeypatch, capsys, tmp_path):
+    commands = []
+    monkeypatch.setattr(mini, 'run_tool', lambda command, what: commands.append(command) or 0)
+    mini.main(['--group', 'edm-uncond', 'iddpm-cond', '--variants', 'baseline', 'with-lora', '--seeds', '1', '2', '--dry-run', f'--runs={tmp_path}'])
+    ran = [(command[2], command[3], command[4], command[5]) for command in commands]
+    assert ran == [(f'tools.drivers.{upstream}', dataset, f'--variant={variant}', f'--seed={seed}')
+                   for upstream, dataset in [('edm', 'mini-uncond'), ('iddpm', 'mini-cond')] for seed in (1, 2) for variant in ('baseline', 'with-lora')]
+    with pytest.raises(SystemExit) as stop:
+        mini.main(['--group', 'iddpm-cond', '--variants', 'adaln', '--dry-run', f'--runs={tmp_path}'])
+    assert stop.value.code == 2 and 'no mini row of iddpm-cond is a variant among adaln' in capsys.readouterr().err
 
 
 def fake_run(runs, row, seed, fids):

