@@ -95,52 +95,60 @@ def test_the_learning_rate_ramps_up_over_lr_rampup(run):
     assert rates == pytest.approx([0.01 * min(step * 128 / 500, 1) for step in range(8)], rel=1e-5) # stats.jsonl keeps 6 digits
 
 
-def test_resume_restores_network_optimizer_ema_and_progress(run, edm2_dataset, tmp_path):
-    # EDM2 resumes when its command runs again on the same folder: here on a copy, for one step more.
-    resumed = tmp_path / 'run'
-    shutil.copytree(run, resumed)
-    first_step = tmp_path / 'first-step.pt'
-    run_in(EDM2, [os.path.join(HELPERS, 'edm2_train_capture.py'), 'first-step', first_step, '--', f'--outdir={resumed}',
-                  f'--data={edm2_dataset}', *EDM2_TRAIN, '--duration=1152'])
-    restored = torch.load(first_step)
+@pytest.fixture(scope='module')
+def resumed(run, edm2_dataset, tmp_path_factory):
+    """The run resumed on two gloo processes for two more steps (EDM2 resumes when its command runs again on the
+    same folder: here on a copy), with the state of each rank at its first step and at the end, as
+    tests/helpers/edm2_train_capture.py saves them, and the output of torchrun."""
+    top = tmp_path_factory.mktemp('edm2-resumed')
+    shutil.copytree(run, top / 'run')
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    result = run_in(EDM2, [os.path.join(HELPERS, 'edm2_train_capture.py'), top, '--', f'--outdir={top / "run"}', f'--data={edm2_dataset}',
+                           *EDM2_TRAIN, '--duration=1280'], launcher=torchrun)
+    states = {f'{moment}-rank{rank}': torch.load(top / f'{moment}-rank{rank}.pt') for moment in ['first-step', 'end'] for rank in [0, 1]}
+    return top / 'run', states, result.stdout
+
+
+def assert_same_learned_state(state, expected):
+    """Same network, EMAs and optimizer state (state dicts as EDM2's checkpoints hold them)."""
+    for name, value in expected['net'].items():
+        assert torch.equal(state['net'][name], value), name
+    assert state['ema']['stds'] == expected['ema']['stds'] == [0.050, 0.100]
+    for ema, expected_ema in zip(state['ema']['emas'], expected['ema']['emas'], strict=True):
+        for name, value in expected_ema.items():
+            assert torch.equal(ema[name], value), name
+    assert state['optimizer']['param_groups'] == expected['optimizer']['param_groups']
+    assert state['optimizer']['state'].keys() == expected['optimizer']['state'].keys()
+    for index, optimizer_state in expected['optimizer']['state'].items():
+        for key, value in optimizer_state.items():
+            assert torch.equal(state['optimizer']['state'][index][key], value), (index, key)
+
+
+def test_resume_restores_network_optimizer_ema_and_progress(run, resumed):
+    resumed_run, states, _ = resumed
     with edm2_imported(EDM2):
         with pytest.raises(Exception, match='Weights only load failed'):
             torch.load(run / 'training-state-0000001.pt') # why patches/edm2/0001 loads it with weights_only=False
         saved = torch.load(run / 'training-state-0000001.pt', weights_only=False)
-    assert restored['progress'] == dict(saved['state']) and restored['progress']['cur_nimg'] == 1024
-    for name, value in saved['net'].items():
-        assert torch.equal(restored['net'][name], value), name
-    assert restored['ema']['stds'] == saved['ema']['stds'] == [0.050, 0.100]
-    for restored_ema, saved_ema in zip(restored['ema']['emas'], saved['ema']['emas'], strict=True):
-        for name, value in saved_ema.items():
-            assert torch.equal(restored_ema[name], value), name
-    assert restored['optimizer']['param_groups'] == saved['optimizer']['param_groups']
-    assert restored['optimizer']['state'].keys() == saved['optimizer']['state'].keys()
-    for index, state in saved['optimizer']['state'].items():
-        for key, value in state.items():
-            assert torch.equal(restored['optimizer']['state'][index][key], value), (index, key)
-
-    # And the real continuation: one more step, from 1024 images to 1152.
-    rows = stats(resumed)
-    assert len(rows) == len(stats(run)) + 1 and rows[-1]['Progress/kimg'] == 1.152
+    assert saved['state']['cur_nimg'] == 1024
+    for rank in [0, 1]:
+        assert states[f'first-step-rank{rank}']['progress'] == dict(saved['state']) # images seen and training time
+        assert_same_learned_state(states[f'first-step-rank{rank}'], saved)
+    # And the real continuation: two more steps, from 1024 images to 1280.
+    assert [row['Progress/kimg'] for row in stats(resumed_run)] == [row['Progress/kimg'] for row in stats(run)] + [1.152, 1.28]
 
 
-def test_two_ranks_end_with_identical_parameters(edm2_dataset, tmp_path):
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    result = run_in(EDM2, [os.path.join(HELPERS, 'edm2_train_capture.py'), 'end', tmp_path / 'rank{rank}.pt', '--',
-                           f'--outdir={tmp_path / "run"}', f'--data={edm2_dataset}', *EDM2_TRAIN, '--duration=256'],
-                    launcher=torchrun)
-    assert 'Number of GPUs:          2' in result.stdout
-    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
-    assert rank0['progress']['cur_nimg'] == rank1['progress']['cur_nimg'] == 256
-    for name, value in rank0['net'].items():
-        assert torch.equal(rank1['net'][name], value), name
-    for ema0, ema1 in zip(rank0['ema']['emas'], rank1['ema']['emas'], strict=True):
-        for name, value in ema0.items():
-            assert torch.equal(ema1[name], value), name
+def test_two_ranks_end_with_identical_parameters(resumed):
+    _, states, output = resumed
+    assert 'Number of GPUs:          2' in output
+    assert states['end-rank0']['progress']['cur_nimg'] == states['end-rank1']['progress']['cur_nimg'] == 1280
+    assert_same_learned_state(states['end-rank1'], states['end-rank0'])
     # Each rank saw its own half of every batch with its own noise, yet the updates were the same: the gradients were
-    # averaged. The output gain starts at zero: the second step (the first at a learning rate above zero) moved it.
-    assert rank0['net']['unet.out_gain'] != 0
+    # averaged. And there were updates: the gains (EDM2's scalar parameters, which only the optimizer changes; its
+    # forward pass renormalises the weights in place) moved.
+    start, end = states['first-step-rank0']['net'], states['end-rank0']['net']
+    gains = [name for name in start if name.endswith('gain')]
+    assert len(gains) == 11 and all(not torch.equal(end[name], start[name]) for name in gains), 'out_gain and the emb_gain of the 10 blocks'
 
 
 def test_the_flags_left_out_keep_edm2s_configuration_and_learning_rate(edm2_dataset):
