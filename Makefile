@@ -51,7 +51,7 @@ help:
 	@echo "make data-imagenet64 IMAGENET64_ZIPS=\"part1 part2\"   downsampled ImageNet64 for improved-diffusion [IMAGENET64_SHA256=]"
 	@echo "make data-mnist           the official MNIST files (download, MD5-checked), for nano.py --data downloads/mnist"
 	@echo "make data-mini            the mini rows' digits: EDM zip and image folders of 4,000 + 1,000 held-out digits [MINI_DATA=downloads/mnist]"
-	@echo "make vendor [REBUILD=1]   fetch, patch and overlay the upstreams into vendor/ (or vendor-edm, vendor-iddpm, vendor-dataflowr);"
+	@echo "make vendor [REBUILD=1]   fetch, patch and overlay the upstreams into vendor/ (or vendor-edm, vendor-edm2, vendor-iddpm, vendor-dataflowr);"
 	@echo "                          REBUILD=1 builds again, moving an old tree that holds your files aside (vendor/<u>.old-<date>-<time>)"
 	@echo "make vendor-interrupt-check   make vendor-edm REBUILD=1 interrupted 20 times, then make vendor-edm: trees intact, user file kept"
 	@echo "make patches U=edm        write edited vendor/<U> commits back to patches/<U>/"
@@ -66,7 +66,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/lora-conditioning.pth", "w").write("$(CURDIR)\n")'
 	touch $@
 
-vendor: vendor-edm vendor-iddpm vendor-dataflowr
+# Every upstream with a patches/<u>/UPSTREAM file.
+UPSTREAMS := $(patsubst patches/%/UPSTREAM,%,$(wildcard patches/*/UPSTREAM))
+vendor: $(addprefix vendor-,$(UPSTREAMS))
 # Python starts with Ctrl-C and SIGTERM ignored, until build.py puts its own handler in place (its first
 # lines): an interrupt in Python's start-up would end in a traceback, and there is nothing to undo yet.
 vendor-%: setup

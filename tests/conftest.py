@@ -20,6 +20,8 @@ from tools.vendoring.run import free_port  # noqa: E402
 
 EDM = os.path.join(ROOT, 'vendor', 'edm')
 PRISTINE_EDM = os.path.join(ROOT, 'vendor', 'pristine', 'edm')
+EDM2 = os.path.join(ROOT, 'vendor', 'edm2')
+PRISTINE_EDM2 = os.path.join(ROOT, 'vendor', 'pristine', 'edm2')
 IDDPM = os.path.join(ROOT, 'vendor', 'improved-diffusion')
 PRISTINE_IDDPM = os.path.join(ROOT, 'vendor', 'pristine', 'improved-diffusion')
 NANO = os.path.join(ROOT, 'vendor', 'dataflowr')
@@ -125,7 +127,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope='session', autouse=True)
 def vendor_trees():
-    for tree in [EDM, PRISTINE_EDM, IDDPM, PRISTINE_IDDPM, NANO, PRISTINE_NANO]:
+    for tree in [EDM, PRISTINE_EDM, EDM2, PRISTINE_EDM2, IDDPM, PRISTINE_IDDPM, NANO, PRISTINE_NANO]:
         if not os.path.isdir(tree):
             pytest.exit(f'{os.path.relpath(tree, ROOT)} is missing: run `make test`, which builds vendor/ first', returncode=1)
 

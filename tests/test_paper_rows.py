@@ -129,6 +129,17 @@ def test_audit_fails_over_budget(tmp_path):
     assert result.returncode == 1 and 'budget 1: OVER' in result.stdout
 
 
+def test_audit_says_so_when_an_upstream_has_no_lora_patch_yet(tmp_path):
+    project = tmp_path / 'project'
+    for name in ['tools', 'patches', 'overlay']:
+        shutil.copytree(f'{ROOT}/{name}', project / name, ignore=shutil.ignore_patterns('__pycache__'))
+    series = project / 'patches' / 'edm' / 'series'
+    series.write_text(''.join(line for line in series.read_text().splitlines(keepends=True) if 'lora' not in line))
+    result = tool('vendoring.audit', 'edm', cwd=project)
+    assert result.returncode == 0 and 'no LoRA patch yet (budget 80: within)' in result.stdout
+    assert 'LoRA patches change' not in result.stdout and '(LoRA)' not in result.stdout
+
+
 @pytest.mark.parametrize('row,variant,expected,absent', [
     ('cifar10-uncond', 'baseline', ['--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3',
                                     '--noise_schedule cosine', '--diffusion_steps 4000', '--lr 0.0001 --batch_size 128'], ['--time_lora', '--lora_', '--conv_cond']),

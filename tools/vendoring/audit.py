@@ -31,13 +31,14 @@ def audit(name):
     upstream = read_upstream(name)
     print(f'== {name}: {upstream["url"]} at {upstream["commit"]}')
     print(f'   licence: {upstream["licence"]}')
-    lora_lines = 0
+    lora_lines, lora_patches = 0, 0
     for index, patch in enumerate(read_series(name), 1):
         rows = numstat(patch)
         added, removed = sum(r[0] for r in rows), sum(r[1] for r in rows)
         kind = 'LoRA' if 'lora' in os.path.basename(patch) else 'other'
         if kind == 'LoRA':
             lora_lines += added + removed
+            lora_patches += 1
         subject = patch_header(patch)[2].splitlines()[0]
         print(f'\n   {index}. {os.path.relpath(patch, ROOT)} ({kind})')
         print(f'      {subject}')
@@ -45,6 +46,8 @@ def audit(name):
             print(f'      {path:40s} +{file_added:<4d} -{file_removed:<4d} {"+" * min(file_added, 40)}{"-" * min(file_removed, 40)}')
         print(f'      {len(rows)} upstream files, {added + removed} lines changed (+{added} -{removed})')
     print('\n   overlay (copied in, not upstream code):')
+    if not overlay_files(name, upstream):
+        print('      none')
     for source, destination in overlay_files(name, upstream):
         with open(source) as f:
             lines = sum(1 for _ in f)
@@ -52,7 +55,10 @@ def audit(name):
     budget = int(upstream['lora_line_budget']) if 'lora_line_budget' in upstream else None
     within = budget is None or lora_lines <= budget
     verdict = 'no budget set' if budget is None else f'budget {budget}: {"within" if within else "OVER"}'
-    print(f'\n   LoRA patches change {lora_lines} upstream lines ({verdict})\n')
+    if lora_patches:
+        print(f'\n   LoRA patches change {lora_lines} upstream lines ({verdict})\n')
+    else:
+        print(f'\n   no LoRA patch yet ({verdict})\n')
     return within
 
 
