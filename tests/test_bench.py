@@ -6,8 +6,6 @@ import pytest
 
 from conftest import tool
 
-pytestmark = pytest.mark.first(41) # one of the longest modules, started early (seconds measured by --durations)
-
 NETWORKS = ['edm-cifar10-uncond', 'iddpm-cifar10-cond', 'nano-mnist']
 
 

@@ -22,6 +22,7 @@ import pytest
 from tools import ROOT
 from tools.checks.kill_check import processes_naming
 from tools.drivers import edm
+from tools.vendoring.run import step_name
 from tools.vendoring.run import locked_folder
 
 # A step that starts a child of its own (as train.py starts DataLoader workers), both sleeping; the
@@ -153,3 +154,11 @@ def test_a_row_driver_refuses_a_folder_another_run_holds(tmp_path):
         assert os.listdir(folder) == ['.lock'] # refused before anything was written
     finally:
         kill_all(holder, marker)
+
+
+def test_the_interrupted_step_is_named_by_its_script_or_module():
+    assert step_name(['/venv/python', 'train.py', '--outdir=x']) == 'train.py'
+    assert step_name(['/venv/python', '-m', 'torch.distributed.run', '--nproc_per_node=2', 'train.py']) == 'train.py'
+    assert step_name(['/venv/python', '-m', 'tools.drivers.edm', 'mini-uncond']) == 'tools.drivers.edm' # make mini's steps
+    assert step_name(['/venv/bin/mpiexec', '-n', 2, '/venv/python', 'scripts/image_train.py']) == 'image_train.py'
+    assert step_name(['git', 'clone', 'url']) == 'git'

@@ -22,6 +22,7 @@ from tiny import load
 from tools.data import mini_digits
 from tools.data.dataset_check import DatasetError, check_edm_zip, check_image_folder, iddpm_image_files
 from tools.data.mini_digits import held_out_mask, load_digits, pad, split, write_folder, write_mini_digits
+from tools.paper.params import edm_network_kwargs
 from tools.paper.rows import find, flag_value, override
 from tools.scoring import digit_detector, fid_digits
 from tools.scoring.digit_detector import (FEATURES, MIN_IMAGES, build_detector, detector_identity, digits_as_images, kid, predict,
@@ -251,12 +252,43 @@ def driver_commands(upstream, dataset, variant, tmp_path):
     return {os.path.basename(command[1]): command[2:] for command in commands}
 
 
+def test_the_edm_mini_row_is_what_train_py_builds_and_its_network_runs_on_the_digits(data, tmp_path, monkeypatch):
+    # EDM's train.py trains 1 kimg at the least (a minute and more on one core: the test below, in make smoke);
+    # here its dry run with the row's flags, and the network it would build, on real digits.
+    row = find('edm', 'mini-uncond', 'with-lora')
+    flags = [flag for flag in driver_commands('edm', 'mini-uncond', 'with-lora', tmp_path)['train.py']
+             if not flag.startswith(('--outdir=', '--data='))]
+    result = run_in(EDM, ['train.py', f'--outdir={tmp_path / "run"}', '--nosubdir', f'--data={data["zip"]}', *flags, '--dry-run'])
+    printed = result.stdout
+    options = json.loads(printed[printed.index('Training options:') + len('Training options:'):printed.index('Output directory:')])
+    assert options['batch_size'] == int(flag_value(row.flags, '--batch')) and options['lr_rampup_kimg'] == float(flag_value(row.flags, '--lr-rampup'))
+    assert options['ema_halflife_kimg'] == 1000 * float(flag_value(row.flags, '--ema')) and 'augment_kwargs' not in options
+    assert options['total_kimg'] == round(1000 * float(flag_value(row.flags, '--duration')))
+    # The network train.py would build is the one make params counts for the row (tools.paper.params, from the flags).
+    network = dict(options['network_kwargs'], img_resolution=32, img_channels=3, label_dim=0)
+    counted = edm_network_kwargs(row)
+    assert counted.pop('augment_dim') == 0 and 'augment_dim' not in network, 'no augmentation: no augmentation labels'
+    assert {name: network.get(name) for name in counted} == counted
+    monkeypatch.syspath_prepend(EDM)
+    import dnnlib
+    net = dnnlib.util.construct_class_by_name(**network)
+    with zipfile.ZipFile(data['zip']) as z:
+        names = sorted(name for name in z.namelist() if name.endswith('.png'))[:4]
+        digits = torch.stack([torch.from_numpy(np.array(PIL.Image.open(z.open(name)))).permute(2, 0, 1) for name in names])
+    images = digits.float() / 127.5 - 1
+    denoised = net(images + torch.randn_like(images), torch.ones(4))
+    denoised.square().mean().backward()
+    assert denoised.shape == images.shape and torch.isfinite(denoised).all()
+    assert all(param.grad is not None for name, param in net.named_parameters() if 'lora_' in name), 'the LoRA layers are in the graph'
+
+
+@pytest.mark.smoke # 1 kimg (train.py's least) of the mini network: over a minute on one core
 def test_the_edm_mini_row_trains_through_train_py_at_its_size_and_ramp(data, tmp_path):
     row = find('edm', 'mini-uncond', 'with-lora')
     flags = [flag for flag in driver_commands('edm', 'mini-uncond', 'with-lora', tmp_path)['train.py']
              if not flag.startswith(('--outdir=', '--data='))]
     # EDM's train.py trains 1 kimg at the least: two steps of 500 images (click keeps the last --batch, --duration).
-    run_in(EDM, ['train.py', f'--outdir={tmp_path / "run"}', '--nosubdir', f'--data={data["zip"]}', *flags, '--batch=500', '--duration=0.001'])
+    run_in(EDM, ['train.py', f'--outdir={tmp_path / "run"}', '--nosubdir', f'--data={data["zip"]}', *flags, '--batch=500', '--duration=0.001', '--workers=0'])
     state = load(EDM, str(tmp_path / 'run' / 'training-state-000001.pt'), tmp_path, 'state')
     # The learning rate of the second step: EDM's 1e-3 ramped over --lr-rampup kimg from the 500 images seen
     # before it (EDM's fixed ramp of 10 Mimg would give 1e-3 * 500 / 1e7).

@@ -45,9 +45,10 @@ EDM_ONE_LEVEL = dict(img_resolution=16, img_channels=1, label_dim=4, model_type=
 # EDM's train.py: the tiny end-to-end run (test_edm_train.py, test_edm_transfer.py, test_edm_distributed.py).
 
 # A tiny DDPM++ (8 base channels, two levels, attention at 16x16) for 1 kimg (train.py's least): 20 steps of 50
-# images (the 40 of the dataset, repeated; fewer, larger steps cost less time on a CPU).
+# images (the 40 of the dataset, repeated; fewer, larger steps cost less time on a CPU); the data loaded in the
+# training process (--workers=0, patch 0005: no worker process to start).
 EDM_TRAIN = ['--cond=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--batch=50', '--duration=0.001',
-             '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
+             '--tick=1', '--snap=1', '--dump=1', '--workers=0', '--seed=0']
 # UC-LoRA, small: 3 bases of rank 2, composition MLP widths 16 and 8.
 EDM_TRAIN_LORA = ['--lora=uc', '--lora-bases=3', '--lora-rank=2', '--lora-mlp=16,8']
 

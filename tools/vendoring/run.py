@@ -59,6 +59,16 @@ def group_is_gone(pgid):
     return False
 
 
+def step_name(command):
+    """What a step runs, for messages: its script (train.py, under torchrun too), else the module of
+    `python -m` (tools.drivers.edm), else its program."""
+    command = [str(part) for part in command]
+    script = next((part for part in command if part.endswith('.py')), None)
+    if script is None and '-m' in command[:-1]:
+        return command[command.index('-m') + 1]
+    return os.path.basename(script or command[0])
+
+
 @contextlib.contextmanager
 def interruptible(what, resumes=True):
     """While inside: SIGINT or SIGTERM stops every running step (stop_running_steps) and exits
@@ -72,7 +82,7 @@ def interruptible(what, resumes=True):
     def handler(signum, frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN) # a second Ctrl-C must not cut the clean-up short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        steps = ', '.join(os.path.basename(str(next((c for c in p.args if str(c).endswith('.py')), p.args[0]))) for p in running)
+        steps = ', '.join(step_name(p.args) for p in running)
         stop_running_steps(signum)
         during = f' during {steps}' if steps else ''
         rerun = 'Run the same command again to resume.' if resumes else 'Run the same command again to start over.'
