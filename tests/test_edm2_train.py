@@ -47,6 +47,14 @@ def test_trains_on_the_cpu_and_writes_snapshots_and_a_checkpoint(run):
     assert any(not torch.equal(snapshots[0][name], value) for name, value in snapshots[1].items()), 'training moved the EMA'
 
 
+def test_a_snapshot_loads_and_samples_in_pristine_edm2(run, tmp_path):
+    # As EDM2's generate_images.py loads it (the whole pickle, its loss function too) and with its sampler, in a process
+    # with only the pristine tree on its path: the sources that the snapshot embeds run beside pristine EDM2's modules.
+    run_in(PRISTINE_EDM2, [os.path.join(HELPERS, 'edm2_sample.py'), run / 'network-snapshot-0000001-0.100.pkl', tmp_path / 'sample.pt'])
+    images = torch.load(tmp_path / 'sample.pt')['images']
+    assert images.shape == (4, 3, 8, 8) and torch.isfinite(images).all()
+
+
 def test_the_learning_rate_ramps_up_over_lr_rampup(run):
     # Each row reports the learning rate of the step before it: steps of 128 images at 0, 128, ... with a ramp-up of
     # 500 images (--lr-rampup=0.0005 Mimg) and no decay: 0.01 x min(images / 500, 1). EDM2's 10 Mimg would give 0.01 x images / 1e7.
