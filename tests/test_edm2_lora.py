@@ -16,7 +16,7 @@ from conftest import EDM2, HELPERS, PRISTINE_EDM2, ROOT, assert_lora_off_is_pris
 from tiny import EDM2_LORA, EDM2_TINY, EDM2_TRAIN, EDM2_TRAIN_LORA
 from tools.vendoring.run import free_port
 
-pytestmark = pytest.mark.first(40) # one of the longer modules, started early (seconds measured by --durations)
+pytestmark = pytest.mark.first(32) # one of the longer modules, started early (seconds measured by --durations)
 
 CONFIGS = {
     'tiny': EDM2_TINY,
