@@ -1,5 +1,7 @@
 """Shared paths and helpers. `make test` builds vendor/ first; a missing tree is an error, not a skip."""
 
+import contextlib
+import importlib
 import os
 import subprocess
 import sys
@@ -51,6 +53,36 @@ def run_in(tree, args, expect_ok=True, launcher=None, timeout=600, env=None):
     if expect_ok and result.returncode != 0:
         pytest.fail(f'{" ".join(command)} failed ({result.returncode}) in {tree}:\n{result.stdout[-6000:]}')
     return result
+
+
+# The modules of an EDM2 tree; EDM's tree has modules of the same names.
+EDM2_MODULES = ('dnnlib', 'torch_utils', 'training', 'train_edm2')
+
+
+@contextlib.contextmanager
+def edm2_imported(tree):
+    """train_edm2 imported from tree into this process. EDM's modules of the same names (dnnlib, torch_utils,
+    training), which other tests of this process may have imported, are put aside meanwhile and come back after."""
+    def of_edm2(name):
+        return name.split('.')[0] in EDM2_MODULES
+    aside = {name: module for name, module in sys.modules.items() if of_edm2(name)}
+    for name in aside:
+        del sys.modules[name]
+    sys.path.insert(0, tree)
+    try:
+        yield importlib.import_module('train_edm2')
+    finally:
+        sys.path.remove(tree)
+        for name in [name for name in sys.modules if of_edm2(name)]:
+            del sys.modules[name]
+        sys.modules.update(aside)
+
+
+def edm2_training_config(train_edm2, *flags):
+    """The training_loop() arguments that train_edm2.py sets up for these flags, parsed by its own command line."""
+    context = train_edm2.cmdline.make_context('train_edm2.py', ['--outdir=unused', *[str(flag) for flag in flags]])
+    options = {name: value for name, value in context.params.items() if name not in ('outdir', 'dry_run')}
+    return train_edm2.setup_training_config(**options)
 
 
 def tool(module, *args, cwd=ROOT):
@@ -137,5 +169,14 @@ def edm_dataset(tmp_path_factory):
     """A 16x16, 10-class synthetic dataset written by EDM's own dataset_tool.py (its real zip format)."""
     top = tmp_path_factory.mktemp('edm-data')
     write_folder(top / 'images', count=40, resolution=16)
+    run_in(EDM, ['dataset_tool.py', f'--source={top / "images"}', f'--dest={top / "data.zip"}'])
+    return top / 'data.zip'
+
+
+@pytest.fixture(scope='session')
+def edm2_dataset(tmp_path_factory):
+    """An 8x8, 10-class synthetic dataset written by EDM's own dataset_tool.py: the zip format of make data-cifar10."""
+    top = tmp_path_factory.mktemp('edm2-data')
+    write_folder(top / 'images', count=40, resolution=8)
     run_in(EDM, ['dataset_tool.py', f'--source={top / "images"}', f'--dest={top / "data.zip"}'])
     return top / 'data.zip'

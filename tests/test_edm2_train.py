@@ -1,8 +1,6 @@
 """End to end on CPU: EDM2's own train_edm2.py at tiny size, on one process and two (gloo), resumed; the flags of
 patches/edm2/0002 (learning-rate ramp-up, network size) against pristine EDM2's configuration."""
 
-import contextlib
-import importlib
 import json
 import math
 import os
@@ -13,49 +11,10 @@ import sys
 import pytest
 import torch
 
-from conftest import EDM, EDM2, HELPERS, PRISTINE_EDM2, run_in
+from conftest import EDM2, HELPERS, PRISTINE_EDM2, edm2_imported, edm2_training_config, run_in
 from tiny import EDM2_TRAIN
-from tools.data.synthetic import write_folder
 
 pytestmark = pytest.mark.first(46) # one of the longer modules, started early (seconds measured by --durations)
-
-# The modules of an EDM2 tree; EDM's tree has modules of the same names.
-EDM2_MODULES = ('dnnlib', 'torch_utils', 'training', 'train_edm2')
-
-
-@contextlib.contextmanager
-def edm2_imported(tree):
-    """train_edm2 imported from tree into this process. EDM's modules of the same names (dnnlib, torch_utils,
-    training), which other tests of this process may have imported, are put aside meanwhile and come back after."""
-    def of_edm2(name):
-        return name.split('.')[0] in EDM2_MODULES
-    aside = {name: module for name, module in sys.modules.items() if of_edm2(name)}
-    for name in aside:
-        del sys.modules[name]
-    sys.path.insert(0, tree)
-    try:
-        yield importlib.import_module('train_edm2')
-    finally:
-        sys.path.remove(tree)
-        for name in [name for name in sys.modules if of_edm2(name)]:
-            del sys.modules[name]
-        sys.modules.update(aside)
-
-
-def training_config(train_edm2, *flags):
-    """The training_loop() arguments that train_edm2.py sets up for these flags, parsed by its own command line."""
-    context = train_edm2.cmdline.make_context('train_edm2.py', ['--outdir=unused', *[str(flag) for flag in flags]])
-    options = {name: value for name, value in context.params.items() if name not in ('outdir', 'dry_run')}
-    return train_edm2.setup_training_config(**options)
-
-
-@pytest.fixture(scope='module')
-def edm2_dataset(tmp_path_factory):
-    """An 8x8, 10-class synthetic dataset written by EDM's own dataset_tool.py: the zip format of make data-cifar10."""
-    top = tmp_path_factory.mktemp('edm2-data')
-    write_folder(top / 'images', count=40, resolution=8)
-    run_in(EDM, ['dataset_tool.py', f'--source={top / "images"}', f'--dest={top / "data.zip"}'])
-    return top / 'data.zip'
 
 
 @pytest.fixture(scope='module')
@@ -86,6 +45,14 @@ def test_trains_on_the_cpu_and_writes_snapshots_and_a_checkpoint(run):
                 snapshots[kimg] = pickle.load(f)['ema'].state_dict() # as EDM2's generate_images.py loads them
     assert all(value.dtype == torch.float16 for value in snapshots[1].values() if value.is_floating_point())
     assert any(not torch.equal(snapshots[0][name], value) for name, value in snapshots[1].items()), 'training moved the EMA'
+
+
+def test_a_snapshot_loads_and_samples_in_pristine_edm2(run, tmp_path):
+    # As EDM2's generate_images.py loads it (the whole pickle, its loss function too) and with its sampler, in a process
+    # with only the pristine tree on its path: the sources that the snapshot embeds run beside pristine EDM2's modules.
+    run_in(PRISTINE_EDM2, [os.path.join(HELPERS, 'edm2_sample.py'), run / 'network-snapshot-0000001-0.100.pkl', tmp_path / 'sample.pt'])
+    images = torch.load(tmp_path / 'sample.pt')['images']
+    assert images.shape == (4, 3, 8, 8) and torch.isfinite(images).all()
 
 
 def test_the_learning_rate_ramps_up_over_lr_rampup(run):
@@ -154,9 +121,9 @@ def test_two_ranks_end_with_identical_parameters(resumed):
 def test_the_flags_left_out_keep_edm2s_configuration_and_learning_rate(edm2_dataset):
     flags = [f'--data={edm2_dataset}', '--preset=edm2-img64-s']
     with edm2_imported(PRISTINE_EDM2) as train_edm2:
-        pristine = training_config(train_edm2, *flags)
+        pristine = edm2_training_config(train_edm2, *flags)
     with edm2_imported(EDM2) as train_edm2:
-        patched = training_config(train_edm2, *flags)
+        patched = edm2_training_config(train_edm2, *flags)
         call = train_edm2.dnnlib.util.call_func_by_name
         batch = patched.batch_size
         for cur_nimg in [0, batch, 1 << 20, 5_000_000, 10_000_000, 100 << 20, patched.total_nimg]: # across the ramp-up and the decay
@@ -167,7 +134,7 @@ def test_the_flags_left_out_keep_edm2s_configuration_and_learning_rate(edm2_data
 
 def test_lr_rampup_sets_the_ramp_up_in_mimg(edm2_dataset):
     with edm2_imported(EDM2) as train_edm2:
-        config = training_config(train_edm2, f'--data={edm2_dataset}', '--preset=edm2-img64-s', '--lr-rampup=2.5')
+        config = edm2_training_config(train_edm2, f'--data={edm2_dataset}', '--preset=edm2-img64-s', '--lr-rampup=2.5')
         for cur_nimg in [0, 1_000_000, 2_500_000, 5_000_000]: # before the decay, which starts at 35,000 batches of 2048
             lr = train_edm2.dnnlib.util.call_func_by_name(cur_nimg=cur_nimg, batch_size=config.batch_size, **config.lr_kwargs)
             assert lr == pytest.approx(0.0100 * min(cur_nimg / 2.5e6, 1), rel=1e-12, abs=0)
@@ -175,7 +142,7 @@ def test_lr_rampup_sets_the_ramp_up_in_mimg(edm2_dataset):
 
 def attention_blocks(train_edm2, *flags):
     """{block name: heads} of the blocks with attention in the network that these flags build, for 32x32 RGB images."""
-    config = training_config(train_edm2, *flags)
+    config = edm2_training_config(train_edm2, *flags)
     net = train_edm2.dnnlib.util.construct_class_by_name(**config.network_kwargs, img_resolution=32, img_channels=3, label_dim=10)
     blocks = {f'{side}.{name}': block for side in ['enc', 'dec'] for name, block in getattr(net.unet, side).items() if hasattr(block, 'num_heads')}
     for block in blocks.values():
@@ -200,9 +167,9 @@ def test_channels_per_head_gives_a_small_network_attention(edm2_dataset):
 def test_the_preset_sets_nothing_when_every_hyperparameter_is_given(edm2_dataset):
     # --preset has a default (edm2-img512-s), so a command line without it uses that one: for the values it leaves out.
     with edm2_imported(EDM2) as train_edm2:
-        configs = [training_config(train_edm2, f'--data={edm2_dataset}', *EDM2_TRAIN, *preset)
+        configs = [edm2_training_config(train_edm2, f'--data={edm2_dataset}', *EDM2_TRAIN, *preset)
                    for preset in [[], ['--preset=edm2-img512-xxl'], ['--preset=edm2-img64-s']]]
-        leaving_one_out = training_config(train_edm2, f'--data={edm2_dataset}', *[flag for flag in EDM2_TRAIN if not flag.startswith('--P_std')])
+        leaving_one_out = edm2_training_config(train_edm2, f'--data={edm2_dataset}', *[flag for flag in EDM2_TRAIN if not flag.startswith('--P_std')])
     assert configs[0] == configs[1] == configs[2]
     assert configs[0].loss_kwargs.P_std == 1.6 and leaving_one_out.loss_kwargs.P_std == 1.0 # edm2-img512-s's
 

@@ -110,13 +110,14 @@ def test_gpus_launch_torchrun(tmp_path):
     assert 'torch.distributed.run' not in fid and ' fid.py calc ' in fid and '--num=50000' in fid
 
 
-@pytest.mark.parametrize('upstream', ['edm', 'iddpm', 'dataflowr'])
-def test_audit_keeps_the_lora_patches_within_their_budget(upstream):
+@pytest.mark.parametrize('upstream,lora_module', [('edm', 'overlay/common/lora.py'), ('iddpm', 'overlay/common/lora.py'),
+                                                  ('dataflowr', 'overlay/common/lora.py'), ('edm2', 'overlay/edm2/training/lora_edm2.py')])
+def test_audit_keeps_the_lora_patches_within_their_budget(upstream, lora_module):
     result = tool('vendoring.audit', upstream)
     assert result.returncode == 0, result.stdout + result.stderr
     changed = int(re.search(r'LoRA patches change (\d+) upstream lines', result.stdout).group(1))
     assert 0 < changed <= int(read_upstream(upstream)['lora_line_budget'])
-    assert 'overlay/common/lora.py' in result.stdout
+    assert lora_module in result.stdout
 
 
 def test_audit_fails_over_budget(tmp_path):

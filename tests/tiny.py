@@ -82,7 +82,7 @@ def iddpm_flags(options):
 NANO_TRAIN = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
 
 #----------------------------------------------------------------------------
-# EDM2's train_edm2.py: the tiny end-to-end run (test_edm2_train.py).
+# EDM2's train_edm2.py: the tiny end-to-end run (test_edm2_train.py, test_edm2_lora.py).
 
 # The least EDM2 U-Net with attention at both of its levels, given by every hyperparameter (so that the preset,
 # edm2-img512-s unless --preset says, sets none of them): 8x8 images, 8 channels, two levels (8x8, 4x4), one block a
@@ -93,3 +93,10 @@ NANO_TRAIN = ['--train-digits', 64, '--batch-size', 32, '--data', 'mnist5k']
 EDM2_TRAIN = ['--channels=8', '--cres=1,1', '--blocks=1', '--channels-per-head=8', '--dropout=0', '--P_mean=-0.8', '--P_std=1.6',
               '--lr=0.01', '--decay=0', '--lr-rampup=0.0005', '--batch=128', '--duration=1Ki', '--status=128', '--snapshot=1Ki',
               '--checkpoint=1Ki']
+# The network of EDM2_TRAIN, as train_edm2.py builds it from the 8x8, 10-class dataset of the tests (edm2_dataset).
+EDM2_TINY = dict(class_name='training.networks_edm2.Precond', img_resolution=8, img_channels=3, label_dim=10, model_channels=8,
+                 channel_mult=[1,1], num_blocks=1, channels_per_head=8, dropout=0)
+# UC-LoRA, small: 3 bases of rank 2, composition MLP widths 16 and 8 (as EDM_TRAIN_LORA); the flags, and the network
+# options they record.
+EDM2_TRAIN_LORA = ['--lora=uc', '--lora-bases=3', '--lora-rank=2', '--lora-mlp=16,8']
+EDM2_LORA = dict(lora='uc', lora_bases=3, lora_rank=2, lora_mlp=[16,8])
