@@ -164,19 +164,21 @@ def vendor_trees():
             pytest.exit(f'{os.path.relpath(tree, ROOT)} is missing: run `make test`, which builds vendor/ first', returncode=1)
 
 
-@pytest.fixture(scope='session')
-def edm_dataset(tmp_path_factory):
-    """A 16x16, 10-class synthetic dataset written by EDM's own dataset_tool.py (its real zip format)."""
-    top = tmp_path_factory.mktemp('edm-data')
-    write_folder(top / 'images', count=40, resolution=16)
+def edm_zip(top, resolution):
+    """40 synthetic images of 10 classes at this resolution, written into top/data.zip by EDM's own
+    dataset_tool.py (its real zip format, make data-cifar10's, which EDM2 reads too)."""
+    write_folder(top / 'images', count=40, resolution=resolution)
     run_in(EDM, ['dataset_tool.py', f'--source={top / "images"}', f'--dest={top / "data.zip"}'])
     return top / 'data.zip'
+
+
+@pytest.fixture(scope='session')
+def edm_dataset(tmp_path_factory):
+    """A 16x16, 10-class synthetic dataset in EDM's zip format."""
+    return edm_zip(tmp_path_factory.mktemp('edm-data'), 16)
 
 
 @pytest.fixture(scope='session')
 def edm2_dataset(tmp_path_factory):
-    """An 8x8, 10-class synthetic dataset written by EDM's own dataset_tool.py: the zip format of make data-cifar10."""
-    top = tmp_path_factory.mktemp('edm2-data')
-    write_folder(top / 'images', count=40, resolution=8)
-    run_in(EDM, ['dataset_tool.py', f'--source={top / "images"}', f'--dest={top / "data.zip"}'])
-    return top / 'data.zip'
+    """An 8x8, 10-class synthetic dataset in EDM's zip format, for EDM2's tiny networks."""
+    return edm_zip(tmp_path_factory.mktemp('edm2-data'), 8)
