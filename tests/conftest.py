@@ -135,6 +135,15 @@ def assert_same_network(patched, pristine):
             assert torch.equal(patched[key], pristine[key]), key
 
 
+def lora_added_to(pristine, patched):
+    """The parameter names the patched network adds to the pristine one, after checking that it keeps every
+    pristine parameter under its name with its value for the seed (LoRA's weights are drawn last)."""
+    import torch
+    for name, value in pristine['state'].items():
+        assert torch.equal(patched['state'][name], value), name
+    return [name for name in patched['names'] if name not in pristine['state']]
+
+
 def assert_lora_off_is_pristine(dumps, config, spellings):
     """Each spelling of "LoRA off" builds the pristine network of `config`; dumps as net_dumps returns them."""
     pristine, patched = dumps
