@@ -241,8 +241,9 @@ def test_kid_is_the_unbiased_mmd_estimate():
     assert kid(a, b, subsets=1)[0] == pytest.approx(expected, rel=1e-9)
 
 #----------------------------------------------------------------------------
-# A few steps of a mini row through its upstream's own CLI, on the real digits: the command its driver
-# prints (--dry-run), with this module's digits and folder, stopped after two optimizer steps.
+# One mini row per upstream through its own CLI, on the real digits: the command its driver prints (--dry-run),
+# with this module's digits and folder. improved-diffusion: two optimizer steps; EDM: train.py's dry run and the
+# network it builds (train.py trains 1 kimg at the least: make smoke).
 
 def driver_commands(upstream, dataset, variant, tmp_path):
     """{script: argv} of the upstream commands `python -m tools.drivers.<upstream>` prints for a mini row."""
