@@ -20,7 +20,7 @@ import textwrap
 from tools import ROOT
 from tools.paper import params
 from tools.paper.rows import ROWS, row_of_folder, run_folder
-from tools.scoring.records import by_protocol, load_records, reported
+from tools.scoring.records import DETECTORS, by_protocol, load_records, reported
 
 TABLES = {
     'Table 1': 'Table 1: FID of the baseline (scale-and-shift), only LoRA and with LoRA',
@@ -182,7 +182,10 @@ def plot_run(folder):
                    label=f'reported: {best["snapshot"]}, FID {best["fid_min"]:.3g}')
     if max(r['fid_count'] for r in records) > 1:
         ax.scatter([], [], color='0.6', s=12, label='each evaluation (other seeds)')
-    ax.set_ylabel('FID' if len(groups) > 1 else f'FID ({records[0]["images"]:,} images, NFE {records[0]["nfe"]})')
+    said = ['digit detector'] if records[0].get('detector') == DETECTORS['digits'] else [] # a mini run's FIDs are not Inception's
+    if len(groups) == 1: # one protocol: said once here, not in the legend
+        said += [f'{records[0]["images"]:,} images', f'NFE {records[0]["nfe"]}']
+    ax.set_ylabel(f'FID ({", ".join(said)})' if said else 'FID')
     fid_axis(ax, [e['fid'] for r in records for e in r['evaluations']])
     smoke = row_of_folder(folder)[1]
     ax.set_title(os.path.basename(folder) + ('\nsmoke run: stand-in detector, plumbing only' if smoke else ''), fontsize=10)
