@@ -258,8 +258,9 @@ MINI_EDM_NFE = 19 # Heun's 10 steps (the paper's 18, NFE 35, would take as long 
 # (a step costs about in proportion to its batch on a CPU: more updates for the time), an EMA rate of 0.995
 # (0.9999 averages over about 10,000 steps, more than a mini run takes); 2,000 steps, snapshots at 0, 1,000
 # and 2,000; sampling respaced to 20 steps. The paper's learning rate (1e-4) and dropout (0.3) stay. Trials
-# (results/mini/costs-2cpu.md): batch 4 for 4,000 steps scored better (FID 124 against 142) but takes the time
-# of about three more runs in all; a learning rate of 3e-4 scored 107, 1e-3 did not learn (219).
+# (results/mini/costs-2cpu.md): batch 4 for 4,000 steps scored better (FID 124 against 142) but adds about 10
+# minutes over the five runs, more than the 3-hour budget leaves; a learning rate of 3e-4 scored 107, 1e-3 did
+# not learn (219).
 MINI_IDDPM_MODEL = ('--num_channels', 32, '--num_res_blocks', 1)
 MINI_IDDPM_TRAIN = ('--batch_size', 8, '--ema_rate', 0.995, '--save_interval', 1000)
 MINI_IDDPM_ITERATIONS = 2000
