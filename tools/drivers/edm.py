@@ -113,18 +113,18 @@ def run_row(args, row, folder, data, launcher):
     if args.dry_run:
         return score_snapshot(os.path.join(folder, EDM.snapshot_name(total_kimg)), folder, row, protocol, launcher)
     records = score_run(folder, row, protocol, launcher, args.snapshots, args.keep_images)
-    sample_grid(folder, row, best(records)['snapshot'], protocol, launcher, args.smoke)
+    sample_grid(folder, row, best(records)['snapshot'], protocol, launcher, args.smoke, EDM, row_classes(row))
 
 
-def sample_grid(folder, row, snapshot, protocol, launcher, smoke):
-    """Appendix D: samples of the reported snapshot, samples.png; conditional rows: a row of samples a class."""
-    classes = row_classes(row)
+def sample_grid(folder, row, snapshot, protocol, launcher, smoke, upstream, classes):
+    """Appendix D: samples of the reported snapshot (EDM's generate.py or EDM2's generate_images.py), samples.png;
+    classes > 0: a row of samples a class (0: unconditional, or a random class a seed)."""
     per_class, count = (4, 16) if smoke else (10, 64)
     images = []
     for label in range(classes) if classes else [None]:
-        image_dir = os.path.join(folder, f'samples-{number_in_name(snapshot):06d}' + (f'/class-{label}' if classes else ''))
+        image_dir = os.path.join(folder, f'samples-{upstream.snapshot_number(snapshot):06d}' + (f'/class-{label}' if classes else ''))
         seeds = list(range(per_class if classes else count))
-        EDM.generate_seeds(os.path.join(folder, snapshot), image_dir, seeds, protocol, launcher, class_label=label)
+        upstream.generate_seeds(os.path.join(folder, snapshot), image_dir, seeds, protocol, launcher, class_label=label)
         images += [np.asarray(PIL.Image.open(os.path.join(image_dir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')).convert('RGB'))
                    for seed in seeds]
     what = f'a row a class, seeds 0-{per_class - 1}' if classes else f'seeds 0-{count - 1}'

@@ -3,7 +3,7 @@
     python -m tools.drivers.mini [--group edm-uncond ...] [--seeds 0 1 2] [--variants baseline with-lora] [--gpus N] [--dry-run]
 
 Runs every mini row (tools.paper.rows.MINI_ROWS) of the chosen groups, for each seed, with its row
-driver exactly as `make <target>` runs a paper row (tools.drivers.edm, tools.drivers.iddpm: training,
+driver exactly as `make <target>` runs a paper row (tools.drivers.edm, .iddpm, .edm2: training,
 scoring of every snapshot by the digit detector, samples.png), one after the other, then writes the
 mini tables (tools.scoring.mini_report). Each run resumes like every target: rerunning the same
 command continues where it stopped and skips what is done. The digits are written first if missing
@@ -68,7 +68,8 @@ def newest_snapshot(runs, upstream, dataset, variant, seed):
 
 def figures(runs, groups, seed):
     """Fig. 5 on digits (ClassLoRA beside the conditional baseline) and the composition maps of one UC-LoRA
-    and one TimeLoRA run, from the first seed's last snapshots, into <runs>/mini/."""
+    and one TimeLoRA run, from the first seed's last snapshots, into <runs>/mini/; EDM2's magnitude plot of the
+    first seed into its with-lora run folder."""
     out = os.path.join(runs, 'mini')
     commands = []
     if 'edm-cond' in groups:
@@ -80,6 +81,10 @@ def figures(runs, groups, seed):
             snapshot = newest_snapshot(runs, upstream, 'mini-uncond', 'with-lora', seed)
             commands.append(([snapshot], [sys.executable, '-m', 'tools.figures.composition_maps', snapshot,
                                           f'--out={os.path.join(out, f"composition-maps-{name}")}']))
+    if 'edm2-uncond' in groups: # EDM2's magnitudes over training, baseline beside with LoRA: into the with-lora run folder
+        needed = [newest_snapshot(runs, 'edm2', 'mini-uncond', variant, seed) for variant in ('baseline', 'with-lora')]
+        folders = [run_folder(runs, find('edm2', 'mini-uncond', variant), seed=seed) for variant in ('baseline', 'with-lora')]
+        commands.append((needed, [sys.executable, '-m', 'tools.figures.magnitudes', *folders]))
     for needed, command in commands:
         if None in needed: # MINI_VARIANTS left out a run the figure needs
             print(f'make mini: {command[2]} skipped: it needs runs of seed {seed} not made yet', flush=True)

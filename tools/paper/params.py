@@ -77,7 +77,42 @@ def iddpm_count(row):
     return sum(p.numel() for p in model.parameters())
 
 
-COUNTERS = {'edm': edm_count, 'iddpm': iddpm_count}
+# EDM2: what train_edm2.py builds (setup_training_config) from a row's flags over its preset's values.
+EDM2_FLAGS = {'--channels': ('model_channels', int), '--dropout': ('dropout', float), '--cres': ('channel_mult', lambda v: [int(c) for c in v.split(',')]),
+              '--blocks': ('num_blocks', int), '--channels-per-head': ('channels_per_head', int)}
+EDM2_LORA_FLAGS = {'--lora': ('lora', str), '--lora-bases': ('lora_bases', int), '--lora-rank': ('lora_rank', int),
+                   '--lora-mlp': ('lora_mlp', lambda widths: [int(w) for w in widths.split(',')]), '--conv-cond': ('conv_cond', lambda value: value == 'True')}
+
+
+def edm2_network_kwargs(row):
+    """What train_edm2.py passes to Precond for this row's flags (its preset's values for the rest); needs vendor/edm2
+    on the path (import_vendor_tree)."""
+    from train_edm2 import config_presets
+    flags = row.flags
+    preset = config_presets[flag_value(flags, '--preset', 'edm2-img512-s')]
+    kwargs = dict(class_name='training.networks_edm2.Precond', model_channels=preset.channels, dropout=preset.dropout,
+                  img_resolution=row.recipe.resolution, img_channels=3)
+    for flag, (name, kind) in {**EDM2_FLAGS, **EDM2_LORA_FLAGS}.items():
+        if flag_value(flags, flag) is not None:
+            kwargs[name] = kind(flag_value(flags, flag))
+    if flag_value(flags, '--cond', '1') in ('1', 'True'): # EDM2's --cond defaults to True
+        kwargs['label_dim'] = 1000 if row.dataset == 'img64' else 10
+    else:
+        kwargs['label_dim'] = 0
+    return kwargs
+
+
+def edm2_count(row):
+    """Trainable parameters of the EDM2 network of a row."""
+    import_vendor_tree('edm2', 'params')
+    import dnnlib
+    import torch
+    with torch.device('meta'):
+        net = dnnlib.util.construct_class_by_name(**edm2_network_kwargs(row))
+    return sum(p.numel() for p in net.parameters())
+
+
+COUNTERS = {'edm': edm_count, 'iddpm': iddpm_count, 'edm2': edm2_count}
 
 
 def counted_rows():
@@ -92,20 +127,28 @@ def counted_rows():
 
 
 def uncounted_rows():
-    """(table, row) for the rows of the paper's comparisons that give no parameter count: Table 3 and Fig. 5."""
+    """(table, row) for the rows without a parameter count in the paper: Table 3 and Fig. 5, and EDM2's (not in the paper)."""
     for table in ['Table 3', 'Fig. 5']:
         for row in sorted(rows(upstream='edm', table=table), key=lambda row: (row.dataset != 'cifar10-uncond', row.variant)):
             yield table, row
+    for row in rows(upstream='edm2'):
+        yield 'EDM2', row
 
 
 def results():
+    bases = {}
     for table, row in counted_rows():
         ours = COUNTERS[row.upstream](row)
         yield dict(upstream=row.upstream, table=table, row=row.title(table), paper=row.paper_params, ours=ours,
                    difference=ours - row.paper_params, match=ours == row.paper_params, note=row.note if row.rules_params else None)
     for table, row in uncounted_rows():
-        yield dict(upstream=row.upstream, table=table, row=row.title(table), paper=None, ours=COUNTERS[row.upstream](row),
-                   difference=None, match=None, note=None)
+        ours = COUNTERS[row.upstream](row)
+        if row.variant == 'baseline':
+            bases[row.recipe] = ours
+        # EDM2's rows: beside the baseline, what LoRA adds (not in the paper: its share is the comparison to make)
+        added = f'{ours - bases[row.recipe]:+,} on the baseline ({(ours - bases[row.recipe]) / bases[row.recipe]:+.1%})' \
+            if table == 'EDM2' and row.variant != 'baseline' and row.recipe in bases else None
+        yield dict(upstream=row.upstream, table=table, row=row.title(table), paper=None, ours=ours, difference=None, match=None, note=added)
 
 
 def main():
@@ -119,7 +162,8 @@ def main():
     print(f'{"upstream":8s} {"table":7s} {"row":44s} {"paper":>12s} {"ours":>12s} {"diff":>8s}  match')
     for r in table:
         if r['paper'] is None: # the paper gives no count
-            print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:44s} {"-":>12s} {r["ours"]:12,d} {"":>8s}  (no count in {r["table"]})')
+            where = 'not a paper row' if r['table'] == 'EDM2' else f'no count in {r["table"]}'
+            print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:44s} {"-":>12s} {r["ours"]:12,d} {"":>8s}  ({where}){": " + r["note"] if r["note"] else ""}')
             continue
         print(f'{r["upstream"]:8s} {r["table"]:7s} {r["row"]:44s} {r["paper"]:12,d} {r["ours"]:12,d} {r["difference"]:+8,d}  '
               f'{"yes" if r["match"] else "NO"}{": " + r["note"] if r["note"] else ""}')

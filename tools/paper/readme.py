@@ -37,6 +37,9 @@ def flags_text(flags):
     return ' '.join(re.sub(r'=https://\S+/(\S+)', r"=<EDM's \1>", str(flag)) for flag in flags)
 
 
+CODE = {'edm': 'EDM (vp), `train.py`', 'iddpm': 'IDDPM, `image_train.py` and `image_sample.py`', 'edm2': 'EDM2, `train_edm2.py` (not in the paper)'}
+
+
 def recipes_table():
     """One line a recipe: its target, the paper's name for it and the upstream's own flags."""
     targets = row_targets()
@@ -46,7 +49,7 @@ def recipes_table():
         key = (row.upstream, row.dataset)
         if key in targets and key not in seen:
             seen.add(key)
-            code = 'EDM (vp), `train.py`' if row.upstream == 'edm' else 'IDDPM, `image_train.py` and `image_sample.py`'
+            code = CODE[row.upstream]
             lines.append(f'| `make {targets[key]}` | {row.recipe.title}, {code} | `{flags_text(row.recipe.flags + row.recipe.train_flags)}` |')
     return lines
 
@@ -59,6 +62,8 @@ def variants_table():
     for row in sorted((row for row in rows(runnable=True) if (row.upstream, row.dataset) in targets),
                       key=lambda row: order.index((row.upstream, row.dataset))):
         where = ', '.join(row.tables) or 'not a paper row'
+        if row.upstream == 'edm2':
+            where = 'EDM2 (not in the paper' + ("; FID: EDM2's published, of its preset)" if row.paper_fid is not None else ')')
         params = f'{row.paper_params:,}' if row.paper_params else ''
         fid = f'{row.paper_fid:g}' if row.paper_fid is not None else ''
         flags = f'`{flags_text(row.variant_flags)}`' if row.variant_flags else ''

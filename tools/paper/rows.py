@@ -23,7 +23,7 @@ EDM_CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm'
 
 @dataclass(frozen=True)
 class Recipe:
-    upstream: str               # 'edm', 'iddpm' or 'dataflowr': the tree in vendor/ that runs it
+    upstream: str               # 'edm', 'iddpm', 'edm2' or 'dataflowr': patches/<upstream>/, the tree in vendor/ that runs it
     dataset: str                # the drivers' name for it, e.g. 'cifar10-uncond'
     title: str                  # as the paper's tables name it
     flags: tuple                # the upstream's training flags (improved-diffusion: its model flags)
@@ -217,6 +217,47 @@ IDDPM_ROWS = [
 ]
 
 #----------------------------------------------------------------------------
+# EDM2 (github.com/NVlabs/edm2, Karras et al. 2024; not in the paper): UC-LoRA on its attention in EDM2's own
+# magnitude-preserving form (overlay/edm2/training/lora_edm2.py), with the paper's CIFAR-10 sizes (18 bases,
+# rank 4, MLP 128,64; no bias terms: EDM2 has none). No paper number exists for these rows; the ImageNet 64
+# baseline has EDM2's own published FID of its preset beside it. Scored as EDM2 reports its networks: the
+# post-hoc EMA (reconstruct_phema.py) of relative length EDM2_PHEMA_STD, EDM2's Heun sampler, the minimum of 3.
+#
+# CIFAR-10 (32x32, pixel space): edm2-img64-s with its 64x64 level taken off (--cres=2,3,4: the same widths at
+# 32, 16 and 8, attention at 16 and 8, as in img64-s), EDM's CIFAR-10 budget of 200 Mimg (img64-s trains 1 Gimg
+# on ImageNet's 1.28M images: 20,000 passes over CIFAR-10's 50,000), and EDM's CIFAR-10 dropout of 0.13
+# (img64-s has none on ImageNet; EDM2 has no augmentation, and 50,000 images overfit without either). Every
+# other setting is the preset's: batch 2048, lr 0.01 decaying after 35,000 batches, P_mean -0.8, P_std 1.6.
+
+EDM2_PHEMA_STD = 0.075 # EDM2's own choice for edm2-img64-s (generate_images.py, preset edm2-img64-s-fid)
+EDM2_CIFAR10 = ('--preset=edm2-img64-s', '--cres=2,3,4', '--duration=200Mi', '--dropout=0.13')
+EDM2_CIFAR10_UNCOND = Recipe(upstream='edm2', dataset='cifar10-uncond', title='CIFAR-10 uncond', resolution=32,
+    flags=EDM2_CIFAR10 + ('--cond=0',),
+    data='datasets/cifar10-32x32.zip', make_data='data-cifar10', fid_ref=f'{EDM_CDN}/fid-refs/cifar10-32x32.npz', fid_images=50000)
+EDM2_CIFAR10_COND = Recipe(upstream='edm2', dataset='cifar10-cond', title='CIFAR-10 cond', resolution=32,
+    flags=EDM2_CIFAR10 + ('--cond=1',),
+    data='datasets/cifar10-32x32.zip', make_data='data-cifar10', fid_ref=f'{EDM_CDN}/fid-refs/cifar10-32x32.npz', fid_images=50000)
+# ImageNet 64 (class-conditional), as EDM2's README prepares it (dataset_tool.py convert --transform=center-crop-dhariwal);
+# FID with EDM's fid.py against statistics of the user's own zip, made once by the driver.
+EDM2_IMG64 = Recipe(upstream='edm2', dataset='img64', title='ImageNet64 cond', resolution=64,
+    flags=('--preset=edm2-img64-s', '--cond=1', '--duration=1024Mi'), # the preset's duration, written out: the driver knows when a run is done
+    data='datasets/img64.zip', make_data='data-img64 IMAGENET_TRAIN=...', fid_ref='datasets/img64-fid-ref.npz', fid_images=50000)
+
+
+def edm2_rows(recipe, nfe, published_fid=None):
+    """The three EDM2 variants of a recipe: baseline, with LoRA, only LoRA (no residual-branch scale)."""
+    note = "EDM2's published FID of the preset (its README: edm2-img64-s-fid, 1.58), not the paper's" if published_fid else None
+    return [
+        Row(recipe, 'baseline', (), 'baseline', (), nfe, paper_fid=published_fid, note=note),
+        Row(recipe, 'with-lora', (), 'with LoRA', uc_lora(18), nfe, 18, 4),
+        Row(recipe, 'only-lora', (), 'only LoRA', uc_lora(18, 4, '--conv-cond=False'), nfe, 18, 4),
+    ]
+
+
+# NFE: EDM's CIFAR-10 protocol (Heun 18 steps) for the 32x32 rows; EDM2's own (32 steps) for ImageNet 64.
+EDM2_ROWS = [*edm2_rows(EDM2_CIFAR10_UNCOND, 35), *edm2_rows(EDM2_CIFAR10_COND, 35), *edm2_rows(EDM2_IMG64, 63, published_fid=1.58)]
+
+#----------------------------------------------------------------------------
 # Nano diffusion (paper Section 5.2, Fig. 3 and 4): the paper reports curves and samples, no numbers.
 # Our sizes: 10 bases (t = 0, 111, ..., 999), rank 4, UC-LoRA MLP 64,32 (the paper leaves them open).
 # Sampling: the notebook's 1000-step DDPM sampler.
@@ -232,7 +273,7 @@ NANO_ROWS = [
     Row(NANO_MNIST, 'uclora', ('Fig. 3',), 'UC-LoRA', ('--cond', 'uclora'), 1000, 10, 4),
 ]
 
-ROWS = EDM_ROWS + IDDPM_ROWS + NANO_ROWS
+ROWS = EDM_ROWS + IDDPM_ROWS + EDM2_ROWS + NANO_ROWS
 
 #----------------------------------------------------------------------------
 # The mini scale (`make mini`): paper rows at laptop size on real digits, through the same upstream CLIs.
@@ -261,6 +302,14 @@ MINI_EDM_NFE = 19 # Heun's 10 steps (the paper's 18, NFE 35, would take as long 
 # (results/mini/costs-2cpu.md): batch 4 for 4,000 steps scored better (FID 124 against 142) but adds about 10
 # minutes over the five runs, more than the 3-hour budget leaves; a learning rate of 3e-4 scored 107, 1e-3 did
 # not learn (219).
+# EDM2: 32 channels (cres 1,2,2: 64 at 16x16 and 8x8, one attention head of EDM2's 64 channels there; 16 channels
+# would build no attention at all, and LoRA nothing to condition), 2 blocks a resolution, and EDM's mini budget:
+# batch 32, 24 kimg (24Ki images: EDM2 counts in multiples of 1024), a 2 kimg learning-rate ramp-up. Snapshots
+# (two EMA profiles each) every 8Ki images, scored as post-hoc EMA reconstructions at 8, 16 and 24 kimg; a
+# training state every 4Ki, for the magnitude plot (tools/figures/magnitudes.py). The recipe's dropout (0.13),
+# learning rate (0.01) and noise distribution stay.
+MINI_EDM2 = ('--batch=32', '--channels=32', '--cres=1,2,2', '--blocks=2', '--lr-rampup=0.002', '--duration=24Ki',
+             '--status=4Ki', '--snapshot=8Ki', '--checkpoint=4Ki')
 MINI_IDDPM_MODEL = ('--num_channels', 32, '--num_res_blocks', 1)
 MINI_IDDPM_TRAIN = ('--batch_size', 8, '--ema_rate', 0.995, '--save_interval', 1000)
 MINI_IDDPM_ITERATIONS = 2000
@@ -293,13 +342,15 @@ def override(flags, overrides):
 
 
 def mini_recipe(recipe):
-    """The mini recipe of a paper recipe (CIFAR-10 uncond or cond): its flags with the overrides above."""
+    """The mini recipe of a recipe (CIFAR-10 uncond or cond; EDM2's too): its flags with the overrides above."""
     cond = recipe.dataset.endswith('-cond')
     common = dict(upstream=recipe.upstream, dataset='mini-cond' if cond else 'mini-uncond', resolution=32,
                   title=f'Mini digits {"cond" if cond else "uncond"} ({recipe.title})', make_data='data-mini',
                   fid_ref=MINI_FID_REF, fid_images=MINI_FID_IMAGES, fid_evaluations=1, detector='digits', scales=recipe)
     if recipe.upstream == 'edm':
         return Recipe(**common, flags=override(recipe.flags, MINI_EDM), data='datasets/mini-digits-32x32.zip')
+    if recipe.upstream == 'edm2': # EDM's zip of the digits: RGB, as EDM2 needs
+        return Recipe(**common, flags=override(recipe.flags, MINI_EDM2), data='datasets/mini-digits-32x32.zip')
     return Recipe(**common, flags=override(recipe.flags, MINI_IDDPM_MODEL), data='datasets/mini-digits-train',
                   train_flags=override(recipe.train_flags, MINI_IDDPM_TRAIN), iterations=MINI_IDDPM_ITERATIONS, sample_flags=MINI_IDDPM_SAMPLE)
 
@@ -307,7 +358,7 @@ def mini_recipe(recipe):
 def mini_rows(recipe, variants):
     """The mini rows of a paper recipe's variants: the same variant flags and LoRA sizes on its mini recipe."""
     mini = mini_recipe(recipe)
-    nfe = lambda row: MINI_EDM_NFE if recipe.upstream == 'edm' else flag_value(MINI_IDDPM_SAMPLE, '--timestep_respacing')
+    nfe = lambda row: MINI_EDM_NFE if recipe.upstream in ('edm', 'edm2') else flag_value(MINI_IDDPM_SAMPLE, '--timestep_respacing')
     return [Row(mini, row.variant, (), row.label, row.variant_flags, int(nfe(row)), row.lora_bases, row.lora_rank, scales=row)
             for row in (next(row for row in ROWS if (row.recipe, row.variant) == (recipe, variant)) for variant in variants)]
 
@@ -327,6 +378,7 @@ MINI_ROWS = [
     *mini_rows(EDM_CIFAR10_COND, ['baseline', 'with-lora', 'classlora']),
     *mini_rows(IDDPM_CIFAR10_UNCOND, ['baseline', 'only-lora', 'with-lora']),
     *mini_rows(IDDPM_CIFAR10_COND, ['baseline', 'with-lora']),
+    *mini_rows(EDM2_CIFAR10_UNCOND, ['baseline', 'with-lora']),
 ]
 
 

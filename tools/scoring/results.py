@@ -27,8 +27,9 @@ TABLES = {
     'Table 2': 'Table 2: CIFAR-10 uncond with LoRA, bases and rank',
     'Table 3': 'Table 3: CIFAR-10, conditioning of the attention layers only: LoRA vs adaLN',
     'Other': 'Other runs (not a paper table): ClassLoRA (Fig. 5), LoRA-only fine-tuning',
+    'EDM2': "EDM2 with UC-LoRA on its attention (not in the paper; \"FID (paper)\": EDM2's published FID of its preset, where there is one)",
 }
-UPSTREAMS = {'edm': 'EDM (vp)', 'iddpm': 'IDDPM'} # as the paper's Table 1 names them
+UPSTREAMS = {'edm': 'EDM (vp)', 'iddpm': 'IDDPM', 'edm2': 'EDM2'} # as the paper's Table 1 names them
 SMOKE_NOTE = ('Smoke runs: tiny networks, a few training steps on synthetic images, FID by a stand-in detector '
               '(tools/scoring/fid_standin.py) against their own data. The numbers check the plumbing only.')
 
@@ -54,7 +55,7 @@ def collect(runs, smoke, count_params=True):
     for row in ROWS:
         if row.upstream == 'dataflowr':
             continue # Fig. 3 and 4: `make nano-compare`
-        tables = [table for table in row.tables if table in TABLES] or ['Other']
+        tables = ['EDM2'] if row.upstream == 'edm2' else [table for table in row.tables if table in TABLES] or ['Other']
         found = [(folder, group) for folder, records in runs_of(row, runs, smoke) for group in by_protocol(records)]
         for folder, records in found or [(None, [])]:
             best, last = reported(records)
@@ -79,7 +80,7 @@ def collect(runs, smoke, count_params=True):
 def params_of(row):
     """Our parameter count of a row (tools.paper.params), or '' where the vendor tree is missing."""
     try:
-        return params.edm_count(row) if row.upstream == 'edm' else params.iddpm_count(row)
+        return params.COUNTERS[row.upstream](row)
     except Exception as err: # counting is a convenience here: a missing vendor tree leaves the cell empty
         print(f'{row.name}: no parameter count ({err})')
         return ''
@@ -121,7 +122,7 @@ def markdown(lines, smoke):
     if smoke:
         text += [f'**{SMOKE_NOTE}**', '']
     for table, title in TABLES.items():
-        chosen = [line for line in lines if line['table'] == table and (table != 'Other' or line['fid'] != '')]
+        chosen = [line for line in lines if line['table'] == table and (table not in ('Other', 'EDM2') or line['fid'] != '')]
         if not chosen:
             continue
         text += [f'## {title}', '', '| ' + ' | '.join(header for _, header in COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]

@@ -27,7 +27,7 @@ from tools.data.dataset_check import shown
 from tools.paper.rows import row_of_folder
 from tools.scoring.digit_detector import detector_identity, kid, read_features
 from tools.scoring.fid_steps import compute_fid, digit_features
-from tools.scoring.records import DETECTORS, best, number_in_name, read_json, record_name, summarise, write_json
+from tools.scoring.records import DETECTORS, best, read_json, record_name, summarise, write_json
 from tools.scoring.results import plot_run
 from tools.scoring.upstreams import UPSTREAMS, snapshots
 from tools.vendoring.run import working_in
@@ -35,14 +35,14 @@ from tools.vendoring.run import working_in
 PREVIEW = 1000    # images of each snapshot's first evaluation kept for the sample grids
 
 
-def select(paths, which):
+def select(paths, which, upstream):
     """--snapshots: 'all', 'last', or a comma list of the numbers in their names (kimg or steps)."""
     if which == 'all' or not paths:
         return paths
     if which == 'last':
         return paths[-1:]
     wanted = {int(number) for number in which.split(',')}
-    return [path for path in paths if number_in_name(path) in wanted]
+    return [path for path in paths if upstream.snapshot_number(path) in wanted]
 
 
 def keep_preview(image_dir, path, count=PREVIEW):
@@ -116,7 +116,9 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
 
 def score_run(run_folder, row, protocol, launcher, which='all', keep_images=False):
     """Score the selected snapshots of a run, then draw its FID against training images."""
-    paths = select(snapshots(run_folder, UPSTREAMS[row.upstream]), which)
+    upstream = UPSTREAMS[row.upstream]
+    upstream.prepare_snapshots(run_folder, launcher)
+    paths = select(snapshots(run_folder, upstream), which, upstream)
     if not paths:
         sys.exit(f'{os.path.relpath(run_folder, ROOT)}: no snapshot to score')
     records = [score_snapshot(path, run_folder, row, protocol, launcher, keep_images) for path in paths]
@@ -135,9 +137,10 @@ def score_folder(folder, gpus=1, which='all', evaluations=None, images=None, kee
     except KeyError as error:
         sys.exit(error.args[0])
     upstream = UPSTREAMS[row.upstream]
-    if not select(snapshots(folder, upstream), which):
-        sys.exit(f'{folder}: no snapshot to score ({which})')
     with working_in(folder, f'scoring {shown(folder)}'): # its own training run may be scoring it
+        upstream.prepare_snapshots(folder, upstream.launcher(gpus))
+        if not select(snapshots(folder, upstream), which, upstream):
+            sys.exit(f'{folder}: no snapshot to score ({which})')
         protocol = upstream.protocol(row, folder, smoke, evaluations, images)
         return score_run(folder, row, protocol, upstream.launcher(gpus), which, keep_images)
 

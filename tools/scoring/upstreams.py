@@ -6,6 +6,7 @@ The row drivers (tools.drivers), scoring (tools.scoring.score), results and the 
 objects; nothing else branches on the upstream.
 
     EDM    generate.py, EDM's Heun sampler at the row's NFE; the minimum of 3 evaluations (EDM's tables)
+    EDM2   its post-hoc EMA (reconstruct_phema.py), then generate_images.py as EDM's; the minimum of 3
     IDDPM  improved-diffusion's image_sample.py at all T steps (NFE = T); 1 evaluation (its paper's)
 
 Smoke runs (tiny CPU networks on synthetic data) score 32 images an evaluation with the stand-in
@@ -14,6 +15,7 @@ detector against statistics of their own synthetic data.
 
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -23,7 +25,7 @@ import PIL.Image
 from tools import ROOT
 from tools.data.dataset_check import DatasetError, check_edm_zip, check_image_folder
 from tools.data.synthetic import write_folder
-from tools.paper.rows import flag_value
+from tools.paper.rows import EDM2_PHEMA_STD, flag_value
 from tools.scoring.fid_steps import reference_statistics
 from tools.scoring.records import number_in_name
 from tools.vendoring.run import run_step
@@ -131,8 +133,18 @@ class Upstream:
         """The snapshot file of `number` (kimg for EDM, optimiser steps for improved-diffusion)."""
         return self.snapshot_pattern.replace('*', f'{number:06d}')
 
+    def snapshot_number(self, snapshot):
+        """The number a snapshot's name carries (kimg or steps)."""
+        return number_in_name(snapshot)
+
+    def prepare_snapshots(self, folder, launcher, dry_run=False):
+        """Write the files that scoring reads but training does not (EDM2: post-hoc EMA); others have none."""
+
 
 class EDMUpstream(Upstream):
+    dataset_tool = ['dataset_tool.py'] # the command that writes EDM's zip from an image folder
+    generate_script, network_flag = 'generate.py', '--network'
+
     def launcher(self, gpus):
         return [sys.executable] if gpus == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}']
 
@@ -140,7 +152,7 @@ class EDMUpstream(Upstream):
         return number_in_name(snapshot) * 1000 # named by kimg
 
     def smoke_data(self, folder, dry_run=False):
-        """A synthetic 16x16 dataset in EDM's zip format, written by EDM's own dataset_tool.py under a
+        """A synthetic 16x16 dataset in EDM's zip format, written by the upstream's own dataset_tool.py under a
         temporary name, then renamed (a killed write never leaves a truncated zip under the name that is
         reused); checked at each use, and written again if it is not what it should be."""
         data = os.path.join(folder, 'synthetic-16x16.zip')
@@ -152,7 +164,7 @@ class EDMUpstream(Upstream):
                 print(f'{err}; writing it again')
         images = synthetic_images(os.path.join(folder, 'synthetic-images'), count=64, resolution=16, dry_run=dry_run)
         partial = os.path.join(folder, 'synthetic-16x16.partial.zip') # dataset_tool.py writes a zip for a name ending in .zip
-        run_step([sys.executable, 'dataset_tool.py', f'--source={images}', f'--dest={partial}'], self.tree, dry_run=dry_run)
+        run_step([sys.executable, *self.dataset_tool, f'--source={images}', f'--dest={partial}'], self.tree, dry_run=dry_run)
         if not dry_run:
             os.replace(partial, data)
         return data
@@ -165,7 +177,7 @@ class EDMUpstream(Upstream):
                     images=images or (SMOKE_IMAGES if smoke else row.recipe.fid_images),
                     evaluations=evaluations or row.recipe.fid_evaluations or self.default_evaluations,
                     ref=reference(row, folder, smoke, dry_run, self.smoke_data), detector=detector_of(row, smoke),
-                    train_batch=int(flag_value(row.flags, '--batch')), dry_run=dry_run, **kid_reference(row, smoke))
+                    train_batch=int(flag_value(row.flags, '--batch', 0)), dry_run=dry_run, **kid_reference(row, smoke))
 
     def evaluation_label(self, evaluation, protocol):
         return f'seeds {seed_ranges(self.seeds(evaluation, protocol))}'
@@ -178,14 +190,14 @@ class EDMUpstream(Upstream):
         self.generate_seeds(snapshot, image_dir, self.seeds(evaluation, protocol), protocol, launcher)
 
     def generate_seeds(self, snapshot, image_dir, seeds, protocol, launcher, class_label=None):
-        """EDM's generate.py with the Heun sampler at the protocol's steps, for the seeds still missing
+        """EDM's generate.py (EDM2: generate_images.py) with the Heun sampler at the protocol's steps, for the seeds still missing
         (class_label: generate.py --class; default: a random class a seed, as generate.py draws it)."""
         missing = missing_seeds(image_dir, seeds)
         if not missing:
             return
         if len(missing) < len(seeds):
             print(f'{os.path.relpath(image_dir, ROOT)}: {len(seeds) - len(missing)} of {len(seeds)} images there; generating the other {len(missing)}')
-        run_step(launcher + ['generate.py', f'--network={snapshot}', f'--outdir={image_dir}', f'--seeds={seed_ranges(missing)}',
+        run_step(launcher + [self.generate_script, f'{self.network_flag}={snapshot}', f'--outdir={image_dir}', f'--seeds={seed_ranges(missing)}',
                              '--subdirs', f'--steps={protocol["steps"]}', f'--batch={protocol["batch"]}']
                  + ([f'--class={class_label}'] if class_label is not None else []), self.tree, dry_run=protocol['dry_run'])
 
@@ -255,11 +267,60 @@ class IDDPMUpstream(Upstream):
                 index += 1
 
 
+#----------------------------------------------------------------------------
+# EDM2: training writes network-snapshot-<kimg>-<std>.pkl, one a power-function EMA profile (0.050 and 0.100);
+# the network scored at a snapshot is the post-hoc EMA of relative length EDM2_PHEMA_STD that
+# reconstruct_phema.py makes from them, phema-<kimg>-<std>.pkl, as EDM2 reports its networks. Sampling:
+# generate_images.py, EDM2's Heun sampler (its own edm_sampler), resumable as EDM's generate.py.
+
+def kimg_to_nimg(kimg):
+    """The training images of an EDM2 snapshot named by kimg (EDM2 counts in multiples of 1,024; reconstruct_phema.py's rule)."""
+    return (kimg * 1000 + 999) // 1024 * 1024
+
+
+class EDM2Upstream(EDMUpstream):
+    dataset_tool = ['dataset_tool.py', 'convert']
+    generate_script, network_flag = 'generate_images.py', '--net'
+
+    def __init__(self, name, default_evaluations, phema_std):
+        super().__init__(name, f'phema-*-{phema_std:.3f}.pkl', default_evaluations)
+        self.phema_std = phema_std
+
+    def snapshot_name(self, number):
+        return f'phema-{number:07d}-{self.phema_std:.3f}.pkl' # reconstruct_phema.py's name for kimg `number`
+
+    def snapshot_number(self, snapshot):
+        """kimg: the first of the two numbers of <prefix>-<kimg>-<std>.pkl."""
+        return int(re.fullmatch(r'.*-(\d+)-\d+\.\d+\.pkl', os.path.basename(snapshot))[1])
+
+    def images_seen(self, snapshot, train_batch):
+        return kimg_to_nimg(self.snapshot_number(snapshot))
+
+    def training_snapshots(self, folder):
+        """kimg of every training snapshot after the first (post-hoc EMA needs training after time 0)."""
+        return sorted({kimg for path in glob.glob(os.path.join(folder, 'network-snapshot-*-*.pkl'))
+                       for kimg in [self.snapshot_number(path)] if kimg > 0})
+
+    def prepare_snapshots(self, folder, launcher, dry_run=False, kimgs=None):
+        """The post-hoc EMA network at each training snapshot (or at `kimgs`) not yet reconstructed: reconstruct_phema.py
+        from the snapshots up to it, written whole or not at all (patch 0004)."""
+        for kimg in kimgs or self.training_snapshots(folder):
+            if not os.path.exists(os.path.join(folder, self.snapshot_name(kimg))):
+                run_step([sys.executable, 'reconstruct_phema.py', f'--indir={folder}', '--inprefix=network-snapshot', f'--outdir={folder}',
+                          f'--outstd={self.phema_std:.3f}', f'--outkimg={kimg}', '--skip'], self.tree, dry_run=dry_run)
+
+    def protocol(self, row, folder, smoke, evaluations=None, images=None, dry_run=False):
+        protocol = super().protocol(row, folder, smoke, evaluations, images, dry_run)
+        protocol['sampler'] = f"EDM2's Heun sampler (generate_images.py), {protocol['steps']} steps, post-hoc EMA {self.phema_std:.3f}"
+        return protocol
+
+
 EDM = EDMUpstream('edm', 'network-snapshot-*.pkl', default_evaluations=3) # EDM's tables: the minimum of 3
 IDDPM = IDDPMUpstream('iddpm', 'ema_*_*.pt', default_evaluations=1) # its paper reports 1; the EMA rate: 0.9999, mini rows 0.999
-UPSTREAMS = {upstream.name: upstream for upstream in (EDM, IDDPM)}
+EDM2 = EDM2Upstream('edm2', default_evaluations=3, phema_std=EDM2_PHEMA_STD) # EDM2's paper: the minimum of 3, as EDM's
+UPSTREAMS = {upstream.name: upstream for upstream in (EDM, IDDPM, EDM2)}
 
 
 def snapshots(folder, upstream):
     """The run's snapshots, oldest first."""
-    return sorted(glob.glob(os.path.join(folder, upstream.snapshot_pattern)), key=number_in_name)
+    return sorted(glob.glob(os.path.join(folder, upstream.snapshot_pattern)), key=upstream.snapshot_number)

@@ -119,9 +119,18 @@ def upstream_names():
 
 def import_vendor_tree(tree, tool):
     """Put vendor/<tree> first on sys.path, to import the patched upstream in-process (its
-    modules have generic names, such as EDM's `training`, so the trees are not installed)."""
+    modules have generic names, such as EDM's `training`, so the trees are not installed); another
+    tree put there before is taken off, with the modules imported from it."""
     path = os.path.join(ROOT, 'vendor', tree)
     if not os.path.isdir(path):
         sys.exit(f'{tool}: vendor/{tree} is missing; run `make vendor` first')
+    vendor = os.path.join(ROOT, 'vendor') + os.sep
+    for other in [entry for entry in sys.path if entry.startswith(vendor) and entry != path]:
+        # One tree at a time: EDM's and EDM2's modules share names (training, dnnlib, torch_utils), and a module
+        # already imported from the other tree would be taken for this one's.
+        sys.path.remove(other)
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, '__file__', None) or '').startswith(other + os.sep):
+                del sys.modules[name]
     if path not in sys.path:
         sys.path.insert(0, path)
