@@ -15,7 +15,7 @@ import pytest
 
 from tools.data.dataset_check import DatasetError, check_edm_zip, check_image_folder
 from tools.data.synthetic import write_folder
-from tools.drivers import edm, iddpm, steps
+from tools.drivers import edm, edm2, iddpm, steps
 from tools.scoring import upstreams
 
 
@@ -97,9 +97,16 @@ IDDPM_BAD = {
 }
 
 
+# EDM2 reads EDM's zip: the same checks (two here), and ImageNet's 1,000 classes for its img64 row.
+EDM2_BAD = {
+    'wrong resolution': ('cifar10-uncond', lambda path: edm_zip(path, size=16), 'its images are 16x16 (00000/img00000000.png), not the 32x32'),
+    'cond with 5 classes': ('cifar10-cond', lambda path: edm_zip(path, count=5), 'labels give 5 classes (0 to 4), not the 10 classes'),
+}
+
 # Each driver, the name its dataset gets here, the make target its refusal names, and its bad datasets.
 BAD = [(edm, 'cifar10-32x32.zip', 'make data-cifar10', case, *spec) for case, spec in EDM_BAD.items()] + \
-      [(iddpm, 'cifar10-train', 'make data-cifar10-folder', case, *spec) for case, spec in IDDPM_BAD.items()]
+      [(iddpm, 'cifar10-train', 'make data-cifar10-folder', case, *spec) for case, spec in IDDPM_BAD.items()] + \
+      [(edm2, 'cifar10-32x32.zip', 'make data-cifar10', case, *spec) for case, spec in EDM2_BAD.items()]
 
 
 @pytest.mark.parametrize('driver, name, target, case, dataset, make, problem', BAD,
@@ -111,6 +118,11 @@ def test_a_bad_dataset_is_refused_in_one_line(driver, name, target, case, datase
     assert isinstance(said, str) and '\n' not in said, said
     upstream = driver.__name__.split('.')[-1]
     assert said.startswith(f'{upstream}: {data}: ') and problem in said and target in said, said
+
+
+def test_edm2s_imagenet_row_needs_imagenets_1000_classes(monkeypatch, tmp_path):
+    said = refusal(monkeypatch, edm2, 'img64', edm_zip(tmp_path / 'img64.zip', size=64), tmp_path)
+    assert 'labels give 10 classes (0 to 9), not the 1000 classes' in said and said.endswith('run `make data-img64 IMAGENET_TRAIN=...`'), said
 
 
 def test_a_good_iddpm_folder_passes(monkeypatch, tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 from conftest import EDM2, HELPERS, PRISTINE_EDM2, ROOT, assert_lora_off_is_pristine, edm2_imported, edm2_training_config, lora_added_to, net_dumps, run_in
 from tiny import EDM2_LORA, EDM2_TINY, EDM2_TRAIN, EDM2_TRAIN_LORA
+from tools.figures import magnitudes
 from tools.vendoring.run import free_port
 
 pytestmark = pytest.mark.first(32) # one of the longer modules, started early (seconds measured by --durations)
@@ -163,6 +164,21 @@ def test_the_output_keeps_the_base_outputs_magnitude_whatever_the_gain(gain):
             out = layer.eval()(x, y, emb)
     assert rms(out) == pytest.approx(rms(y), rel=0.15)
     assert rms(out - y) > 0.1 * rms(y), 'the LoRA term is there'
+
+
+def test_the_magnitude_plots_lora_update_is_the_one_the_layer_adds():
+    """tools/figures/magnitudes.py measures each sample's update dW of the base weight: the layer's output times
+    sqrt(1 + g^2), minus the base output, is dW x (a 1x1 convolution); zero at g = 0."""
+    with edm2_imported(EDM2):
+        from training import lora_edm2
+        layer, x, y, emb = layer_and_inputs(lora_edm2)
+        with torch.no_grad():
+            assert magnitudes.lora_update(layer, emb, lora_edm2).abs().max() == 0, 'g = 0 at initialisation'
+            layer.lora_gain.fill_(0.7)
+            update = magnitudes.lora_update(layer.eval(), emb, lora_edm2)
+            added = layer(x, y, emb) * (1 + 0.7 ** 2) ** 0.5 - y
+    assert update.shape == (4, 48, 16)
+    assert torch.allclose(torch.einsum('noi,nihw->nohw', update, x), added, atol=1e-5)
 
 
 def attention_output_rms(net, steps):

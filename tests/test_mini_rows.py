@@ -14,6 +14,7 @@ from tools.paper.rows import MINI_ROWS, flag_value, mini_group, override, row_of
 SIZE_AND_BUDGET = {
     'edm': {'--batch', '--cbase', '--cres', '--blocks', '--duration', '--lr-rampup', '--ema', '--tick', '--snap', '--dump', '--augment'},
     'iddpm': {'--num_channels', '--num_res_blocks', '--batch_size', '--ema_rate', '--save_interval'},
+    'edm2': {'--batch', '--channels', '--cres', '--blocks', '--duration', '--lr-rampup', '--status', '--snapshot', '--checkpoint'},
 }
 
 
@@ -55,7 +56,8 @@ def test_every_variant_of_a_group_gets_the_same_overrides():
 def test_the_groups_are_the_issues():
     groups = {group: sorted(row.variant for row in MINI_ROWS if mini_group(row) == group) for group in rows.MINI_GROUPS}
     assert groups == {'edm-uncond': ['adaln', 'baseline', 'only-lora', 'with-lora'], 'edm-cond': ['baseline', 'classlora', 'with-lora'],
-                      'iddpm-uncond': ['baseline', 'only-lora', 'with-lora'], 'iddpm-cond': ['baseline', 'with-lora']}
+                      'iddpm-uncond': ['baseline', 'only-lora', 'with-lora'], 'iddpm-cond': ['baseline', 'with-lora'],
+                      'edm2-uncond': ['baseline', 'with-lora']}
 
 
 def test_run_folders_name_the_seed_and_are_read_back(tmp_path):

@@ -51,7 +51,28 @@ OURS_ONLY = {
 
 
 def test_counts_of_the_comparisons_the_paper_gives_none_for():
-    assert {(table, row.title(table)): params.COUNTERS[row.upstream](row) for table, row in params.uncounted_rows()} == OURS_ONLY
+    counts = {(table, row.title(table)): params.COUNTERS[row.upstream](row) for table, row in params.uncounted_rows() if table != 'EDM2'}
+    assert counts == OURS_ONLY
+
+
+def edm2_uc_lora_params(attention_channels, emb_channels, bases=18, rank=4, mlp=(128, 64)):
+    """UC-LoRA's parameters in EDM2's form, from its definition: on attn_qkv (C -> 3C) and attn_proj (C -> C) of each attention
+    Block of C channels, A [m, r, C_in], B [m, C_out, r], one gain, and a composition MLP emb -> 128 -> 64 -> m; no biases."""
+    mlp_params = emb_channels * mlp[0] + mlp[0] * mlp[1] + mlp[1] * bases
+    return sum(bases * rank * (c + 3 * c) + bases * rank * (c + c) + 2 * (1 + mlp_params) for c in attention_channels)
+
+
+def test_edm2_counts():
+    """edm2-img64-s: 280,209,381 parameters (the issue's count on the meta device); its attention Blocks, from its own
+    U-Net (pristine EDM2, 192 channels, multipliers 1,2,3,4, attention at 16 and 8, 3 blocks a level): 3 encoder Blocks of
+    576 channels at 16x16 and 3 of 768 at 8x8, the decoder's first 8x8 input Block (in0) of 768 and 4 Blocks each at 8x8 (768) and
+    16x16 (576). The embedding is 768 wide. Only LoRA removes each Block's emb_linear (768 x C_out) and emb_gain."""
+    counted = {(row.dataset, row.variant): params.edm2_count(row) for row in rows(upstream='edm2')}
+    assert counted['img64', 'baseline'] == 280209381
+    attention = [576] * 3 + [768] * 3 + [768] + [768] * 4 + [576] * 4
+    assert counted['img64', 'with-lora'] - counted['img64', 'baseline'] == edm2_uc_lora_params(attention, 768)
+    assert counted['cifar10-uncond', 'with-lora'] - counted['cifar10-uncond', 'baseline'] == edm2_uc_lora_params(attention, 768)
+    assert counted['cifar10-cond', 'baseline'] - counted['cifar10-uncond', 'baseline'] == 10 * 768, 'the class embedding'
 
 
 def test_the_table_holds_every_row_of_the_papers_tables_once():
@@ -165,6 +186,31 @@ def test_imagenet64_is_scored_against_statistics_of_the_users_training_images(tm
     ref = next(line for line in result.stdout.splitlines() if ' ref ' in line)
     assert f'fid.py ref --data={ROOT}/datasets/imagenet64-train --dest={ROOT}/datasets/imagenet64-train-fid-ref.npz.partial.npz' in ref
     assert '[vendor/edm]' in ref, "EDM's fid.py, with Inception"
+
+
+@pytest.mark.parametrize('row,variant,expected,absent', [
+    ('cifar10-uncond', 'baseline', ['--preset=edm2-img64-s', '--cres=2,3,4', '--duration=200Mi', '--dropout=0.13', '--cond=0', '--steps=18',
+                                    '--num=50000', 'edm/fid-refs/cifar10-32x32.npz'], ['--lora', '--conv-cond']),
+    ('cifar10-cond', 'with-lora', ['--cond=1', '--lora=uc', '--lora-bases=18', '--lora-rank=4'], ['--conv-cond']),
+    ('img64', 'only-lora', ['--preset=edm2-img64-s', '--cond=1', '--lora=uc', '--conv-cond=False', '--steps=32', f'--ref={ROOT}/datasets/img64-fid-ref.npz'],
+     ['--cres', '--dropout']),
+])
+def test_edm2_targets_train_with_the_rows_flags_and_score_edm2s_post_hoc_ema(row, variant, expected, absent, tmp_path):
+    result = tool('drivers.edm2', row, f'--variant={variant}', '--dry-run', f'--runs={tmp_path}', '--gpus=2')
+    assert result.returncode == 0, result.stderr
+    train, reconstruct, generate, fid = [line for line in result.stdout.splitlines() if line.startswith('[vendor/') and ' ref ' not in line]
+    kimg = {'cifar10-uncond': 200, 'cifar10-cond': 200, 'img64': 1024}[row] * 2 ** 20 // 1000 # EDM2 names files by nimg // 1000
+    assert ' train_edm2.py ' in train and '-m torch.distributed.run --standalone --nproc_per_node=2' in train
+    # The network scored at a snapshot is the post-hoc EMA of EDM2's choice for edm2-img64-s (0.075), rebuilt from the snapshots.
+    assert f' reconstruct_phema.py --indir={tmp_path}/edm2-{row}-{variant} --inprefix=network-snapshot ' in reconstruct
+    assert f'--outstd=0.075 --outkimg={kimg} --skip' in reconstruct and 'torch.distributed' not in reconstruct
+    assert f' generate_images.py --net={tmp_path}/edm2-{row}-{variant}/phema-{kimg:07d}-0.075.pkl ' in generate
+    assert '[vendor/edm]' in fid and ' fid.py calc ' in fid, "EDM's fid.py, as every row of the project"
+    commands = ' '.join([train, reconstruct, generate, fid])
+    for flag in expected:
+        assert flag in commands
+    for flag in absent:
+        assert flag not in commands
 
 
 def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):

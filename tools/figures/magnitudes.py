@@ -96,13 +96,19 @@ def measure(net, batch, lora_edm2):
     return dict(blocks=blocks, lora=updates, weight_rms_deviation=weight_rms_deviation(net))
 
 
-def relative_update(lora, base, emb, lora_edm2):
-    """Mean over the batch of ||dW|| / ||W'||: the sample's LoRA update of the base weight against the base weight."""
-    bases, rank, _ = lora.lora_A.shape
+def lora_update(lora, emb, lora_edm2):
+    """dW [N, C_out, C_in]: each sample's LoRA update of its 1x1 base weight, g / sqrt(m) sum_i omega_i B_i' A_i'
+    (the layer's output times sqrt(1 + g^2), minus the base's, is dW x)."""
+    bases = lora.lora_A.shape[0]
     A = lora_edm2.mp_weight(lora.lora_A, dim=2, training=False) # [m, r, C_in]
     B = lora_edm2.mp_weight(lora.lora_B, dim=2, training=False) # [m, C_out, r]
     omega = lora.lora_mlp(emb.float()) / np.sqrt(bases) # [N, m]
-    update = lora.lora_gain.float() * torch.einsum('nm,mor,mri->noi', omega, B, A) # [N, C_out, C_in]
+    return lora.lora_gain.float() * torch.einsum('nm,mor,mri->noi', omega, B, A)
+
+
+def relative_update(lora, base, emb, lora_edm2):
+    """Mean over the batch of ||dW|| / ||W'||: the sample's LoRA update of the base weight against the base weight."""
+    update = lora_update(lora, emb, lora_edm2)
     w = base.weight.float().flatten(1)
     w = lora_edm2.normalize(w, dim=1) / np.sqrt(w.shape[1]) # as MPConv computes with it (its gain is 1 here)
     return (update.flatten(1).norm(dim=1) / w.norm()).mean().item()
