@@ -6,8 +6,9 @@
 
 Networks (built from the table of paper rows, tools/paper/rows.py, with the upstream's own code):
 EDM DDPM++ CIFAR-10 (baseline, only LoRA, with LoRA, adaLN; conditional baseline and ClassLoRA),
-improved-diffusion CIFAR-10 (baseline, TimeLoRA; conditional baseline and TimeLoRA + ClassLoRA), and
-nano diffusion (the notebook's shift, TimeLoRA, UC-LoRA). What is timed:
+improved-diffusion CIFAR-10 (baseline, TimeLoRA; conditional baseline and TimeLoRA + ClassLoRA),
+nano diffusion (the notebook's shift, TimeLoRA, UC-LoRA), and EDM2's CIFAR-10 recipe (baseline, with LoRA,
+only LoRA; not in the paper). What is timed:
 - train step: forward with the upstream's loss, backward, Adam step;
 - sampling evaluation: one network call as the samplers make it, one condition for the whole batch
   (EDM: a single sigma; improved-diffusion and nano: the same time step for every sample);
@@ -33,8 +34,8 @@ import time
 import traceback
 
 from tools import ROOT
-from tools.paper.params import edm_network_kwargs, iddpm_options
-from tools.paper.rows import find
+from tools.paper.params import edm2_network_kwargs, edm_network_kwargs, iddpm_options
+from tools.paper.rows import find, flag_value
 from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import import_vendor_tree
 
@@ -52,6 +53,8 @@ NETWORKS = {
                                variants=['baseline', 'with-lora']),
     'nano-mnist': dict(title='nano diffusion MNIST', upstream='dataflowr', dataset='mnist',
                        variants=['shift', 'timelora-interp', 'uclora']),
+    'edm2-cifar10-uncond': dict(title='EDM2 (img64-s at 32x32) CIFAR-10 uncond', upstream='edm2', dataset='cifar10-uncond',
+                                variants=['baseline', 'with-lora', 'only-lora']),
 }
 VARIANT_LABELS = {('iddpm', 'with-lora'): 'TimeLoRA (+ ClassLoRA when cond)'}
 
@@ -61,18 +64,19 @@ VARIANT_LABELS = {('iddpm', 'with-lora'): 'TimeLoRA (+ ClassLoRA when cond)'}
 # seconds; alternating short blocks lets a drift hit all variants alike.
 SETTINGS = {
     'cuda': {'edm': dict(batch=64, train_calls=5, sample_calls=10, rounds=7), 'iddpm': dict(batch=128, train_calls=5, sample_calls=10, rounds=7),
-             'dataflowr': dict(batch=128, train_calls=20, sample_calls=50, rounds=7)},
+             'dataflowr': dict(batch=128, train_calls=20, sample_calls=50, rounds=7), 'edm2': dict(batch=64, train_calls=5, sample_calls=10, rounds=7)},
     'cpu': {'edm': dict(batch=2, train_calls=1, sample_calls=2, rounds=7), 'iddpm': dict(batch=2, train_calls=1, sample_calls=2, rounds=7),
-            'dataflowr': dict(batch=128, train_calls=1, sample_calls=3, rounds=21)},
+            'dataflowr': dict(batch=128, train_calls=1, sample_calls=3, rounds=21), 'edm2': dict(batch=2, train_calls=1, sample_calls=2, rounds=7)},
     'tiny': {'edm': dict(batch=2, train_calls=1, sample_calls=1, rounds=1), 'iddpm': dict(batch=2, train_calls=1, sample_calls=1, rounds=1),
-             'dataflowr': dict(batch=4, train_calls=1, sample_calls=1, rounds=1)},
+             'dataflowr': dict(batch=4, train_calls=1, sample_calls=1, rounds=1), 'edm2': dict(batch=2, train_calls=1, sample_calls=1, rounds=1)},
 }
 
 # The issue's targets (ratio to the baseline, at most), by device and mode; None: reported only.
 TARGETS = {
     'cpu': {('nano-mnist', 'timelora-interp', 'train'): 1.5, ('nano-mnist', 'uclora', 'train'): 1.5,
             ('nano-mnist', 'timelora-interp', 'sample'): 1.02, ('nano-mnist', 'uclora', 'sample'): 1.02,
-            ('edm-cifar10-uncond', 'with-lora', 'sample'): 1.02, ('edm-cifar10-uncond', 'only-lora', 'sample'): 1.02},
+            ('edm-cifar10-uncond', 'with-lora', 'sample'): 1.02, ('edm-cifar10-uncond', 'only-lora', 'sample'): 1.02,
+            ('edm2-cifar10-uncond', 'with-lora', 'sample'): 1.02, ('edm2-cifar10-uncond', 'only-lora', 'sample'): 1.02}, # issue 25
     'cuda': {('edm-cifar10-uncond', 'with-lora', 'train'): 1.015, ('edm-cifar10-uncond', 'with-lora', 'memory'): 1.013,
              ('edm-cifar10-uncond', 'with-lora', 'sample'): 1.005},
 }
@@ -160,7 +164,36 @@ def build_nano(row, device, tiny, batch):
     return network, train_step, sample_call
 
 
-BUILDERS = {'edm': ('edm', build_edm), 'iddpm': ('improved-diffusion', build_iddpm), 'dataflowr': ('dataflowr', build_nano)}
+def build_edm2(row, device, tiny, batch):
+    import torch
+    import dnnlib
+    from train_edm2 import config_presets
+    from training.training_loop import EDM2Loss
+    kwargs = edm2_network_kwargs(row)
+    if tiny: # attention at 16x16 and 8x8 still: 32 channels a head
+        kwargs.update(model_channels=32, channel_mult=[1,2,2], num_blocks=1, channels_per_head=32)
+    net = dnnlib.util.construct_class_by_name(**kwargs).to(device).train()
+    preset = config_presets[flag_value(row.flags, '--preset')]
+    loss_fn = EDM2Loss(P_mean=preset.P_mean, P_std=preset.P_std) # the preset's noise distribution, as train_edm2.py sets it
+    images = torch.randn(batch, 3, 32, 32, device=device)
+    labels = torch.eye(10, device=device)[torch.arange(batch, device=device) % 10] if net.label_dim else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99)) # EDM2's optimizer
+
+    def train_step():
+        loss = loss_fn(net=net, images=images, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().mul(1 / batch).backward()
+        optimizer.step()
+
+    sigma = torch.tensor(2.5, device=device) # EDM2's edm_sampler too hands the network one sigma for the whole batch
+    def sample_call():
+        with torch.no_grad():
+            net(images, sigma, labels)
+    return net, train_step, sample_call
+
+
+BUILDERS = {'edm': ('edm', build_edm), 'iddpm': ('improved-diffusion', build_iddpm), 'dataflowr': ('dataflowr', build_nano),
+            'edm2': ('edm2', build_edm2)}
 
 
 def worker(conn, network, variant, device, tiny, threads):
