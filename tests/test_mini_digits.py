@@ -17,7 +17,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from conftest import EDM, IDDPM, run_in, tool
+from conftest import EDM, EDM2, IDDPM, edm2_imported, run_in, tool
 from tiny import load
 from tools.data import mini_digits
 from tools.data.dataset_check import DatasetError, check_edm_zip, check_image_folder, iddpm_image_files
@@ -242,8 +242,8 @@ def test_kid_is_the_unbiased_mmd_estimate():
 
 #----------------------------------------------------------------------------
 # One mini row per upstream through its own CLI, on the real digits: the command its driver prints (--dry-run),
-# with this module's digits and folder. improved-diffusion: two optimizer steps; EDM: train.py's dry run and the
-# network it builds (train.py trains 1 kimg at the least: make smoke).
+# with this module's digits and folder. improved-diffusion and EDM2: two optimizer steps; EDM: train.py's dry run and
+# the network it builds (train.py trains 1 kimg at the least: make smoke).
 
 def driver_commands(upstream, dataset, variant, tmp_path):
     """{script: argv} of the upstream commands `python -m tools.drivers.<upstream>` prints for a mini row."""
@@ -318,3 +318,25 @@ def test_the_iddpm_mini_row_trains_through_image_train_py_reproducibly_by_seed(d
     assert weights[0]['input_blocks.0.0.weight'].shape[0] == int(flag_value(flags, '--num_channels'))
     assert not any(name.startswith('input_blocks.2.0.in_layers') for name in weights[0]), 'one res block, then a downsample'
     assert any('lora' in name for name in weights[0])
+
+
+def test_the_edm2_mini_row_trains_through_train_edm2_py_at_its_size_and_ramp(data, tmp_path):
+    row = find('edm2', 'mini-uncond', 'with-lora')
+    flags = [flag for flag in driver_commands('edm2', 'mini-uncond', 'with-lora', tmp_path)['train_edm2.py']
+             if not flag.startswith(('--outdir=', '--data='))]
+    batch = int(flag_value(flags, '--batch'))
+    # Two steps (click keeps the last --duration); EDM2 writes a training state when it ends.
+    run_in(EDM2, ['train_edm2.py', f'--outdir={tmp_path / "run"}', f'--data={data["zip"]}', *flags, f'--duration={2 * batch}'])
+    with edm2_imported(EDM2): # its training state holds dnnlib's EasyDicts
+        state = torch.load(tmp_path / 'run' / 'training-state-0000000.pt', weights_only=False) # named by kimg: 64 images
+    # The second step's learning rate: the preset's 0.01 ramped over --lr-rampup Mimg from the images seen before it.
+    rampup_images = float(flag_value(row.flags, '--lr-rampup')) * 1e6
+    assert [group['lr'] for group in state['optimizer']['param_groups']] == pytest.approx([0.01 * batch / rampup_images])
+    assert state['state']['cur_nimg'] == 2 * batch
+    weights = state['net']
+    # The mini size: --channels at 32x32, --blocks blocks a resolution, attention (and the paper's UC-LoRA) at 16x16 and 8x8.
+    assert weights['unet.enc.32x32_conv.weight'].shape[0] == int(flag_value(row.flags, '--channels'))
+    blocks = {name.split('.')[2] for name in weights if name.startswith('unet.enc.16x16_block')}
+    assert blocks == {f'16x16_block{index}' for index in range(int(flag_value(row.flags, '--blocks')))}
+    assert any(name.startswith('unet.enc.16x16_block0.attn_qkv_lora.') for name in weights)
+    assert any(name.startswith('unet.enc.8x8_block0.attn_proj_lora.') for name in weights)
