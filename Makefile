@@ -133,6 +133,7 @@ smoke: vendor
 	$(MAKE) --no-print-directory edm2-cifar-uncond SMOKE=1 VARIANT=baseline
 	$(MAKE) --no-print-directory edm2-cifar-uncond SMOKE=1 VARIANT=only-lora
 	$(MAKE) --no-print-directory magnitudes RUNS="runs/edm2-cifar10-uncond-baseline-smoke runs/edm2-cifar10-uncond-with-lora-smoke"
+	$(PY) -m tools.checks.pristine_check --upstream=edm2 $$(for run in runs/edm2-*-smoke; do ls $$run/phema-*.pkl | tail -n 1; done)
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/edm-cifar10-uncond-with-lora-smoke/network-snapshot-*.pkl | tail -n 1)
 	$(MAKE) --no-print-directory composition-maps SNAPSHOT=$$(ls runs/iddpm-cifar10-uncond-with-lora-smoke/ema_*.pt | tail -n 1)
 	$(MAKE) --no-print-directory nano-compare NANO_EPOCHS=2 NANO_SEEDS=0 NANO_SAMPLES=2 NANO_OUT=runs/nano-compare-smoke
