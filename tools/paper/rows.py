@@ -1,4 +1,5 @@
-"""The table of paper rows: every setting of the paper's Tables 1, 2 and 3 and of Fig. 3, written once.
+"""The table of paper rows: every setting of the paper's Tables 1, 2 and 3 and of Fig. 3 (and of the EDM2 rows that
+extend them to a newer backbone), written once.
 
 A Recipe is one upstream trained on one dataset: what its rows share (the upstream's flags, data,
 sampler, FID reference). A Row is one conditioning of a recipe: its variant flags, LoRA sizes and
