@@ -119,14 +119,14 @@ def upstream_names():
 
 def import_vendor_tree(tree, tool):
     """Put vendor/<tree> first on sys.path, to import the patched upstream in-process (its
-    modules have generic names, such as EDM's `training`, so the trees are not installed); another
-    tree put there before is taken off, with the modules imported from it."""
+    modules have generic names, such as EDM's `training`, so the trees are not installed). EDM and EDM2
+    share those names: putting one there takes the other off, with the modules imported from it."""
     path = os.path.join(ROOT, 'vendor', tree)
     if not os.path.isdir(path):
         sys.exit(f'{tool}: vendor/{tree} is missing; run `make vendor` first')
-    vendor = os.path.join(ROOT, 'vendor') + os.sep
-    for other in [entry for entry in sys.path if entry.startswith(vendor) and entry != path]:
-        # One tree at a time: EDM's and EDM2's modules share names (training, dnnlib, torch_utils), and a module
+    rival = {'edm': 'edm2', 'edm2': 'edm'}.get(tree)
+    for other in [entry for entry in sys.path if rival and entry == os.path.join(ROOT, 'vendor', rival)]:
+        # EDM's and EDM2's modules share names (training, dnnlib, torch_utils): one of the two at a time, or a module
         # already imported from the other tree would be taken for this one's.
         sys.path.remove(other)
         for name, module in list(sys.modules.items()):
