@@ -96,18 +96,24 @@ def build_edm(row, device, tiny, batch):
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.eye(10, device=device)[torch.arange(batch, device=device) % 10] if net.label_dim else None
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    return (net, *denoiser_calls(net, loss_fn, optimizer, images, labels))
 
+
+def denoiser_calls(net, loss_fn, optimizer, images, labels):
+    """(train_step, sample_call) of an EDM-style denoiser (EDM's and EDM2's): the loss over the batch, and one call at
+    a single sigma for the whole batch, as both upstreams' edm_sampler makes it."""
+    import torch
     def train_step():
         loss = loss_fn(net=net, images=images, labels=labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.sum().mul(1 / batch).backward()
+        loss.sum().mul(1 / len(images)).backward()
         optimizer.step()
 
-    sigma = torch.tensor(2.5, device=device) # edm_sampler hands the network one sigma for the whole batch
+    sigma = torch.tensor(2.5, device=images.device)
     def sample_call():
         with torch.no_grad():
             net(images, sigma, labels)
-    return net, train_step, sample_call
+    return train_step, sample_call
 
 
 def build_iddpm(row, device, tiny, batch):
@@ -178,18 +184,7 @@ def build_edm2(row, device, tiny, batch):
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.eye(10, device=device)[torch.arange(batch, device=device) % 10] if net.label_dim else None
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99)) # EDM2's optimizer
-
-    def train_step():
-        loss = loss_fn(net=net, images=images, labels=labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.sum().mul(1 / batch).backward()
-        optimizer.step()
-
-    sigma = torch.tensor(2.5, device=device) # EDM2's edm_sampler too hands the network one sigma for the whole batch
-    def sample_call():
-        with torch.no_grad():
-            net(images, sigma, labels)
-    return net, train_step, sample_call
+    return (net, *denoiser_calls(net, loss_fn, optimizer, images, labels))
 
 
 BUILDERS = {'edm': ('edm', build_edm), 'iddpm': ('improved-diffusion', build_iddpm), 'dataflowr': ('dataflowr', build_nano),

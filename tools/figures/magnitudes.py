@@ -24,12 +24,12 @@ import glob
 import json
 import os
 import pickle
-import re
 import sys
 
 import numpy as np
 import torch
 
+from tools.scoring.records import number_in_name
 from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import import_vendor_tree
 
@@ -53,10 +53,10 @@ def load_edm2():
 def points(folder):
     """[(kimg, path)]: the 0-kimg snapshot (its EMA is the initial network), then every training state."""
     start = sorted(glob.glob(os.path.join(folder, 'network-snapshot-0000000-*.pkl')))
-    states = sorted(glob.glob(os.path.join(folder, 'training-state-*.pt')), key=lambda p: int(re.findall(r'\d+', os.path.basename(p))[-1]))
+    states = sorted(glob.glob(os.path.join(folder, 'training-state-*.pt')), key=number_in_name)
     if not start:
         raise RunError(f'{folder}: no network-snapshot-0000000-*.pkl (not an EDM2 run folder, or one that has not started)')
-    return [(0, start[0])] + [(int(re.findall(r'\d+', os.path.basename(p))[-1]), p) for p in states]
+    return [(0, start[0])] + [(number_in_name(path), path) for path in states]
 
 
 def probe_batch(folder, dnnlib, net):
