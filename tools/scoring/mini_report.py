@@ -9,7 +9,7 @@ mean and the spread (sample standard deviation) over seeds; the FID of the first
 that learns falls); its parameter count and ratio to the group's baseline beside the paper's ratio.
 Per comparison the paper makes (with LoRA vs baseline, only LoRA vs baseline, LoRA vs adaLN): the
 paper's FID difference, ours, whether the directions agree, and whether ours exceeds the seeds'
-spread. Beside them the real-vs-real floor: the 1,000 held-out digits scored as a run's samples are.
+spread. Beside them the real-vs-real floor: as many held-out digits as a run has samples, scored as they are.
 Writes <out>/mini.md and fid-vs-images-<group>.png; prints the tables.
 """
 
@@ -59,19 +59,23 @@ def summary(row, runs):
 
 
 def floor(out, protocol):
-    """The real-vs-real floor at the runs' sample count: the held-out digits scored as samples are (FID
-    through fid.py, KID), computed once into <out>/floor.json."""
+    """The real-vs-real floor at the runs' sample count: as many held-out digits as a run has samples (picked
+    as fid.py calc --num picks them), scored as samples are (FID through fid.py, KID), computed once into
+    <out>/floor.json."""
     path = os.path.join(out, 'floor.json')
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            saved = json.load(f)
+        if saved.get('images') == protocol['images']: # else: a floor of another count (older projects scored all 1,000)
+            return saved
     fid = compute_fid(HELD_OUT_FOLDER, protocol)
     reference = read_features(digit_features(protocol['kid_data'], protocol['kid_ref']))
-    held_out = read_features(digit_features(HELD_OUT_FOLDER, os.path.join(out, 'held-out-features.npz')))
+    held_out = read_features(digit_features(HELD_OUT_FOLDER, os.path.join(out, f'held-out-features-{protocol["images"]}.npz'), num=protocol['images']))
     mean, spread = kid(held_out, reference, subsets=100, subset_size=len(held_out) // 2)
     result = dict(fid=fid, kid=mean, kid_std=spread, images=len(held_out), detector=detector_identity())
-    with open(path, 'w') as f:
+    with open(path + '.partial', 'w') as f: # whole or not at all: a kill never leaves a floor to misread
         json.dump(result, f, indent=2)
+    os.replace(path + '.partial', path)
     return result
 
 
@@ -161,7 +165,7 @@ def main(argv=None):
     real = floor(out, protocol)
     text = ['# Mini: the paper\'s comparisons at laptop scale on real digits (`make mini`)', '',
             f'FID and KID: {real["detector"]["name"]} (weights SHA-256 {real["detector"]["sha256"][:16]}...), {MINI_FID_IMAGES:,} samples '
-            f'against the 4,000 training digits. Real-vs-real floor (the 1,000 held-out digits scored as samples are): '
+            f'against the 4,000 training digits. Real-vs-real floor ({real["images"]:,} of the 1,000 held-out digits scored as samples are): '
             f'FID {real["fid"]:.2f}, KID {real["kid"]:.4f} ± {real["kid_std"]:.4f}. Paper FIDs: CIFAR-10 with Inception-v3, '
             f'for the direction only; never compare the numbers.', '']
     for group in MINI_GROUPS:
