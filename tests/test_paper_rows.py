@@ -204,6 +204,12 @@ def test_edm2_targets_train_with_the_rows_flags_and_score_edm2s_post_hoc_ema(row
         assert flag not in commands
 
 
+def test_an_edm2_duration_train_edm2_cannot_read_is_one_clear_message(tmp_path):
+    result = tool('drivers.edm2', 'cifar10-uncond', '--dry-run', f'--runs={tmp_path}', '--train-flags=--duration=200M')
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert '--duration=200M: a count of training images' in result.stderr, result.stderr
+
+
 def test_iddpm_gpus_launch_mpiexec_with_the_global_batch_split(tmp_path):
     train, sample, fid = dry_run(tmp_path, 'cifar10-uncond', 'with-lora', '--gpus=8', driver='iddpm')
     assert 'mpiexec -n 8' in train and 'mpiexec -n 8' in sample and 'bin/mpiexec' not in fid

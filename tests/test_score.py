@@ -4,6 +4,7 @@ tiny EDM snapshots, with the stand-in detector (tools/scoring/fid_standin.py) th
 import glob
 import json
 import os
+import re
 import pickle
 import sys
 
@@ -164,9 +165,9 @@ def test_seed_lists_as_generate_py_reads_them():
 
 def test_snapshot_selection(tmp_path):
     paths = [str(tmp_path / f'network-snapshot-{kimg:06d}.pkl') for kimg in (0, 50, 100)]
-    assert score.select(paths, 'last', upstreams.EDM) == paths[-1:]
-    assert score.select(paths, '0,100', upstreams.EDM) == [paths[0], paths[2]]
-    assert score.select(paths, 'all', upstreams.EDM) == paths
+    assert upstreams.select(paths, 'last', upstreams.EDM) == paths[-1:]
+    assert upstreams.select(paths, '0,100', upstreams.EDM) == [paths[0], paths[2]]
+    assert upstreams.select(paths, 'all', upstreams.EDM) == paths
 
 
 def test_edm2_snapshots_are_its_post_hoc_ema_networks_by_kimg(tmp_path):
@@ -178,8 +179,24 @@ def test_edm2_snapshots_are_its_post_hoc_ema_networks_by_kimg(tmp_path):
         (tmp_path / f'network-snapshot-{kimg:07d}-0.050.pkl').write_bytes(b'') # training's: not scored
     paths = upstreams.snapshots(str(tmp_path), edm2)
     assert [os.path.basename(path) for path in paths] == [f'phema-{kimg:07d}-0.075.pkl' for kimg in (8, 16, 24, 100)]
-    assert score.select(paths, '16,100', edm2) == [paths[1], paths[3]]
+    assert upstreams.select(paths, '16,100', edm2) == [paths[1], paths[3]]
     assert [edm2.images_seen(path, None) for path in paths] == [8 * 1024, 16 * 1024, 24 * 1024, 98 * 1024] # 100 kimg: 100,352 images, the multiple of 1,024 it names
+
+
+def test_edm2_rebuilds_the_post_hoc_ema_of_the_selected_training_snapshots_only(tmp_path, capsys):
+    """Each post-hoc EMA network reads every snapshot up to its kimg: --snapshots=last must not rebuild the others."""
+    edm2 = upstreams.EDM2
+    for kimg in (0, 8, 16, 24):
+        for std in ('0.050', '0.100'): # training's two EMA profiles a snapshot
+            (tmp_path / f'network-snapshot-{kimg:07d}-{std}.pkl').write_bytes(b'')
+    (tmp_path / edm2.snapshot_name(8)).write_bytes(b'') # made already
+    rebuilt = lambda: re.findall(r'--outkimg=(\d+)', capsys.readouterr().out)
+    edm2.prepare_snapshots(str(tmp_path), 'last', dry_run=True)
+    assert rebuilt() == ['24']
+    edm2.prepare_snapshots(str(tmp_path), 'all', dry_run=True)
+    assert rebuilt() == ['16', '24'], 'time 0 has no post-hoc EMA; kimg 8 is there'
+    edm2.prepare_snapshots(str(tmp_path), '0,16', dry_run=True)
+    assert rebuilt() == ['16']
 
 
 def test_differences_within_the_spread_are_marked():

@@ -34,7 +34,7 @@ import time
 import traceback
 
 from tools import ROOT
-from tools.paper.params import edm2_network_kwargs, edm_network_kwargs, iddpm_options
+from tools.paper.params import edm2_network_kwargs, edm2_preset, edm_network_kwargs, iddpm_options
 from tools.paper.rows import find, flag_value
 from tools.vendoring.run import interruptible
 from tools.vendoring.upstream import import_vendor_tree
@@ -173,16 +173,16 @@ def build_nano(row, device, tiny, batch):
 def build_edm2(row, device, tiny, batch):
     import torch
     import dnnlib
-    from train_edm2 import config_presets
     from training.training_loop import EDM2Loss
     kwargs = edm2_network_kwargs(row)
     if tiny: # attention at 16x16 and 8x8 still: 32 channels a head
         kwargs.update(model_channels=32, channel_mult=[1,2,2], num_blocks=1, channels_per_head=32)
     net = dnnlib.util.construct_class_by_name(**kwargs).to(device).train()
-    preset = config_presets[flag_value(row.flags, '--preset')]
-    loss_fn = EDM2Loss(P_mean=preset.P_mean, P_std=preset.P_std) # the preset's noise distribution, as train_edm2.py sets it
-    images = torch.randn(batch, 3, 32, 32, device=device)
-    labels = torch.eye(10, device=device)[torch.arange(batch, device=device) % 10] if net.label_dim else None
+    preset = edm2_preset(row) # the noise distribution as train_edm2.py sets it: the row's flags, else its preset's
+    loss_fn = EDM2Loss(P_mean=float(flag_value(row.flags, '--P_mean', preset.P_mean)), P_std=float(flag_value(row.flags, '--P_std', preset.P_std)))
+    resolution = row.recipe.resolution
+    images = torch.randn(batch, 3, resolution, resolution, device=device)
+    labels = torch.eye(net.label_dim, device=device)[torch.arange(batch, device=device) % net.label_dim] if net.label_dim else None
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99)) # EDM2's optimizer
     return (net, *denoiser_calls(net, loss_fn, optimizer, images, labels))
 

@@ -29,18 +29,13 @@ from tools import ROOT
 from tools.data.dataset_check import check_edm_zip, shown
 from tools.drivers.steps import dataset_path, parse_row, run_dir
 from tools.figures.images import show_samples
-from tools.paper.rows import class_names, find, flag_value, override
+from tools.paper.rows import class_names, edm_classes, find, flag_value, override
 from tools.scoring.records import best, newest, number_in_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import EDM
 from tools.vendoring.run import run_step, run_tool, working_in
 
 SMOKE_FLAGS = ['--cbase=8', '--cres=1,1', '--batch=16', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1', '--workers=1', '--seed=0']
-
-
-def row_classes(row):
-    """The classes of a conditional row (--cond=1): CIFAR-10's 10 or the digits' 10; 0: unconditional."""
-    return len(class_names(row)) if flag_value(row.flags, '--cond') == '1' else 0
 
 
 def smoke_base(args, row):
@@ -76,7 +71,7 @@ def main(argv=None, launcher=None):
     parser, args, row = parse_row(__doc__, 'edm', gpus_help='processes (GPUs) per node for torchrun',
                                   train_flags_help='extra train.py flags, e.g. "--duration=50 --batch-gpu=64"', argv=argv)
     # The dataset is checked before the run folder exists: a refusal leaves nothing behind.
-    data = None if args.smoke else dataset_path(args, row, lambda path: check_edm_zip(path, row.recipe.resolution, row_classes(row)))
+    data = None if args.smoke else dataset_path(args, row, lambda path: check_edm_zip(path, row.recipe.resolution, edm_classes(row)))
     folder = run_dir(args, row)
     with working_in(folder, shown(folder), args.dry_run): # Ctrl-C stops every step; one run a folder
         return run_row(args, row, folder, data, launcher or EDM.launcher(args.gpus))
@@ -113,7 +108,7 @@ def run_row(args, row, folder, data, launcher):
     if args.dry_run:
         return score_snapshot(os.path.join(folder, EDM.snapshot_name(total_kimg)), folder, row, protocol, launcher)
     records = score_run(folder, row, protocol, launcher, args.snapshots, args.keep_images)
-    sample_grid(folder, row, best(records)['snapshot'], protocol, launcher, args.smoke, EDM, row_classes(row))
+    sample_grid(folder, row, best(records)['snapshot'], protocol, launcher, args.smoke, EDM, edm_classes(row))
 
 
 def sample_grid(folder, row, snapshot, protocol, launcher, smoke, upstream, classes):

@@ -20,13 +20,15 @@ with a stand-in detector (fid.py downloads Inception-v3 at run time).
 """
 
 import os
+import re
 import shlex
+import sys
 
 from tools import ROOT
 from tools.data.dataset_check import check_edm_zip, shown
 from tools.drivers.edm import sample_grid
 from tools.drivers.steps import dataset_path, parse_row, run_dir
-from tools.paper.rows import class_names, flag_value, override
+from tools.paper.rows import IMAGENET_CLASSES, edm_classes, flag_value, override
 from tools.scoring.records import best, newest, number_in_name
 from tools.scoring.score import score_run, score_snapshot
 from tools.scoring.upstreams import EDM2
@@ -35,27 +37,19 @@ from tools.vendoring.run import run_step, working_in
 # A tiny network that still has attention to condition: 16 and 32 channels at 16x16 and 8x8, 16 channels a head.
 SMOKE_FLAGS = ('--channels=16', '--cres=1,2', '--blocks=1', '--channels-per-head=16', '--batch=16', '--duration=2Ki',
                '--status=1Ki', '--snapshot=1Ki', '--checkpoint=1Ki', '--lr-rampup=0', '--seed=0')
-IMAGENET_CLASSES = 1000
 
 
 def nimg(text):
     """Training images from EDM2's spelling of them: 1024, 24Ki, 200Mi, 1Gi (train_edm2.py's parse_nimg)."""
-    for suffix, shift in (('Ki', 10), ('Mi', 20), ('Gi', 30)):
-        if text.endswith(suffix):
-            return int(text[:-2]) << shift
-    return int(text)
-
-
-def dataset_classes(row):
-    """The classes a conditional row's dataset must have (--cond=1): ImageNet's 1,000 or CIFAR-10's 10; 0: unconditional."""
-    if flag_value(row.flags, '--cond') != '1':
-        return 0
-    return IMAGENET_CLASSES if row.dataset == 'img64' else len(class_names(row))
+    match = re.fullmatch(r'(\d+)(Ki|Mi|Gi)?', text or '')
+    if not match:
+        sys.exit(f'edm2: --duration={text}: a count of training images, as train_edm2.py reads it (1024, 24Ki, 200Mi, 1Gi)')
+    return int(match[1]) << {None: 0, 'Ki': 10, 'Mi': 20, 'Gi': 30}[match[2]]
 
 
 def grid_classes(row):
     """The rows of samples.png: a class each for CIFAR-10 and the digits; ImageNet's 1,000 classes get a random class a seed."""
-    classes = dataset_classes(row)
+    classes = edm_classes(row)
     return 0 if classes == IMAGENET_CLASSES else classes
 
 
@@ -63,7 +57,7 @@ def main(argv=None):
     parser, args, row = parse_row(__doc__, 'edm2', gpus_help='processes (GPUs) per node for torchrun',
                                   train_flags_help='extra train_edm2.py flags, e.g. "--batch-gpu=64"', argv=argv)
     # The dataset is checked before the run folder exists: a refusal leaves nothing behind.
-    data = None if args.smoke else dataset_path(args, row, lambda path: check_edm_zip(path, row.recipe.resolution, dataset_classes(row)))
+    data = None if args.smoke else dataset_path(args, row, lambda path: check_edm_zip(path, row.recipe.resolution, edm_classes(row)))
     folder = run_dir(args, row)
     with working_in(folder, shown(folder), args.dry_run): # Ctrl-C stops every step; one run a folder
         return run_row(args, row, folder, data, EDM2.launcher(args.gpus))
@@ -91,7 +85,7 @@ def run_row(args, row, folder, data, launcher):
     # Score the post-hoc EMA network of every snapshot, then draw samples of the snapshot the row reports.
     protocol = EDM2.protocol(row, folder, args.smoke, args.fid_evaluations, args.fid_images, args.dry_run)
     if args.dry_run:
-        EDM2.prepare_snapshots(folder, launcher, dry_run=True, kimgs=[total_kimg])
+        EDM2.prepare_snapshots(folder, dry_run=True, kimgs=[total_kimg])
         return score_snapshot(os.path.join(folder, EDM2.snapshot_name(total_kimg)), folder, row, protocol, launcher)
     records = score_run(folder, row, protocol, launcher, args.snapshots, args.keep_images)
     sample_grid(folder, row, best(records)['snapshot'], protocol, launcher, args.smoke, EDM2, grid_classes(row))

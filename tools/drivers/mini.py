@@ -19,8 +19,7 @@ from tools import ROOT
 from tools.data.dataset_check import DatasetError
 from tools.data.mini_digits import write_mini_digits
 from tools.paper.rows import MINI_GROUPS, MINI_ROWS, find, mini_group, run_folder
-from tools.scoring.records import newest
-from tools.scoring.upstreams import UPSTREAMS
+from tools.scoring.upstreams import UPSTREAMS, snapshots
 from tools.vendoring.run import interruptible, run_tool
 
 def main(argv=None):
@@ -62,8 +61,10 @@ def main(argv=None):
 
 
 def newest_snapshot(runs, upstream, dataset, variant, seed):
+    """The last scored snapshot of a mini run (by the number its upstream orders them by), or None."""
     row = find(upstream, dataset, variant)
-    return newest(os.path.join(run_folder(runs, row, seed=seed), UPSTREAMS[upstream].snapshot_pattern))
+    found = snapshots(run_folder(runs, row, seed=seed), UPSTREAMS[upstream])
+    return found[-1] if found else None
 
 
 def figures(runs, groups, seed):

@@ -11,7 +11,7 @@ Tables 1 and 2 give counts; Table 3 (adaLN vs LoRA) and Fig. 5 (ClassLoRA) give 
 import argparse
 import json
 
-from tools.paper.rows import flag_value, rows
+from tools.paper.rows import edm_classes, flag_value, rows
 from tools.vendoring.upstream import import_vendor_tree
 
 # The network keyword arguments that EDM's train.py builds for --arch=ddpmpp --precond=edm; the
@@ -37,8 +37,8 @@ def edm_network_kwargs(row):
         kwargs['model_channels'] = int(flag_value(flags, '--cbase'))
     if flag_value(flags, '--blocks') is not None:
         kwargs['num_blocks'] = int(flag_value(flags, '--blocks'))
-    if flag_value(flags, '--cond', '0') == '1':
-        kwargs['label_dim'] = 10 # every conditional row of the paper is CIFAR-10
+    if edm_classes(row):
+        kwargs['label_dim'] = edm_classes(row)
     for flag, (name, kind) in EDM_LORA_FLAGS.items():
         if flag_value(flags, flag) is not None:
             kwargs[name] = kind(flag_value(flags, flag))
@@ -84,21 +84,24 @@ EDM2_LORA_FLAGS = {'--lora': ('lora', str), '--lora-bases': ('lora_bases', int),
                    '--lora-mlp': ('lora_mlp', lambda widths: [int(w) for w in widths.split(',')]), '--conv-cond': ('conv_cond', lambda value: value == 'True')}
 
 
+def edm2_preset(row):
+    """train_edm2.py's preset of the row (its default where the row names none): the values its flags leave out;
+    needs vendor/edm2 on the path (import_vendor_tree)."""
+    from train_edm2 import config_presets
+    return config_presets[flag_value(row.flags, '--preset', 'edm2-img512-s')]
+
+
 def edm2_network_kwargs(row):
     """What train_edm2.py passes to Precond for this row's flags (its preset's values for the rest); needs vendor/edm2
     on the path (import_vendor_tree)."""
-    from train_edm2 import config_presets
     flags = row.flags
-    preset = config_presets[flag_value(flags, '--preset', 'edm2-img512-s')]
+    preset = edm2_preset(row)
     kwargs = dict(class_name='training.networks_edm2.Precond', model_channels=preset.channels, dropout=preset.dropout,
                   img_resolution=row.recipe.resolution, img_channels=3)
     for flag, (name, kind) in {**EDM2_FLAGS, **EDM2_LORA_FLAGS}.items():
         if flag_value(flags, flag) is not None:
             kwargs[name] = kind(flag_value(flags, flag))
-    if flag_value(flags, '--cond', '1') in ('1', 'True'): # EDM2's --cond defaults to True
-        kwargs['label_dim'] = 1000 if row.dataset == 'img64' else 10
-    else:
-        kwargs['label_dim'] = 0
+    kwargs['label_dim'] = edm_classes(row)
     return kwargs
 
 

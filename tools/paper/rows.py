@@ -225,8 +225,9 @@ IDDPM_ROWS = [
 # post-hoc EMA (reconstruct_phema.py) of relative length EDM2_PHEMA_STD, EDM2's Heun sampler, the minimum of 3.
 #
 # CIFAR-10 (32x32, pixel space): edm2-img64-s with its 64x64 level taken off (--cres=2,3,4: the same widths at
-# 32, 16 and 8, attention at 16 and 8, as in img64-s), EDM's CIFAR-10 budget of 200 Mimg (img64-s trains 1 Gimg
-# on ImageNet's 1.28M images: 20,000 passes over CIFAR-10's 50,000), and EDM's CIFAR-10 dropout of 0.13
+# 32, 16 and 8, attention at 16 and 8, as in img64-s), EDM's CIFAR-10 budget of 200 Mimg in EDM2's multiples of
+# 1,024 (200Mi: 209.7 Mimg, 4.9% more) rather than the preset's 1 Gimg (made for ImageNet's 1.28M images: 20,000
+# passes over CIFAR-10's 50,000), and EDM's CIFAR-10 dropout of 0.13
 # (img64-s has none on ImageNet; EDM2 has no augmentation, and 50,000 images overfit without either). Every
 # other setting is the preset's: batch 2048, lr 0.01 decaying after 35,000 batches, P_mean -0.8, P_std 1.6.
 
@@ -247,7 +248,7 @@ EDM2_IMG64 = Recipe(upstream='edm2', dataset='img64', title='ImageNet64 cond', r
 
 def edm2_rows(recipe, nfe, published_fid=None):
     """The three EDM2 variants of a recipe: baseline, with LoRA, only LoRA (no residual-branch scale)."""
-    note = "EDM2's published FID of the preset (its README: edm2-img64-s-fid, 1.58), not the paper's" if published_fid else None
+    note = f"EDM2's published FID of the preset (generate_images.py's edm2-img64-s-fid: {published_fid:g}), not the paper's" if published_fid else None
     return [
         Row(recipe, 'baseline', (), 'baseline', (), nfe, paper_fid=published_fid, note=note),
         Row(recipe, 'with-lora', (), 'with LoRA', uc_lora(18), nfe, 18, 4),
@@ -389,6 +390,19 @@ DIGIT_CLASSES = [str(digit) for digit in range(10)]
 def class_names(row):
     """The names of a conditional row's classes, for sample grids: CIFAR-10's, or the digits of a mini row."""
     return DIGIT_CLASSES if row.recipe.scales is not None else CIFAR10_CLASSES
+
+
+IMAGENET_CLASSES = 1000
+TRUE_SPELLINGS = ('1', 'true', 't', 'yes', 'y', 'on') # click's for a boolean option (train.py's and train_edm2.py's --cond)
+
+
+def edm_classes(row):
+    """The classes an EDM or EDM2 row's network is conditioned on, from its --cond flag (EDM's default: off; EDM2's:
+    on): ImageNet's 1,000 or its class names' (CIFAR-10's or the digits' 10); 0: unconditional."""
+    default = 'True' if row.upstream == 'edm2' else 'False'
+    if flag_value(row.flags, '--cond', default).lower() not in TRUE_SPELLINGS:
+        return 0
+    return IMAGENET_CLASSES if row.dataset == 'img64' else len(class_names(row))
 
 
 def mini_group(row):

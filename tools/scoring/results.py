@@ -29,7 +29,7 @@ TABLES = {
     'Other': 'Other runs (not a paper table): ClassLoRA (Fig. 5), LoRA-only fine-tuning',
     'EDM2': "EDM2 with UC-LoRA on its attention (not in the paper; \"FID (paper)\": EDM2's published FID of its preset, where there is one)",
 }
-UPSTREAMS = {'edm': 'EDM (vp)', 'iddpm': 'IDDPM', 'edm2': 'EDM2'} # as the paper's Table 1 names them
+UPSTREAMS = {'edm': 'EDM (vp)', 'iddpm': 'IDDPM', 'edm2': 'EDM2'} # as the paper's Table 1 names them (EDM2: not in the paper)
 SMOKE_NOTE = ('Smoke runs: tiny networks, a few training steps on synthetic images, FID by a stand-in detector '
               '(tools/scoring/fid_standin.py) against their own data. The numbers check the plumbing only.')
 

@@ -15,6 +15,7 @@ rule that picks a row's snapshot in tools/scoring/records.py.
 import argparse
 import glob
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,20 +30,10 @@ from tools.scoring.digit_detector import detector_identity, kid, read_features
 from tools.scoring.fid_steps import compute_fid, digit_features
 from tools.scoring.records import DETECTORS, best, read_json, record_name, summarise, write_json
 from tools.scoring.results import plot_run
-from tools.scoring.upstreams import UPSTREAMS, snapshots
+from tools.scoring.upstreams import UPSTREAMS, select, snapshots
 from tools.vendoring.run import working_in
 
 PREVIEW = 1000    # images of each snapshot's first evaluation kept for the sample grids
-
-
-def select(paths, which, upstream):
-    """--snapshots: 'all', 'last', or a comma list of the numbers in their names (kimg or steps)."""
-    if which == 'all' or not paths:
-        return paths
-    if which == 'last':
-        return paths[-1:]
-    wanted = {int(number) for number in which.split(',')}
-    return [path for path in paths if upstream.snapshot_number(path) in wanted]
 
 
 def keep_preview(image_dir, path, count=PREVIEW):
@@ -117,7 +108,7 @@ def score_snapshot(snapshot, run_folder, row, protocol, launcher, keep_images=Fa
 def score_run(run_folder, row, protocol, launcher, which='all', keep_images=False):
     """Score the selected snapshots of a run, then draw its FID against training images."""
     upstream = UPSTREAMS[row.upstream]
-    upstream.prepare_snapshots(run_folder, launcher)
+    upstream.prepare_snapshots(run_folder, which)
     paths = select(snapshots(run_folder, upstream), which, upstream)
     if not paths:
         sys.exit(f'{os.path.relpath(run_folder, ROOT)}: no snapshot to score')
@@ -138,8 +129,7 @@ def score_folder(folder, gpus=1, which='all', evaluations=None, images=None, kee
         sys.exit(error.args[0])
     upstream = UPSTREAMS[row.upstream]
     with working_in(folder, f'scoring {shown(folder)}'): # its own training run may be scoring it
-        upstream.prepare_snapshots(folder, upstream.launcher(gpus))
-        if not select(snapshots(folder, upstream), which, upstream):
+        if not select(upstream.scorable(folder), which, upstream):
             sys.exit(f'{folder}: no snapshot to score ({which})')
         protocol = upstream.protocol(row, folder, smoke, evaluations, images)
         return score_run(folder, row, protocol, upstream.launcher(gpus), which, keep_images)
@@ -156,6 +146,8 @@ def main():
     args = parser.parse_args()
     if not os.path.isdir(args.folder):
         parser.error(f'{args.folder} is not a folder')
+    if args.snapshots not in ('all', 'last') and not re.fullmatch(r'\d+(,\d+)*', args.snapshots):
+        parser.error(f"--snapshots={args.snapshots}: 'all', 'last' or a comma list of numbers")
     score_folder(args.folder, args.gpus, args.snapshots, args.evaluations, args.images, args.keep_images)
 
 

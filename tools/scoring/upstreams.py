@@ -3,7 +3,8 @@ launched on N processes, which files are its snapshots and how many training ima
 how it generates one FID evaluation's images (resumably), and the paper's scoring protocol of its rows.
 
 The row drivers (tools.drivers), scoring (tools.scoring.score), results and the checks read these
-objects; nothing else branches on the upstream.
+objects for how runs are scored; only where rows are shown (results' tables, the README's) does an
+upstream's name decide something else (EDM2's rows, not the paper's, get a table of their own).
 
     EDM    generate.py, EDM's Heun sampler at the row's NFE; the minimum of 3 evaluations (EDM's tables)
     EDM2   its post-hoc EMA (reconstruct_phema.py), then generate_images.py as EDM's; the minimum of 3
@@ -137,8 +138,13 @@ class Upstream:
         """The number a snapshot's name carries (kimg or steps)."""
         return number_in_name(snapshot)
 
-    def prepare_snapshots(self, folder, launcher, dry_run=False):
-        """Write the files that scoring reads but training does not (EDM2: post-hoc EMA); others have none."""
+    def scorable(self, folder):
+        """The snapshots that scoring can read or make (EDM2: one a training snapshot), oldest first."""
+        return snapshots(folder, self)
+
+    def prepare_snapshots(self, folder, which='all', dry_run=False):
+        """Write the files that scoring reads but training does not, for the snapshots `which` selects (EDM2: post-hoc
+        EMA); others have none."""
 
 
 class EDMUpstream(Upstream):
@@ -296,15 +302,18 @@ class EDM2Upstream(EDMUpstream):
     def images_seen(self, snapshot, train_batch):
         return kimg_to_nimg(self.snapshot_number(snapshot))
 
-    def training_snapshots(self, folder):
-        """kimg of every training snapshot after the first (post-hoc EMA needs training after time 0)."""
-        return sorted({kimg for path in glob.glob(os.path.join(folder, 'network-snapshot-*-*.pkl'))
-                       for kimg in [self.snapshot_number(path)] if kimg > 0})
+    def scorable(self, folder):
+        """One training snapshot a kimg after the first (post-hoc EMA needs training after time 0), oldest first: each
+        stands for the post-hoc EMA network that prepare_snapshots() makes at its kimg."""
+        trained = {self.snapshot_number(path): path for path in glob.glob(os.path.join(folder, 'network-snapshot-*-*.pkl'))}
+        return [trained[kimg] for kimg in sorted(trained) if kimg > 0]
 
-    def prepare_snapshots(self, folder, launcher, dry_run=False, kimgs=None):
-        """The post-hoc EMA network at each training snapshot (or at `kimgs`) not yet reconstructed: reconstruct_phema.py
-        from the snapshots up to it, written whole or not at all (patch 0004)."""
-        for kimg in kimgs or self.training_snapshots(folder):
+    def prepare_snapshots(self, folder, which='all', dry_run=False, kimgs=None):
+        """The post-hoc EMA network at each training snapshot that `which` selects (or at `kimgs`), if not yet
+        reconstructed: reconstruct_phema.py from the snapshots up to it, written whole or not at all (patch 0004)."""
+        if kimgs is None:
+            kimgs = [self.snapshot_number(path) for path in select(self.scorable(folder), which, self)]
+        for kimg in kimgs:
             if not os.path.exists(os.path.join(folder, self.snapshot_name(kimg))):
                 run_step([sys.executable, 'reconstruct_phema.py', f'--indir={folder}', '--inprefix=network-snapshot', f'--outdir={folder}',
                           f'--outstd={self.phema_std:.3f}', f'--outkimg={kimg}', '--skip'], self.tree, dry_run=dry_run)
@@ -324,3 +333,13 @@ UPSTREAMS = {upstream.name: upstream for upstream in (EDM, IDDPM, EDM2)}
 def snapshots(folder, upstream):
     """The run's snapshots, oldest first."""
     return sorted(glob.glob(os.path.join(folder, upstream.snapshot_pattern)), key=upstream.snapshot_number)
+
+
+def select(paths, which, upstream):
+    """--snapshots: 'all', 'last', or a comma list of the numbers in their names (kimg or steps)."""
+    if which == 'all' or not paths:
+        return paths
+    if which == 'last':
+        return paths[-1:]
+    wanted = {int(number) for number in which.split(',')}
+    return [path for path in paths if upstream.snapshot_number(path) in wanted]
