@@ -322,7 +322,7 @@ def markdown(lines, header):
     out = [f'# Whole-network benchmark: {header["device_name"]}', '',
            f'{header["date"]}, commit {header["commit"]}, torch {header["torch"]}, {header["threads"]} CPU threads; '
            f'rounds: {", ".join(f"{n} {r}" for n, r in header["rounds"].items())}. Ratios: the median over rounds of variant / baseline within a round, [range]. '
-           f'Targets (issue 11) marked "ok" or "MISSED".', '',
+           f'Targets (issue 11; EDM2 rows: issue 25) marked "ok" or "MISSED".', '',
            f'| network | mode | variant | batch | parameters | train step ms | train ratio | sampling eval ms | sampling ratio | {memory_name} MiB | memory ratio |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
 
