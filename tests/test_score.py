@@ -4,8 +4,8 @@ tiny EDM snapshots, with the stand-in detector (tools/scoring/fid_standin.py) th
 import glob
 import json
 import os
-import re
 import pickle
+import re
 import sys
 
 import numpy as np
