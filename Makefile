@@ -171,7 +171,7 @@ nano-compare: vendor-dataflowr
 
 # ---------------------------------------------------------------------------- mini rows
 
-# Every mini row (tools/paper/rows.py: MINI_ROWS) of the groups in MINI (default: all) and the variants in
+# Every mini row (tools/paper/rows.py: MINI_ROWS) of the groups in MINI (default: the paper's four; EDM2's edm2-uncond when named) and the variants in
 # MINI_VARIANTS (default: all), for each seed in MINI_SEEDS (default: 0), through the row drivers, then the mini tables beside the paper's (runs/mini/).
 mini: vendor-edm vendor-iddpm vendor-edm2
 	$(PY) -m tools.drivers.mini $(if $(MINI),--group $(MINI)) $(if $(MINI_SEEDS),--seeds $(MINI_SEEDS)) \

@@ -75,6 +75,19 @@ def test_override_replaces_in_place_in_either_spelling_and_adds_the_rest():
     assert flag_value(override(('--batch=512',), ('--batch=64',)), '--batch') == '64'
 
 
+def test_make_mini_runs_the_papers_groups_unless_told_and_edm2s_when_named(monkeypatch, tmp_path):
+    """The 3-hour budget a seed is the paper's comparisons'; EDM2's group (not in the paper) is one name away."""
+    commands = []
+    monkeypatch.setattr(mini, 'run_tool', lambda command, what: commands.append(command) or 0)
+    mini.main(['--dry-run', f'--runs={tmp_path}'])
+    ran = [(command[2].split('.')[-1], command[3], command[4]) for command in commands]
+    paper = [(row.upstream, row.dataset, f'--variant={row.variant}') for row in MINI_ROWS if row.upstream != 'edm2']
+    assert ran == paper and len(paper) == 12
+    commands.clear()
+    mini.main(['--group', 'edm2-uncond', '--dry-run', f'--runs={tmp_path}'])
+    assert [(command[2], command[4]) for command in commands] == [('tools.drivers.edm2', '--variant=baseline'), ('tools.drivers.edm2', '--variant=with-lora')]
+
+
 def test_make_mini_runs_each_row_of_a_group_for_each_seed_through_its_driver(monkeypatch, capsys, tmp_path):
     commands = []
     monkeypatch.setattr(mini, 'run_tool', lambda command, what: commands.append(command) or 0)

@@ -2,7 +2,7 @@
 
     python -m tools.drivers.mini [--group edm-uncond ...] [--seeds 0 1 2] [--variants baseline with-lora] [--gpus N] [--dry-run]
 
-Runs every mini row (tools.paper.rows.MINI_ROWS) of the chosen groups, for each seed, with its row
+Runs every mini row (tools.paper.rows.MINI_ROWS) of the chosen groups (default: the paper's, MINI_PAPER_GROUPS), for each seed, with its row
 driver exactly as `make <target>` runs a paper row (tools.drivers.edm, .iddpm, .edm2: training,
 scoring of every snapshot by the digit detector, samples.png), one after the other, then writes the
 mini tables (tools.scoring.mini_report). Each run resumes like every target: rerunning the same
@@ -18,13 +18,14 @@ import time
 from tools import ROOT
 from tools.data.dataset_check import DatasetError
 from tools.data.mini_digits import write_mini_digits
-from tools.paper.rows import MINI_GROUPS, MINI_ROWS, find, mini_group, run_folder
+from tools.paper.rows import MINI_GROUPS, MINI_PAPER_GROUPS, MINI_ROWS, find, mini_group, run_folder
 from tools.scoring.upstreams import UPSTREAMS, snapshots
 from tools.vendoring.run import interruptible, run_tool
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--group', nargs='+', choices=MINI_GROUPS, default=MINI_GROUPS, help='the groups to run (default: all)')
+    parser.add_argument('--group', nargs='+', choices=MINI_GROUPS, default=MINI_PAPER_GROUPS,
+                        help=f'the groups to run (default: the paper\'s, {" ".join(MINI_PAPER_GROUPS)})')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0], help='training seeds; one run each (default: 0)')
     parser.add_argument('--variants', nargs='+', choices=sorted({row.variant for row in MINI_ROWS}),
                         help="only these variants of each group (default: all), e.g. baseline with-lora for more seeds of a comparison")
