@@ -37,8 +37,9 @@ def edm_network_kwargs(row):
         kwargs['model_channels'] = int(flag_value(flags, '--cbase'))
     if flag_value(flags, '--blocks') is not None:
         kwargs['num_blocks'] = int(flag_value(flags, '--blocks'))
-    if edm_classes(row):
-        kwargs['label_dim'] = edm_classes(row)
+    classes = edm_classes(row)
+    if classes:
+        kwargs['label_dim'] = classes
     for flag, (name, kind) in EDM_LORA_FLAGS.items():
         if flag_value(flags, flag) is not None:
             kwargs[name] = kind(flag_value(flags, flag))

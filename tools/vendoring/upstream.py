@@ -125,10 +125,12 @@ def import_vendor_tree(tree, tool):
     if not os.path.isdir(path):
         sys.exit(f'{tool}: vendor/{tree} is missing; run `make vendor` first')
     rival = {'edm': 'edm2', 'edm2': 'edm'}.get(tree)
-    for other in [entry for entry in sys.path if rival and entry == os.path.join(ROOT, 'vendor', rival)]:
+    other = rival and os.path.join(ROOT, 'vendor', rival)
+    if other in sys.path:
         # EDM's and EDM2's modules share names (training, dnnlib, torch_utils): one of the two at a time, or a module
         # already imported from the other tree would be taken for this one's.
-        sys.path.remove(other)
+        while other in sys.path:
+            sys.path.remove(other)
         for name, module in list(sys.modules.items()):
             if (getattr(module, '__file__', None) or '').startswith(other + os.sep):
                 del sys.modules[name]
