@@ -94,26 +94,51 @@ def test_ctrl_c_leaves_no_rank_running(tmp_path, launcher):
 
 
 def hold_lock(folder, marker):
-    """A process that holds the folder's lock, then starts a step that sleeps (the lock goes with it)."""
+    """A process that holds the folder's lock, then starts a step that sleeps (the lock goes with it).
+    The holder, with its step as holder.step: (PID, start time) of a process that is not our child."""
     code = (f'import sys, time; from tools.vendoring.run import locked_folder, start\n'
             f'with locked_folder({str(folder)!r}, "holder"):\n'
-            f'    start([sys.executable, "-c", "import time; time.sleep(60)", {marker!r}], "/")\n'
-            f'    print("locked", flush=True); time.sleep(60)\n')
+            f'    step = start([sys.executable, "-c", "import time; time.sleep(60)", {marker!r}], "/")\n'
+            f'    print("locked", step.pid, flush=True); time.sleep(60)\n')
     holder = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert holder.stdout.readline() == 'locked\n'
+    word, step_pid = holder.stdout.readline().split()
+    assert word == 'locked'
+    holder.step = (int(step_pid), process_state(int(step_pid))[1])
     return holder
 
 
+def process_state(pid):
+    """(state letter, start time) of pid from /proc/<pid>/stat, or None when there is no such process."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], fields[19]
+
+
+def still_running(step):
+    """Is the step still running (not exited: a zombie has closed its files), and not a new process on its PID?"""
+    pid, started = step
+    state = process_state(pid)
+    return state is not None and state[0] != 'Z' and state[1] == started
+
+
 def kill_all(holder, marker):
-    """SIGKILL the holder and its step, and wait until no process carries the marker."""
+    """SIGKILL the holder and its step, and wait until the step has exited and no process carries the
+    marker. The step, which holds the lock, is waited for by its PID rather than found by the scan of
+    command lines, which once let this test go on while the lock was still held."""
     holder.kill()
     holder.wait()
     deadline = time.monotonic() + 30
-    while processes_with(marker):
+    while still_running(holder.step) or processes_with(marker):
+        if still_running(holder.step):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder.step[0], signal.SIGKILL)
         for pid in processes_with(marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert time.monotonic() < deadline, f'cannot stop {processes_with(marker)}'
+        assert time.monotonic() < deadline, f'cannot stop the step {holder.step[0]} or {processes_with(marker)}'
         time.sleep(0.05)
 
 
