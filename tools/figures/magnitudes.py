@@ -169,7 +169,7 @@ def plot(runs, out):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle(f'EDM2 magnitudes over training, {PROBE_IMAGES} images of the run\'s data noised at levels from its training distribution (seed {PROBE_SEED})', fontsize=10)
+    fig.suptitle(f'EDM2 magnitudes over training, {PROBE_IMAGES} images of the run\'s data noised at levels from its training distribution (probe seed {PROBE_SEED}, the same for every run)', fontsize=10)
     fig.tight_layout()
     fig.savefig(out + '.partial.png', dpi=110)
     plt.close(fig)
