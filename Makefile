@@ -37,7 +37,7 @@ help:
 	@echo "                          VARIANT=baseline|with-lora|only-lora GPUS=N SMOKE=1 DRY=1 TRAIN_FLAGS=..., as for EDM"
 	@echo "make magnitudes RUNS=\"runs/a runs/b\"   EDM2 runs: block output RMS and LoRA update size over training [OUT=file.png]"
 	@echo "make smoke                every paper target with SMOKE=1, scored, then make kill-check and make results SMOKE=1"
-	@echo "make mini                 the paper's comparisons at laptop scale on real digits, EDM, IDDPM and EDM2 through their CLIs [MINI=edm-uncond MINI_SEEDS=\"0 1 2\" MINI_VARIANTS=\"baseline with-lora\" GPUS=N]"
+	@echo "make mini                 the paper's comparisons at laptop scale on real digits, EDM and IDDPM through their CLIs (EDM2 when named: MINI=edm2-uncond) [MINI=edm-uncond MINI_SEEDS=\"0 1 2\" MINI_VARIANTS=\"baseline with-lora\" GPUS=N]"
 	@echo "make nano-compare         paper Fig. 3 and 4 on MNIST: shift vs TimeLoRA vs UC-LoRA (NANO_EPOCHS NANO_BATCH NANO_SEEDS NANO_SAMPLES NANO_OUT NANO_METHODS"
 	@echo "                          NANO_CLIP_X0=all|none|\"shift uclora\": the runs also sampled with the clipped sampler)"
 	@echo "make composition-maps SNAPSHOT=...   paper Fig. 4/7: similarity of LoRA composition weights between noise"
