@@ -131,14 +131,14 @@ def kill_all(holder, marker):
     holder.kill()
     holder.wait()
     deadline = time.monotonic() + 30
-    while still_running(holder.step) or processes_with(marker):
-        if still_running(holder.step):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(holder.step[0], signal.SIGKILL)
-        for pid in processes_with(marker):
+    while True:
+        left = processes_with(marker) + ([holder.step[0]] if still_running(holder.step) else [])
+        if not left:
+            break
+        for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert time.monotonic() < deadline, f'cannot stop the step {holder.step[0]} or {processes_with(marker)}'
+        assert time.monotonic() < deadline, f'cannot stop {left} (the step is {holder.step[0]})'
         time.sleep(0.05)
 
 
