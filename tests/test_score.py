@@ -194,9 +194,22 @@ def test_edm2_rebuilds_the_post_hoc_ema_of_the_selected_training_snapshots_only(
     edm2.prepare_snapshots(str(tmp_path), 'last', dry_run=True)
     assert rebuilt() == ['24']
     edm2.prepare_snapshots(str(tmp_path), 'all', dry_run=True)
-    assert rebuilt() == ['16', '24'], 'time 0 has no post-hoc EMA; kimg 8 is there'
+    assert rebuilt() == ['16', '24'], 'kimg 8 is there; time 0 is copied, not reconstructed'
     edm2.prepare_snapshots(str(tmp_path), '0,16', dry_run=True)
     assert rebuilt() == ['16']
+
+
+def test_edm2_scores_the_untrained_network_at_time_0(tmp_path):
+    """reconstruct_phema.py refuses --outkimg=0: the point at 0 kimg is training's own snapshot of the initial network."""
+    edm2 = upstreams.EDM2
+    (tmp_path / 'network-snapshot-0000000-0.050.pkl').write_bytes(b'initial network')
+    (tmp_path / 'network-snapshot-0000000-0.100.pkl').write_bytes(b'initial network')
+    (tmp_path / 'network-snapshot-0000008-0.050.pkl').write_bytes(b'trained')
+    assert [edm2.snapshot_number(path) for path in edm2.scorable(str(tmp_path))] == [0, 8]
+    edm2.prepare_snapshots(str(tmp_path), '0')
+    assert (tmp_path / 'phema-0000000-0.075.pkl').read_bytes() == b'initial network'
+    assert not list(tmp_path.glob('*.partial'))
+    assert edm2.images_seen(str(tmp_path / 'phema-0000000-0.075.pkl'), None) == 0
 
 
 def test_differences_within_the_spread_are_marked():

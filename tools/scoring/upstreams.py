@@ -303,10 +303,10 @@ class EDM2Upstream(EDMUpstream):
         return kimg_to_nimg(self.snapshot_number(snapshot))
 
     def scorable(self, folder):
-        """One training snapshot a kimg after the first (post-hoc EMA needs training after time 0), oldest first: each
-        stands for the post-hoc EMA network that prepare_snapshots() makes at its kimg."""
+        """One training snapshot a kimg, oldest first: each stands for the post-hoc EMA network that
+        prepare_snapshots() makes at its kimg (at 0 kimg: the untrained network)."""
         trained = {self.snapshot_number(path): path for path in glob.glob(os.path.join(folder, 'network-snapshot-*-*.pkl'))}
-        return [trained[kimg] for kimg in sorted(trained) if kimg > 0]
+        return [trained[kimg] for kimg in sorted(trained)]
 
     def prepare_snapshots(self, folder, which='all', dry_run=False, kimgs=None):
         """The post-hoc EMA network at each training snapshot that `which` selects (or at `kimgs`), if not yet
@@ -314,9 +314,20 @@ class EDM2Upstream(EDMUpstream):
         if kimgs is None:
             kimgs = [self.snapshot_number(path) for path in select(self.scorable(folder), which, self)]
         for kimg in kimgs:
-            if not os.path.exists(os.path.join(folder, self.snapshot_name(kimg))):
+            phema = os.path.join(folder, self.snapshot_name(kimg))
+            if os.path.exists(phema):
+                continue
+            if kimg == 0:
+                # Every EMA profile starts as the initial network, and training saves them before its first step; but
+                # reconstruct_phema.py takes --outkimg=1 and up. The post-hoc EMA at time 0 is that saved network.
+                untrained = self.scorable(folder)[0]
+                print(f'{os.path.relpath(phema, ROOT)}: the untrained network, copied from {os.path.basename(untrained)}', flush=True)
+                if not dry_run:
+                    shutil.copyfile(untrained, phema + '.partial') # renamed when whole, as reconstruct_phema.py writes
+                    os.replace(phema + '.partial', phema)
+            else:
                 run_step([sys.executable, 'reconstruct_phema.py', f'--indir={folder}', '--inprefix=network-snapshot', f'--outdir={folder}',
-                          f'--outstd={self.phema_std:.3f}', f'--outkimg={kimg}', '--skip'], self.tree, dry_run=dry_run)
+                              f'--outstd={self.phema_std:.3f}', f'--outkimg={kimg}', '--skip'], self.tree, dry_run=dry_run)
 
     def protocol(self, row, folder, smoke, evaluations=None, images=None, dry_run=False):
         protocol = super().protocol(row, folder, smoke, evaluations, images, dry_run)
