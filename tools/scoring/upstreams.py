@@ -320,7 +320,7 @@ class EDM2Upstream(EDMUpstream):
             if kimg == 0:
                 # Every EMA profile starts as the initial network, and training saves them before its first step; but
                 # reconstruct_phema.py takes --outkimg=1 and up. The post-hoc EMA at time 0 is that saved network.
-                untrained = self.scorable(folder)[0]
+                untrained = sorted(glob.glob(os.path.join(folder, 'network-snapshot-0000000-*.pkl')))[0]
                 print(f'{os.path.relpath(phema, ROOT)}: the untrained network, copied from {os.path.basename(untrained)}', flush=True)
                 if not dry_run:
                     shutil.copyfile(untrained, phema + '.partial') # renamed when whole, as reconstruct_phema.py writes
