@@ -308,8 +308,8 @@ MINI_EDM_NFE = 19 # Heun's 10 steps (the paper's 18, NFE 35, would take as long 
 # would build no attention at all, and LoRA nothing to condition), 2 blocks a resolution, and EDM's mini budget:
 # batch 32, 24 kimg (24Ki images: EDM2 counts in multiples of 1024), a 2 kimg learning-rate ramp-up. Snapshots
 # (two EMA profiles each) every 8Ki images, scored untrained at 0 kimg and as post-hoc EMA reconstructions at 8, 16
-# and 24 kimg; a training state every 4Ki, for the magnitude plot (tools/figures/magnitudes.py). The recipe's dropout (0.13),
-# learning rate (0.01) and noise distribution stay.
+# and 24 kimg; a training state every 4Ki, for the magnitude plot (tools/figures/magnitudes.py). The recipe's
+# dropout (0.13), learning rate (0.01) and noise distribution stay.
 MINI_EDM2 = ('--batch=32', '--channels=32', '--cres=1,2,2', '--blocks=2', '--lr-rampup=0.002', '--duration=24Ki',
              '--status=4Ki', '--snapshot=8Ki', '--checkpoint=4Ki')
 MINI_IDDPM_MODEL = ('--num_channels', 32, '--num_res_blocks', 1)
