@@ -251,4 +251,19 @@ def test_fid_axes_do_not_magnify_differences_in_the_fourth_decimal():
     labels = [label.get_text() for label in ax.get_yticklabels()]
     assert all(len(label.split('.')[-1]) <= 1 for label in labels if '.' in label), labels
     assert ax.yaxis.get_offset_text().get_text() == ''
+    assert ax.get_yscale() == 'linear'
+    plt.close(fig)
+
+
+def test_fid_axes_of_an_untrained_start_are_logarithmic():
+    """262 untrained, then 10, 5 and 4: on a linear axis the trained points could not be told apart."""
+    plt = results.pyplot()
+    fig, ax = plt.subplots()
+    values = [262.08, 10.38, 5.32, 3.75]
+    ax.plot([0, 8, 16, 24], values)
+    results.fid_axis(ax, values)
+    fig.canvas.draw()
+    assert ax.get_yscale() == 'log'
+    low, high = ax.get_ylim()
+    assert low <= 3.75 and high >= 262.08
     plt.close(fig)

@@ -160,8 +160,13 @@ def pyplot():
 
 def fid_axis(ax, values):
     """FID limits at least 1% of the FID (0.1 at least) wide, ticks without an offset: a smoke run's
-    FIDs differ in the fourth decimal, and an axis fitted to them draws that as a steep curve."""
+    FIDs differ in the fourth decimal, and an axis fitted to them draws that as a steep curve. FIDs
+    that span more than a factor of 20 (an untrained network's beside trained ones) on a log scale:
+    a linear axis flattens every trained point onto zero."""
     low, high = min(values), max(values)
+    if low > 0 and high / low > 20:
+        ax.set_yscale('log')
+        return
     least = max(0.01 * high, 0.1)
     if high - low < least:
         middle = (low + high) / 2
